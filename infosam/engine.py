@@ -121,7 +121,12 @@ def compute_losses(
             b = images.shape[0]
             # One relation call over [teacher; student]: shared module, each parameter used once.
             rel = relation(
-                torch.cat([out_t.image_embeddings, out_s.image_embeddings.to(out_t.image_embeddings.dtype)]),
+                torch.cat(
+                    [
+                        out_t.image_embeddings,
+                        out_s.image_embeddings.to(out_t.image_embeddings.dtype),
+                    ]
+                ),
                 torch.cat([out_t.mask_tokens, out_s.mask_tokens.to(out_t.mask_tokens.dtype)]),
             )
             rel_t, rel_s = rel[:b], rel[b:]
@@ -220,7 +225,9 @@ def predict_logits(
     for i in range(images.shape[0]):
         h, w = (int(v) for v in input_sizes[i])
         oh, ow = (int(v) for v in original_sizes[i])
-        result.append(postprocess_logits(out.low_res_logits[i : i + 1], (h, w), (oh, ow), size)[0, 0])
+        result.append(
+            postprocess_logits(out.low_res_logits[i : i + 1], (h, w), (oh, ow), size)[0, 0]
+        )
     return result
 
 
@@ -237,7 +244,9 @@ def eval_step(
 ) -> list[dict[str, float | str]]:
     """Per-image metrics at ORIGINAL resolution; `gt_masks` are (H, W) 0/1 at original size."""
     sizes = [tuple(m.shape[-2:]) for m in gt_masks]
-    logits = predict_logits(model, images, prompts, input_sizes, sizes, autocast_dtype=autocast_dtype)
+    logits = predict_logits(
+        model, images, prompts, input_sizes, sizes, autocast_dtype=autocast_dtype
+    )
     return [
         evaluate_prediction(lg.cpu(), gt.cpu(), protocol, metrics)
         for lg, gt in zip(logits, gt_masks, strict=True)

@@ -14,7 +14,14 @@ import numpy as np
 import py_sod_metrics as sod
 import torch
 
-__all__ = ["METRICS", "PAPER_THRESHOLDS", "PROTOCOLS", "evaluate_prediction", "iou_dice", "saliency_metrics"]
+__all__ = [
+    "METRICS",
+    "PAPER_THRESHOLDS",
+    "PROTOCOLS",
+    "evaluate_prediction",
+    "iou_dice",
+    "saliency_metrics",
+]
 
 PROTOCOLS = ("paper", "clean")
 PAPER_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -41,7 +48,10 @@ def iou_dice(logits: torch.Tensor, gt: torch.Tensor, protocol: str = "clean") ->
     gt = gt > 0
     thresholds = PAPER_THRESHOLDS if protocol == "paper" else (0.0,)  # sigmoid > 0.5 <=> logit > 0
     pairs = [_iou_dice_binary(logits > t, gt) for t in thresholds]
-    return {"iou": float(np.mean([p[0] for p in pairs])), "dice": float(np.mean([p[1] for p in pairs]))}
+    return {
+        "iou": float(np.mean([p[0] for p in pairs])),
+        "dice": float(np.mean([p[1] for p in pairs])),
+    }
 
 
 def _saliency_map(logits: torch.Tensor, protocol: str) -> np.ndarray:
@@ -49,7 +59,9 @@ def _saliency_map(logits: torch.Tensor, protocol: str) -> np.ndarray:
     return (prob * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def saliency_metrics(logits: torch.Tensor, gt: torch.Tensor, protocol: str = "clean") -> dict[str, float]:
+def saliency_metrics(
+    logits: torch.Tensor, gt: torch.Tensor, protocol: str = "clean"
+) -> dict[str, float]:
     """S-measure, adaptive E-measure, weighted F (beta^2 = 0.3) and MAE of one (H, W) map."""
     _check_protocol(protocol)
     pred = _saliency_map(logits, protocol)
@@ -81,5 +93,7 @@ def evaluate_prediction(
     if {"iou", "dice"} & set(metrics):
         out.update({k: v for k, v in iou_dice(logits, gt, protocol).items() if k in metrics})
     if set(metrics) - {"iou", "dice"}:
-        out.update({k: v for k, v in saliency_metrics(logits, gt, protocol).items() if k in metrics})
+        out.update(
+            {k: v for k, v in saliency_metrics(logits, gt, protocol).items() if k in metrics}
+        )
     return out

@@ -26,16 +26,24 @@ class PromptBatch:
 
     @property
     def kind(self) -> str:
-        return "+".join(k for k, v in (("box", self.boxes), ("point", self.point_coords)) if v is not None)
+        return "+".join(
+            k for k, v in (("box", self.boxes), ("point", self.point_coords)) if v is not None
+        )
 
     def to(self, device: torch.device | str) -> PromptBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return PromptBatch(mv(self.boxes), mv(self.point_coords), mv(self.point_labels), self.empty.to(device))
+        return PromptBatch(
+            mv(self.boxes), mv(self.point_coords), mv(self.point_labels), self.empty.to(device)
+        )
 
     def as_kwargs(self) -> dict[str, torch.Tensor | None]:
-        return {"boxes": self.boxes, "point_coords": self.point_coords, "point_labels": self.point_labels}
+        return {
+            "boxes": self.boxes,
+            "point_coords": self.point_coords,
+            "point_labels": self.point_labels,
+        }
 
 
 def _first_last(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

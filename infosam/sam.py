@@ -201,7 +201,11 @@ def build_sam(
     """
     if variant not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)}")
-    sam = _build_from_spec(SAM_VARIANTS[variant]) if variant == "tiny" else sam_model_registry[variant]()
+    sam = (
+        _build_from_spec(SAM_VARIANTS[variant])
+        if variant == "tiny"
+        else sam_model_registry[variant]()
+    )
     if checkpoint is not None:
         load_sam_state_dict(sam, read_state_dict(checkpoint), partial=partial)
     sam.eval()

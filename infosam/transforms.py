@@ -66,6 +66,8 @@ def postprocess_logits(
 ) -> torch.Tensor:
     """(N, 1, h, w) low-res logits of one image -> (N, 1, H, W) logits at original resolution:
     upsample to the model size, crop the padding, resize to the original size (bilinear)."""
-    x = F.interpolate(low_res_logits.float(), (image_size, image_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        low_res_logits.float(), (image_size, image_size), mode="bilinear", align_corners=False
+    )
     x = x[..., : input_size[0], : input_size[1]]
     return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)

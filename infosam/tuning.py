@@ -160,7 +160,9 @@ def _tune_adapter(sam: Sam, cfg: TuningConfig) -> None:
     chosen = cfg.adapter_blocks if cfg.adapter_blocks is not None else range(2, len(blocks))
     for i in chosen:
         if not 0 <= i < len(blocks):
-            raise ValueError(f"adapter block {i} out of range: the encoder has {len(blocks)} blocks")
+            raise ValueError(
+                f"adapter block {i} out of range: the encoder has {len(blocks)} blocks"
+            )
         block = SeriesAdapterBlock.convert(blocks[i], cfg.adapter_ratio)
         _enable(block.Space_Adapter_Series.parameters())
         _enable(block.MLP_Adapter_Series.parameters())
@@ -183,7 +185,9 @@ def apply_tuning(sam: Sam, cfg: TuningConfig | None = None, **overrides: object)
     """Freeze `sam`, then make the parts named by the method trainable (mutates `sam` in place)."""
     cfg = dataclasses.replace(cfg or TuningConfig(), **overrides)
     if cfg.method not in TUNING_METHODS:
-        raise ValueError(f"unknown tuning method {cfg.method!r}; choose one of {sorted(TUNING_METHODS)}")
+        raise ValueError(
+            f"unknown tuning method {cfg.method!r}; choose one of {sorted(TUNING_METHODS)}"
+        )
     sam.requires_grad_(False)
     TUNING_METHODS[cfg.method](sam, cfg)
     sam.infosam_tuning = cfg  # remembered for export and checkpoints

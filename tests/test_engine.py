@@ -1,0 +1,116 @@
+import time
+
+import pytest
+import torch
+
+from infosam.engine import LossConfig, compute_losses, eval_step, train_step
+from infosam.prompts import sample_prompts
+from infosam.relation import RelationModule
+from infosam.sam import PromptableSam, build_sam
+from infosam.tuning import apply_tuning
+
+
+def _student(method="adapter"):
+    torch.manual_seed(1)
+    sam = build_sam("tiny")
+    apply_tuning(sam, method=method)
+    return PromptableSam(sam)
+
+
+def test_compression_gradients_reach_only_the_relation_module(teacher, batch, box_prompts):
+    student, relation = _student(), RelationModule(128)
+    cfg = LossConfig(weight_compression=1.0, weight_distillation=0.0)
+    _, losses, _ = compute_losses(
+        student, batch["image"], batch["mask"], box_prompts, cfg, teacher=teacher, relation=relation
+    )
+    losses["compression"].backward()
+    # The shared relation call may hand the student exact zeros, never a real gradient.
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert relation.query_proj.weight.grad.abs().sum() > 0
+
+
+def test_distillation_gradients_reach_the_student(teacher, batch, box_prompts):
+    student, relation = _student(), RelationModule(128)
+    cfg = LossConfig(weight_compression=0.0, weight_distillation=1.0)
+    _, losses, _ = compute_losses(
+        student, batch["image"], batch["mask"], box_prompts, cfg, teacher=teacher, relation=relation
+    )
+    losses["distillation"].backward()
+    grads = [p.grad for n, p in student.named_parameters() if "Adapter" in n]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_full_train_and_eval_step_on_tiny_in_seconds(teacher, batch):
+    student, relation = _student(), RelationModule(128)
+    params = [p for p in student.parameters() if p.requires_grad] + list(relation.parameters())
+    opt = torch.optim.Adam(params, lr=2e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=2e-5)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    prompts = sample_prompts(batch["mask"], "mixed", max_shift=2, generator=gen)
+    out = train_step(
+        student,
+        opt,
+        batch,
+        prompts,
+        LossConfig(),
+        teacher=teacher,
+        relation=relation,
+        scheduler=sched,
+    )
+    gt = [m for m in batch["mask"]]
+    metrics = eval_step(student, batch["image"], gt, prompts, batch["input_size"], protocol="clean")
+    elapsed = time.perf_counter() - start
+    assert set(out) >= {
+        "loss",
+        "segmentation",
+        "compression",
+        "distillation",
+        "infosam",
+        "empty_prompts",
+    }
+    assert out["loss"] == pytest.approx(out["segmentation"] + out["infosam"], rel=1e-5)
+    assert len(metrics) == 4 and all(
+        0 <= m["iou"] <= 1 and m["protocol"] == "clean" for m in metrics
+    )
+    assert sched.last_epoch == 1
+    assert elapsed < 10
+
+
+@pytest.mark.parametrize("baseline", ["logit", "feature"])
+def test_distillation_baselines_in_a_step(teacher, batch, box_prompts, baseline):
+    student = _student()
+    cfg = LossConfig(infosam=False, distillation=baseline)
+    _, losses, _ = compute_losses(
+        student, batch["image"], batch["mask"], box_prompts, cfg, teacher=teacher
+    )
+    assert losses["kd"].item() > 0
+    assert losses["loss"].item() == pytest.approx(
+        losses["segmentation"].item() + losses["kd"].item(), rel=1e-5
+    )
+
+
+def test_infosam_without_teacher_or_with_batch_one_fails_loudly(teacher, batch, box_prompts):
+    student = _student()
+    with pytest.raises(ValueError, match="teacher"):
+        compute_losses(student, batch["image"], batch["mask"], box_prompts, LossConfig())
+    one = sample_prompts(batch["mask"][:1], "box")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        compute_losses(
+            student,
+            batch["image"][:1],
+            batch["mask"][:1],
+            one,
+            LossConfig(),
+            teacher=teacher,
+            relation=RelationModule(128),
+        )
+
+
+def test_eval_at_original_resolution(teacher, batch, box_prompts):
+    """Logits come back at each image's original size even when it is not square."""
+    gt = [torch.zeros(300, 200), torch.zeros(120, 256), torch.zeros(256, 256), torch.zeros(64, 64)]
+    sizes = torch.tensor([[256, 171], [120, 256], [256, 256], [256, 256]])
+    metrics = eval_step(teacher, batch["image"], gt, box_prompts, sizes, protocol="paper")
+    assert [m["protocol"] for m in metrics] == ["paper"] * 4
