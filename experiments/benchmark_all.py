@@ -23,14 +23,18 @@ def main() -> None:
     params = [p for p in student.parameters() if p.requires_grad] + list(relation.parameters())
     opt = torch.optim.Adam(params, lr=2e-4)
     yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
-    masks = torch.stack([((yy - 128) ** 2 + (xx - 60 - 30 * i) ** 2 < 40**2) for i in range(4)]).byte()
+    masks = torch.stack(
+        [((yy - 128) ** 2 + (xx - 60 - 30 * i) ** 2 < 40**2) for i in range(4)]
+    ).byte()
     images = (torch.rand(4, 3, 256, 256) * 80 + masks[:, None] * 120).byte()
     batch = {"image": images, "mask": masks, "input_size": torch.tensor([[256, 256]] * 4)}
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in range(3):
         prompts = sample_prompts(masks, "mixed", generator=gen)
-        losses = train_step(student, opt, batch, prompts, LossConfig(), teacher=teacher, relation=relation)
+        losses = train_step(
+            student, opt, batch, prompts, LossConfig(), teacher=teacher, relation=relation
+        )
         print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     metrics = eval_step(student, images, list(masks), prompts, batch["input_size"])
     miou = sum(m["iou"] for m in metrics) / len(metrics)

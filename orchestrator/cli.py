@@ -3,12 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from orchestrator.datasets import summarise
+    from orchestrator.synthetic import DOMAINS, synthesize
+
+    domains = args.domains or list(DOMAINS)
+    manifests = synthesize(args.out, domains, seed=args.seed, scale=args.scale)
+    for name, manifest in manifests.items():
+        print(summarise(manifest))
+        print(f"  contact sheet: {args.out}/{name}/contact_sheet.png")
+    return 0
+
+
+def _cmd_data_ingest(args: argparse.Namespace) -> int:
+    from orchestrator.datasets import IngestError, ingest, summarise
+
+    kwargs: dict = {"name": args.name, "shard_bytes": int(args.shard_mb * (1 << 20))}
+    if args.format == "folders" and args.split:
+        kwargs["split"] = args.split
+    try:
+        manifest = ingest(args.format, args.src, args.out, **kwargs)
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summarise(manifest))
+    print(f"  written to {args.out}/{manifest['dataset']}/ (manifest.json lists every reject)")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.datasets import IngestError, load_manifest, summarise
+
+    try:
+        manifest = load_manifest(args.dataset, verify=args.verify)
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(summarise(manifest))
+        if args.verify:
+            print(f"  all {len(manifest['shards'])} shard checksums verified")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="make, ingest and inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the embedded synthetic domains")
+    s.add_argument("out")
+    s.add_argument("--domains", nargs="*", help="default: all (general camouflage roads lesions)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=float, default=1.0, help="multiply the default split sizes")
+    s.set_defaults(func=_cmd_data_synth)
+    i = dsub.add_parser("ingest", help="image/mask pairs -> parquet shards + manifest")
+    i.add_argument("--format", choices=["convlora", "folders"], required=True)
+    i.add_argument("src")
+    i.add_argument("out")
+    i.add_argument("--name", help="dataset name (default: the source folder's name)")
+    i.add_argument("--split", help="folders format with SRC/images + SRC/masks: split name")
+    i.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    i.set_defaults(func=_cmd_data_ingest)
+    n = dsub.add_parser("inspect", help="summarise a dataset's manifest")
+    n.add_argument("dataset")
+    n.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=_cmd_data_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
     return parser
 
 

@@ -53,3 +53,16 @@ def teacher():
     model = PromptableSam(build_sam("tiny")).eval()
     model.requires_grad_(False)
     return model
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray on the 2 CPUs of a CI machine, shared by the Ray tests of a session."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

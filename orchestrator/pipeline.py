@@ -1,0 +1,146 @@
+"""Ray Data: parquet shards -> decoded, resized, padded uint8 batches for training workers.
+
+`read_parquet` over a split's shards, then `map_batches(decode_batch)`: decode PNG/JPEG, resize the
+longest side to the model size and zero-pad (uint8; normalisation happens on the device). Train
+workers consume it through `ray.train.get_dataset_shard(...).iter_torch_batches()`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from infosam.transforms import prepare_pair
+from orchestrator.datasets import binarise_mask, load_manifest, shard_paths
+
+__all__ = [
+    "COLUMNS",
+    "Collate",
+    "SampleDecodeError",
+    "collate",
+    "decode_batch",
+    "read_split",
+    "to_torch",
+]
+
+COLUMNS = ["id", "dataset", "split", "image", "mask", "height", "width", "source"]
+
+
+class SampleDecodeError(RuntimeError):
+    """A stored sample no longer decodes (the shard changed after ingest)."""
+
+
+def _decode_row(image: bytes, mask: bytes, channel_order: str) -> tuple[np.ndarray, np.ndarray]:
+    img = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    if channel_order == "bgr":  # the reference reads BGR with OpenCV and never converts
+        img = img[..., ::-1]
+    m, _ = binarise_mask(np.asarray(Image.open(io.BytesIO(mask))))
+    if m.shape != img.shape[:2]:
+        raise ValueError(f"mask {m.shape} and image {img.shape[:2]} sizes differ")
+    return img, m
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    channel_order: str = "rgb",
+    keep_original_mask: bool = False,
+) -> dict[str, np.ndarray]:
+    """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
+
+    `keep_original_mask` adds `mask_original`, an object array of (H, W) uint8 masks, for
+    evaluation at original resolution.
+    """
+    n = len(batch["id"])
+    images = np.zeros((n, 3, image_size, image_size), np.uint8)
+    masks = np.zeros((n, image_size, image_size), np.uint8)
+    input_size = np.zeros((n, 2), np.int64)
+    original_size = np.zeros((n, 2), np.int64)
+    originals = np.empty(n, dtype=object)
+    for i in range(n):
+        try:
+            img, m = _decode_row(batch["image"][i], batch["mask"][i], channel_order)
+        except Exception as exc:
+            source = batch["source"][i] if "source" in batch else "?"
+            raise SampleDecodeError(
+                f"sample id={batch['id'][i]!r} (source {source}) cannot be decoded: "
+                f"{type(exc).__name__}: {exc}. The shard changed after ingest: run "
+                "`infosam data inspect --verify DIR` and re-run `infosam data ingest`."
+            ) from None
+        images[i], masks[i], input_size[i] = prepare_pair(img, m, image_size)
+        original_size[i] = m.shape
+        originals[i] = m
+    out = {
+        "id": np.asarray(batch["id"], dtype=object),
+        "image": images,
+        "mask": masks,
+        "input_size": input_size,
+        "original_size": original_size,
+    }
+    if keep_original_mask:
+        out["mask_original"] = originals
+    return out
+
+
+def to_torch(batch: dict[str, np.ndarray], device: Any = None) -> dict[str, Any]:
+    """Numeric columns become tensors (on `device`); ids and original masks stay lists."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if value.dtype == object or value.dtype.kind in "US":
+            out[key] = list(value)
+        else:
+            out[key] = torch.as_tensor(
+                value if value.flags.writeable else value.copy(), device=device
+            )
+    return out
+
+
+class Collate(NumpyBatchCollateFn):
+    """`collate_fn` for `iter_torch_batches` (string ids cannot become tensors)."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return to_torch(batch, self.device)
+
+
+collate = Collate()
+
+
+def read_split(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    *,
+    image_size: int,
+    channel_order: str = "rgb",
+    keep_original_mask: bool = False,
+    batch_size: int = 32,
+    num_cpus: float = 1.0,
+    concurrency: int | None = None,
+    verify: bool = False,
+) -> Any:
+    """A lazy `ray.data.Dataset` of decoded, padded samples of one split."""
+    import ray.data
+
+    manifest = load_manifest(dataset_dir, verify=verify)
+    paths = shard_paths(dataset_dir, split, manifest)
+    ds = ray.data.read_parquet(paths, columns=COLUMNS)
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "image_size": image_size,
+            "channel_order": channel_order,
+            "keep_original_mask": keep_original_mask,
+        },
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+        concurrency=concurrency,
+    )
