@@ -55,15 +55,17 @@ def test_round_trip_equals_source_pixels_after_documented_resize(ray_local, tmp_
 
 def test_bgr_channel_order_reproduces_the_reference_quirk(ray_local, tmp_path):
     path, _ = _dataset(tmp_path, n=2)
-    rgb = next(iter(read_split(path, "train", image_size=128).iter_batches(batch_size=2)))
-    bgr = next(
-        iter(
-            read_split(path, "train", image_size=128, channel_order="bgr").iter_batches(
-                batch_size=2
-            )
-        )
-    )
-    assert np.array_equal(rgb["image"][:, ::-1], bgr["image"])
+
+    def images(order):
+        ds = read_split(path, "train", image_size=128, channel_order=order)
+        return {
+            i: img for b in ds.iter_batches(batch_size=2) for i, img in zip(b["id"], b["image"])
+        }
+
+    rgb, bgr = images("rgb"), images("bgr")
+    assert rgb.keys() == bgr.keys() and len(rgb) == 2
+    for k in rgb:
+        assert np.array_equal(rgb[k][::-1], bgr[k])
 
 
 def test_decode_error_at_stream_time_names_the_row(ray_local, tmp_path):
