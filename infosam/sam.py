@@ -26,6 +26,7 @@ from segment_anything.modeling import (
 from torch import nn
 
 __all__ = [
+    "BUILTIN_CHECKPOINTS",
     "SAM_VARIANTS",
     "CheckpointMismatchError",
     "PromptableSam",
@@ -36,6 +37,7 @@ __all__ = [
     "decode_masks",
     "load_sam_state_dict",
     "read_state_dict",
+    "resolve_checkpoint",
 ]
 
 
@@ -127,6 +129,33 @@ def _build_from_spec(spec: SamSpec) -> Sam:
     return sam
 
 
+BUILTIN_CHECKPOINTS = {
+    # The tiny SAM pre-trained by this project on the synthetic `general` domain
+    # (experiments/pretrain_teacher.py); its model card is tiny_teacher.json beside it.
+    "builtin:tiny_teacher": ("tiny", "tiny_teacher.pth"),
+}
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> str | None:
+    """Map `builtin:NAME` to the packaged file; other paths are returned as they are."""
+    if checkpoint is None:
+        return None
+    text = os.fspath(checkpoint)
+    if text in BUILTIN_CHECKPOINTS:
+        path = os.path.join(os.path.dirname(__file__), "assets", BUILTIN_CHECKPOINTS[text][1])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{text} is missing from this install ({path}); run "
+                "`python experiments/pretrain_teacher.py` to make it"
+            )
+        return path
+    if text.startswith("builtin:"):
+        raise ValueError(
+            f"unknown builtin checkpoint {text!r}; known: {sorted(BUILTIN_CHECKPOINTS)}"
+        )
+    return text
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a SAM checkpoint safely (`weights_only=True`).
 
@@ -207,7 +236,7 @@ def build_sam(
         else sam_model_registry[variant]()
     )
     if checkpoint is not None:
-        load_sam_state_dict(sam, read_state_dict(checkpoint), partial=partial)
+        load_sam_state_dict(sam, read_state_dict(resolve_checkpoint(checkpoint)), partial=partial)
     sam.eval()
     return sam
 

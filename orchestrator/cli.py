@@ -76,10 +76,79 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     n.set_defaults(func=_cmd_data_inspect)
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="YAML config (sections data/model/tuning/loss/optim/scaling/tracking/storage)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from orchestrator.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.trainer import fit
+
+    try:
+        cfg = _load(args)
+        result = fit(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shown = {
+        k: round(v, 4)
+        for k, v in result.metrics.items()
+        if k.startswith(("val/", "test/")) and isinstance(v, float)
+    }
+    print(f"[infosam] finished: {json.dumps(shown)}")
+    print(f"[infosam] checkpoint: {result.checkpoint_dir}")
+    print(
+        f"[infosam] MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.datasets import IngestError
+    from orchestrator.trainer import evaluate_checkpoint
+
+    try:
+        metrics = evaluate_checkpoint(
+            args.checkpoint, args.data, split=args.split, protocol=args.protocol
+        )
+    except (ConfigError, IngestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    t = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow")
+    _add_config_args(t)
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("evaluate", help="metrics of a training checkpoint on a dataset split")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
+    e.add_argument("--data", required=True, help="a dataset folder (with manifest.json)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--protocol", choices=["paper", "clean"], help="default: the run's protocol")
+    e.set_defaults(func=_cmd_evaluate)
     return parser
 
 

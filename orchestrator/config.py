@@ -1,0 +1,272 @@
+"""Typed run configuration: one place that knows every default.
+
+Loaded from YAML, then `--set section.key=value` overrides (values parsed as YAML, so
+`optim.lr=1e-4`, `tuning.adapter_blocks=[2,3]`, `model.checkpoint=null` work). Unknown keys are
+errors that name the key and suggest the closest known one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infosam.engine import LossConfig
+from infosam.sam import SAM_VARIANTS
+from infosam.tuning import TUNING_METHODS, TuningConfig
+
+__all__ = [
+    "BUILTIN_TEACHER",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScalingConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "flatten",
+    "load_config",
+]
+
+BUILTIN_TEACHER = "builtin:tiny_teacher"
+SYNTHETIC_DOMAINS = ("general", "camouflage", "roads", "lesions")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # folder holding dataset folders (each with manifest.json)
+    dataset: str = "camouflage"  # a folder under root
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    synthesize: bool = True  # make the embedded synthetic domain on first use if it is missing
+    synth_scale: float = 1.0
+    synth_seed: int = 0
+    channel_order: str = "rgb"  # "bgr" reproduces the reference's OpenCV quirk
+    prompt: str = "mixed"  # training prompts: mixed (per batch 50/50) | box | point
+    box_jitter: float = 1.25  # max box corner shift, in model-input pixels (paper: 5 at 1024)
+    num_positive_points: int = 1
+    num_negative_points: int = 0
+    eval_prompt: str = "box"
+    eval_box_jitter: float = 0.0
+    shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 disables shuffling
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "tiny"
+    # Teacher weights, also the student's starting point. `builtin:tiny_teacher` is the tiny SAM
+    # this project pre-trained on the synthetic general domain; null means random init.
+    checkpoint: str | None = BUILTIN_TEACHER
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine (per step, to lr * min_lr_ratio) | constant
+    min_lr_ratio: float = 0.1
+    epochs: int = 10
+    batch_size: int = 4  # global batch; split evenly over workers
+    precision: str = "fp32"  # fp32 | bf16 (autocast; Grams/entropies stay fp32)
+    grad_clip: float | None = None
+    eval_protocol: str = "clean"  # clean | paper
+    metrics: list[str] = field(default_factory=lambda: ["iou", "dice"])
+    eval_batch_size: int = 8
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2  # 0 = Train local mode (in-process)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data keeps CPUs
+    gpus_per_worker: float = 1.0
+    max_failures: int = 1
+    data_cpus: float = 0.5  # CPUs per Ray Data decode task
+    # Build InfoSAM's Grams over the global batch (all workers). Default on: the method's
+    # mutual information is a batch statistic, and per-worker batches can be as small as 1.
+    all_gather_relations: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default sqlite:///<storage.path>/mlflow.db
+    experiment: str = "infosam"
+    run_name: str | None = None
+    overlays: int = 4  # validation images in the overlay PNG (0 disables)
+    parent_run_id: str | None = None
+
+
+@dataclass
+class StorageConfig:
+    path: str = "runs"  # Ray Train storage (checkpoints); shared storage (S3/NFS) on clusters
+    name: str | None = None  # Train run name; re-using one resumes that run
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    seed: int = 42
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    def validate(self) -> Config:
+        checks = [
+            ("data.prompt", self.data.prompt, ("mixed", "box", "point")),
+            ("data.eval_prompt", self.data.eval_prompt, ("box", "point")),
+            ("data.channel_order", self.data.channel_order, ("rgb", "bgr")),
+            ("optim.optimizer", self.optim.optimizer, ("adam", "adamw")),
+            ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
+            ("optim.precision", self.optim.precision, ("fp32", "bf16")),
+            ("optim.eval_protocol", self.optim.eval_protocol, ("clean", "paper")),
+            ("tuning.method", self.tuning.method, tuple(TUNING_METHODS)),
+            ("model.variant", self.model.variant, tuple(SAM_VARIANTS)),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+        workers = max(self.scaling.num_workers, 1)
+        if self.optim.batch_size % workers:
+            raise ConfigError(
+                f"optim.batch_size={self.optim.batch_size} is the global batch and must divide "
+                f"evenly over scaling.num_workers={self.scaling.num_workers}"
+            )
+        if self.loss.infosam and self.optim.batch_size < 2:
+            raise ConfigError(
+                "loss.infosam needs optim.batch_size >= 2: with one sample every Gram matrix is "
+                "[[1]] and InfoSAM contributes exactly 0"
+            )
+        if (
+            self.loss.infosam
+            and not self.scaling.all_gather_relations
+            and self.optim.batch_size // workers < 2
+        ):
+            raise ConfigError(
+                "per-worker batch < 2 with scaling.all_gather_relations=false: InfoSAM would be "
+                "0 on every worker; gather relations or raise optim.batch_size"
+            )
+        return self
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint}; known: {sorted(known)}")
+        tp = hints[key]
+        if isinstance(value, str) and _type_ok(1.0, tp) and not _type_ok(value, tp):
+            with contextlib.suppress(ValueError):  # PyYAML reads 1e-3 (no dot) as a string
+                value = float(value)
+        if is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{name}.")
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{name}={value!r} has the wrong type (expected {tp})")
+        if tp is float or (
+            typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and float in typing.get_args(tp)
+        ):
+            value = float(value) if isinstance(value, int) else value
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
+    """YAML file (optional) + overrides -> validated Config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return Config.from_dict(data).validate()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}: MLflow params and Tune search-space keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,152 @@
+"""MLflow tracking: experiments with explicit artifact locations, runs, params, metrics, figures.
+
+Everything goes through `MlflowClient` with explicit run ids (no global "active run"), so the
+driver, a Ray Train rank-0 worker and a Tune trial can all log to the same run safely.
+MLflow 3.17 refuses the bare `./mlruns` file store: the local default is SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+__all__ = [
+    "RunLogger",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "start_run",
+]
+
+_PARAM_MAX = 6000
+
+
+def default_tracking_uri(storage_path: str | os.PathLike) -> str:
+    path = Path(storage_path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None, storage_path: str | os.PathLike) -> str:
+    if uri:
+        if uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "databricks")):
+            return uri
+        if uri.startswith("file:") or "://" not in uri:
+            raise ValueError(
+                f"tracking.uri={uri!r}: MLflow 3.17 refuses the plain file store; use "
+                "sqlite:///<abs path>/mlflow.db locally or http://<server>:5000 on a cluster"
+            )
+        return uri
+    return default_tracking_uri(storage_path)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """Experiment id, creating it with an explicit artifact location (workers change cwd)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_root:
+        location = (
+            artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+        )
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None,
+    *,
+    artifact_root: str | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> RunLogger:
+    client = MlflowClient(uri)
+    exp_id = ensure_experiment(client, experiment, artifact_root)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return RunLogger(uri, run.info.run_id)
+
+
+class RunLogger:
+    """Logging to one MLflow run by id; picklable (it only holds the URI and the id)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # skip NaN
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def logged_steps(self, key: str) -> list[int]:
+        return [m.step for m in self.client.get_metric_history(self.run_id, key)]
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_image_file(self, image: Any, name: str) -> None:
+        """A PIL image as a PNG artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            image.save(path)
+            parent = str(Path(name).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def metric_keys(self) -> Iterable[str]:
+        return self.client.get_run(self.run_id).data.metrics.keys()
+
+
+RUN_FAILED = RunStatus.to_string(RunStatus.FAILED)
+RUN_FINISHED = RunStatus.to_string(RunStatus.FINISHED)
