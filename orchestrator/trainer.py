@@ -309,7 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "(drop_last): lower optim.batch_size or add data"
         )
     opt, sched = _make_optimizer(cfg, params, steps_per_epoch * cfg.optim.epochs)
-    start_epoch, history = 0, []
+    start_epoch, history, resumed_from = 0, [], None
     ckpt = ray.train.get_checkpoint()
     local_dir = loop_config.get("local_checkpoint_root")
     if ckpt is None and local_dir:  # Train local mode keeps no checkpoints of its own
@@ -327,9 +327,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history = json.loads(state["history"])
         if rank == 0:
             print(f"[infosam] resumed from checkpoint of epoch {start_epoch - 1}", flush=True)
+            resumed_from = start_epoch - 1
     logger = RunLogger(*loop_config["mlflow"]) if loop_config.get("mlflow") and rank == 0 else None
     if logger is not None:
         _backfill(logger, history)
+        if resumed_from is not None:
+            previous = logger.client.get_run(logger.run_id).data.tags.get(
+                "infosam.resumed_from_epochs"
+            )
+            logger.set_tags(
+                {
+                    "infosam.resumed_from_epochs": ",".join(
+                        filter(None, [previous, str(resumed_from)])
+                    )
+                }
+            )
         if start_epoch == 0:
             logger.log_params(
                 {"trainable_params": report.trainable_params, "total_params": report.total_params}

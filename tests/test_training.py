@@ -1,0 +1,164 @@
+"""Ray Train + MLflow, for real: local mode, DDP equivalence, and a SIGKILLed worker."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main as cli
+from orchestrator.trainer import evaluate_checkpoint, fit
+from tests.conftest import train_config
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _artifacts(client, run_id, path=""):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_local_mode_beats_zero_shot_teacher_and_is_tracked(
+    ray_local, tmp_path, synthetic_root, capsys
+):
+    cfg = train_config(
+        tmp_path, synthetic_root, "scaling.num_workers=0", "optim.epochs=2", "optim.lr=0.001"
+    )
+    result = fit(cfg, quiet=True)
+    m = result.metrics
+    assert m["val/iou"] > m["val/zero_shot_iou"] + 0.05, m
+    assert m["test/iou"] > m["test/zero_shot_iou"], m
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optim.lr"] == "0.001" and params["tuning.method"] == "adapter"
+    assert int(params["trainable_params"]) > 0 and params["optim.eval_protocol"] == "clean"
+    for key in (
+        "train/loss",
+        "train/segmentation",
+        "train/compression",
+        "train/distillation",
+        "val/iou",
+    ):
+        assert [x.step for x in client.get_metric_history(result.run_id, key)] == [0, 1], key
+    assert "test/iou" in run.data.metrics and "train/images_per_s" in run.data.metrics
+    files = _artifacts(client, result.run_id)
+    for name in (
+        "config.yaml",
+        "data_manifest.json",
+        "plots/loss_curve.png",
+        "overlays/val_teacher_student_gt.png",
+    ):
+        assert name in files, files
+    # The checkpoint evaluates to what the run logged, through the API and the CLI.
+    data_dir = synthetic_root / "camouflage"
+    again = evaluate_checkpoint(result.checkpoint_dir, data_dir, split="test")
+    assert again["iou"] == pytest.approx(m["test/iou"], abs=1e-6)
+    capsys.readouterr()
+    assert cli(["evaluate", "--checkpoint", result.checkpoint_dir, "--data", str(data_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["iou"] == pytest.approx(m["test/iou"], abs=1e-6)
+
+
+def test_two_workers_match_one_worker_with_gathered_relations(ray_local, tmp_path_factory):
+    from orchestrator.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("four")
+    synthesize(root, ["camouflage"], seed=1, counts={"train": 4, "val": 2, "test": 2}, sheets=False)
+    common = [
+        "optim.epochs=3",
+        "optim.batch_size=4",
+        "optim.lr=0.001",
+        "data.prompt=box",
+        "data.box_jitter=0",
+        "data.shuffle_buffer=0",
+        "tracking.overlays=0",
+    ]
+    one = fit(
+        train_config(tmp_path_factory.mktemp("one"), root, "scaling.num_workers=1", *common),
+        quiet=True,
+    )
+    two = fit(
+        train_config(tmp_path_factory.mktemp("two"), root, "scaling.num_workers=2", *common),
+        quiet=True,
+    )
+    for key in ("train/loss", "train/segmentation", "train/compression", "train/distillation"):
+        a = [h[key] for h in one.history]
+        b = [h[key] for h in two.history]
+        assert len(a) == len(b) == 3
+        assert b == pytest.approx(a, rel=2e-4, abs=2e-5), (key, a, b)
+
+
+def _train_workers() -> list[psutil.Process]:
+    procs = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()) or "RayTrainWorker" in p.name():
+                procs.append(p)
+        except psutil.Error:
+            pass
+    return procs
+
+
+def test_killed_worker_resumes_from_checkpoint_with_continuous_history(
+    ray_local, tmp_path, synthetic_root
+):
+    cfg = train_config(
+        tmp_path,
+        synthetic_root,
+        "optim.epochs=4",
+        "scaling.num_workers=2",
+        "scaling.max_failures=1",
+        "storage.name=killed",
+        "tracking.overlays=0",
+    )
+    run_dir = tmp_path / "runs" / "killed"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run_dir / "checkpoint_epoch_0000").exists():
+            time.sleep(0.2)
+        time.sleep(1.0)  # into epoch 1
+        workers = _train_workers()
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = fit(cfg, quiet=True)
+    thread.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert [int(h["epoch"]) for h in result.history] == [0, 1, 2, 3]
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("infosam.resumed_from_epochs"), run.data.tags
+    for key in ("train/loss", "val/iou"):
+        steps = [x.step for x in client.get_metric_history(result.run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3], (key, steps)
+    assert killed[0] not in {p.pid for p in _train_workers()}
+
+
+def test_crashed_run_is_marked_failed(ray_local, tmp_path, synthetic_root):
+    cfg = train_config(
+        tmp_path,
+        synthetic_root,
+        "scaling.num_workers=0",
+        "optim.epochs=1",
+        "data.train_split=val",
+        "optim.batch_size=16",
+    )
+    with pytest.raises(Exception, match="no full batch"):
+        fit(cfg, quiet=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
