@@ -35,6 +35,7 @@ __all__ = [
     "build_sam",
     "checkpoint_sha256",
     "decode_masks",
+    "load_exported",
     "load_sam_state_dict",
     "read_state_dict",
     "resolve_checkpoint",
@@ -371,3 +372,10 @@ class PromptableSam(nn.Module):
         finally:
             handle.remove()
         return SamOutput(image_embeddings, logits, iou, captured[-1])
+
+
+def load_exported(path: str | os.PathLike) -> Sam:
+    """One-line loader for a self-contained `infosam export` (e.g. an adapter student)."""
+    from infosam.reference import load_exported as _load_exported
+
+    return _load_exported(path)

@@ -121,18 +121,62 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.config import ConfigError
+    from infosam.sam import CheckpointMismatchError, PromptableSam
+    from orchestrator.config import ConfigError, load_config
     from orchestrator.datasets import IngestError
-    from orchestrator.trainer import evaluate_checkpoint
+    from orchestrator.trainer import evaluate_checkpoint, evaluate_model
 
     try:
-        metrics = evaluate_checkpoint(
-            args.checkpoint, args.data, split=args.split, protocol=args.protocol
-        )
-    except (ConfigError, IngestError, FileNotFoundError) as exc:
+        if args.reference:
+            from infosam.reference import load_reference_student
+
+            sam, tuning = load_reference_student(args.reference, args.variant)
+            cfg = load_config(args.config, [f"model.variant={args.variant}", *args.overrides])
+            metrics = evaluate_model(
+                PromptableSam(sam), cfg, args.data, split=args.split, protocol=args.protocol
+            )
+            metrics["tuning"] = tuning.method
+        elif args.checkpoint:
+            metrics = evaluate_checkpoint(
+                args.checkpoint, args.data, split=args.split, protocol=args.protocol
+            )
+        else:
+            raise ConfigError("give --checkpoint DIR (a training checkpoint) or --reference FILE")
+    except (ConfigError, IngestError, FileNotFoundError, CheckpointMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.predict import load_model, parse_prompts, predict_files
+
+    try:
+        prompts = parse_prompts(args.box, args.point, args.prompts, args.images)
+        model, _ = load_model(args.checkpoint, args.variant, args.device)
+        written = predict_files(
+            model, args.images, prompts, args.out, batch_size=args.batch_size, device=args.device
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(f"{w['image']} -> {w['mask']} (foreground {w['foreground_fraction']:.1%})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.predict import export_checkpoint
+
+    kind, why = export_checkpoint(args.checkpoint, args.out)
+    print(f"[infosam] exported {kind}: {why}")
     return 0
 
 
@@ -144,11 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("evaluate", help="metrics of a training checkpoint on a dataset split")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
+    e.add_argument("--checkpoint", help="a checkpoint_epoch_* directory of a run")
+    e.add_argument(
+        "--reference", help="an InfoSAM reference-release student (.pth), see infosam/reference.py"
+    )
+    e.add_argument("--variant", default="vit_b", help="SAM variant of --reference (default vit_b)")
     e.add_argument("--data", required=True, help="a dataset folder (with manifest.json)")
     e.add_argument("--split", default="test")
     e.add_argument("--protocol", choices=["paper", "clean"], help="default: the run's protocol")
+    _add_config_args(e)
     e.set_defaults(func=_cmd_evaluate)
+    pr = sub.add_parser("predict", help="masks + overlays for image files at original resolution")
+    pr.add_argument(
+        "--checkpoint", required=True, help="training checkpoint dir, infosam export, or SAM .pth"
+    )
+    pr.add_argument("--variant", help="needed for plain SAM weights")
+    pr.add_argument("--images", nargs="+", required=True)
+    pr.add_argument("--box", help="x0,y0,x1,y1 in original image pixels")
+    pr.add_argument("--point", action="append", help="x,y[,label] (repeatable; label 1 fg, 0 bg)")
+    pr.add_argument(
+        "--prompts", help='JSON: {"img.png": {"box": [...], "points": [[x, y, label]]}}'
+    )
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.set_defaults(func=_cmd_predict)
+    ex = sub.add_parser(
+        "export",
+        help="weights plain segment-anything loads (LoRA merged), or a self-contained file",
+    )
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 

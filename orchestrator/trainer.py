@@ -766,28 +766,51 @@ def evaluate_checkpoint(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Metrics of a trained checkpoint on a dataset split, without Ray (same code as training)."""
+    model, cfg, _ = load_trained(checkpoint_dir)
+    return evaluate_model(
+        model, cfg, data_dir, split=split, protocol=protocol, batch_size=batch_size
+    )
+
+
+def evaluate_model(
+    model: PromptableSam,
+    cfg: Config,
+    data_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    protocol: str | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics)."""
     from orchestrator.datasets import iter_rows
     from orchestrator.pipeline import decode_batch
 
-    model, cfg, _ = load_trained(checkpoint_dir)
     if protocol:
         cfg.optim.eval_protocol = protocol
-    size = SAM_VARIANTS[cfg.model.variant].image_size
-
-    class _Rows:
-        def iter_batches(self, batch_size: int, batch_format: str):
-            rows = list(iter_rows(data_dir, split))
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i : i + batch_size]
-                cols = {
-                    k: np.asarray([r[k] for r in chunk], dtype=object)
-                    for k in ("id", "image", "mask", "source")
-                }
-                yield decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
-
     cfg.optim.eval_batch_size = batch_size
+    size = model.image_size
+
+    class _Rows:  # the one method of a Ray DataIterator that _evaluate uses
+        def iter_batches(self, batch_size: int, batch_format: str):
+            chunk: list[dict] = []
+            for row in iter_rows(data_dir, split):
+                chunk.append(row)
+                if len(chunk) == batch_size:
+                    yield self._decode(chunk)
+                    chunk = []
+            if chunk:
+                yield self._decode(chunk)
+
+        @staticmethod
+        def _decode(chunk: list[dict]) -> dict[str, np.ndarray]:
+            cols = {
+                k: np.asarray([r[k] for r in chunk], dtype=object)
+                for k in ("id", "image", "mask", "source")
+            }
+            return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
+
     sums, count, _ = _evaluate({"student": model}, _Rows(), cfg, torch.device("cpu"))
-    out = {k: v / max(count, 1) for k, v in sums["student"].items()}
+    out: dict[str, Any] = {k: v / max(count, 1) for k, v in sums["student"].items()}
     out["count"] = count
-    out["protocol"] = cfg.optim.eval_protocol  # type: ignore[assignment]
+    out["protocol"] = cfg.optim.eval_protocol
     return out

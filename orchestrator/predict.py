@@ -1,0 +1,178 @@
+"""Use a fine-tuned model: predict masks for image files, export weights plain SAM can load."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from infosam.engine import predict_logits
+from infosam.prompts import PromptBatch
+from infosam.sam import PromptableSam, build_sam, load_exported
+from infosam.transforms import prepare_pair, preprocess_shape
+from infosam.tuning import has_adapters, merge_for_export
+
+__all__ = ["Prompt", "export_checkpoint", "load_model", "parse_prompts", "predict_files"]
+
+
+@dataclass
+class Prompt:
+    """A prompt in ORIGINAL image pixels: a box and/or points (x, y, label)."""
+
+    box: list[float] | None = None
+    points: list[list[float]] | None = None
+
+
+def load_model(
+    checkpoint: str | os.PathLike, variant: str | None = None, device: str = "cpu"
+) -> tuple[PromptableSam, str]:
+    """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        from orchestrator.trainer import load_trained
+
+        model, cfg, _ = load_trained(path, device)
+        return model, cfg.model.variant
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "infosam_export" in obj:
+        return PromptableSam(load_exported(path)).to(device).eval(), obj["infosam_export"][
+            "variant"
+        ]
+    if variant is None:
+        raise ValueError(
+            f"{path} holds plain SAM weights: pass --variant (tiny, vit_b, vit_l, vit_h)"
+        )
+    return PromptableSam(build_sam(variant, path)).to(device).eval(), variant
+
+
+def parse_prompts(
+    box: str | None, point: list[str] | None, prompts_file: str | None, images: list[str]
+) -> dict[str, Prompt]:
+    """One Prompt per image: the same --box/--point for all, or per image from a JSON file
+    ({"name.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}})."""
+    if prompts_file:
+        data = json.loads(Path(prompts_file).read_text())
+        out = {}
+        for image in images:
+            entry = data.get(image) or data.get(Path(image).name)
+            if entry is None:
+                raise ValueError(
+                    f"{prompts_file} has no prompt for {image} (keys are image paths or file names)"
+                )
+            out[image] = Prompt(entry.get("box"), entry.get("points"))
+        return out
+    if not box and not point:
+        raise ValueError(
+            "give a prompt: --box x0,y0,x1,y1, --point x,y[,label] or --prompts FILE.json"
+        )
+    b = [float(v) for v in box.split(",")] if box else None
+    if b is not None and len(b) != 4:
+        raise ValueError(f"--box needs 4 numbers x0,y0,x1,y1, got {box!r}")
+    pts = None
+    if point:
+        pts = []
+        for p in point:
+            vals = [float(v) for v in p.split(",")]
+            if len(vals) not in (2, 3):
+                raise ValueError(f"--point needs x,y or x,y,label, got {p!r}")
+            pts.append(vals if len(vals) == 3 else [*vals, 1.0])
+    return {image: Prompt(b, pts) for image in images}
+
+
+def _prompt_batch(
+    prompts: list[Prompt], originals: list[tuple[int, int]], size: int
+) -> PromptBatch:
+    """Original-pixel prompts -> the padded model frame (scale by the resize factor)."""
+    scales = [preprocess_shape(h, w, size)[1] / w for h, w in originals]
+    has_box = [p.box is not None for p in prompts]
+    has_pts = [p.points is not None for p in prompts]
+    if len(set(has_box)) > 1 or len(set(has_pts)) > 1:
+        raise ValueError(
+            "all images in one call must have the same prompt kind (box and/or points)"
+        )
+    boxes = (
+        torch.tensor([[v * s for v in p.box] for p, s in zip(prompts, scales)])
+        if has_box[0]
+        else None
+    )
+    coords = labels = None
+    if has_pts[0]:
+        n = max(len(p.points) for p in prompts)
+        coords = torch.zeros(len(prompts), n, 2)
+        labels = torch.full((len(prompts), n), -1, dtype=torch.int64)
+        for i, (p, s) in enumerate(zip(prompts, scales)):
+            for j, (x, y, lab) in enumerate(p.points):
+                coords[i, j] = torch.tensor([x * s, y * s])
+                labels[i, j] = int(lab)
+    return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
+
+
+def predict_files(
+    model: PromptableSam,
+    images: list[str],
+    prompts: dict[str, Prompt],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> list[dict]:
+    """Write `<stem>_mask.png` (0/255) and `<stem>_overlay.png` per image at original resolution."""
+    from orchestrator.visualize import overlay
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.image_size
+    written = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in chunk]
+        prepared = [prepare_pair(a, np.zeros(a.shape[:2], np.uint8), size) for a in arrays]
+        batch_images = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
+        input_sizes = torch.tensor([p[2] for p in prepared], device=device)
+        originals = [a.shape[:2] for a in arrays]
+        pb = _prompt_batch([prompts[p] for p in chunk], originals, size).to(device)
+        logits = predict_logits(model, batch_images, pb, input_sizes, originals)
+        for path, arr, lg in zip(chunk, arrays, logits):
+            mask = (lg > 0).cpu().numpy()
+            stem = Path(path).stem
+            Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{stem}_mask.png")
+            Image.fromarray(overlay(arr, mask, (255, 60, 0))).save(out / f"{stem}_overlay.png")
+            written.append(
+                {
+                    "image": str(path),
+                    "mask": str(out / f"{stem}_mask.png"),
+                    "foreground_fraction": float(mask.mean()),
+                }
+            )
+    return written
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:
+    """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
+    adapters give a self-contained file for `infosam.sam.load_exported`."""
+    from infosam.reference import save_exported
+    from orchestrator.trainer import load_trained
+
+    model, cfg, _ = load_trained(checkpoint)
+    sam = model.sam
+    if has_adapters(sam):
+        save_exported(sam, out, cfg.model.variant, cfg.tuning)
+        return "self-contained", (
+            f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
+            "self-contained export: load it with `infosam.sam.load_exported(path)`"
+        )
+    torch.save(merge_for_export(sam), out)
+    how = (
+        f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"
+        if cfg.model.variant != "tiny"
+        else f"infosam.sam.build_sam('tiny', '{out}')"
+    )
+    return "plain-sam", (
+        f"{cfg.tuning.method} folds into SAM's own tensors (LoRA merged into qkv), so {out} is a plain "
+        f"segment-anything state_dict: load it with {how} and use SamPredictor"
+    )

@@ -1,0 +1,268 @@
+"""Using a fine-tuned model: predict, export to plain SAM, import the reference release."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+from infosam.engine import predict_logits
+from infosam.prompts import PromptBatch
+from infosam.reference import load_reference_relation, load_reference_student
+from infosam.relation import RelationModule
+from infosam.sam import (
+    SAM_VARIANTS,
+    CheckpointMismatchError,
+    PromptableSam,
+    _build_from_spec,
+    build_sam,
+    load_exported,
+)
+from infosam.transforms import prepare_pair
+from infosam.tuning import TuningConfig, apply_tuning
+from orchestrator.cli import main as cli
+from orchestrator.trainer import _make_optimizer, _save_checkpoint, build_models
+from tests.conftest import train_config
+
+
+def _checkpoint(tmp_path, data_root, method):
+    """A training checkpoint directory whose trained tensors are visibly non-trivial."""
+    cfg = train_config(tmp_path, data_root, f"tuning.method={method}")
+    _, student, relation, _ = build_models(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "Adapter" in name):
+                p.normal_(0, 0.02)
+    opt, sched = _make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad], 10)
+    d = tmp_path / f"ckpt_{method}"
+    d.mkdir()
+    _save_checkpoint(
+        str(d),
+        student=student,
+        relation=relation,
+        opt=opt,
+        sched=sched,
+        epoch=0,
+        history=[{"epoch": 0}],
+        cfg=cfg,
+        teacher_sha=None,
+    )
+    return d, student.eval()
+
+
+def _images(tmp_path, sizes=((180, 240), (256, 200), (300, 300))):
+    paths = []
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        img = rng.integers(40, 120, (h, w, 3), dtype=np.uint8)
+        img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] += 100
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_predict_cli_equals_engine_predictions(tmp_path, synthetic_root):
+    ckpt, student = _checkpoint(tmp_path, synthetic_root, "lora")
+    paths = _images(tmp_path)
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                *map(str, paths),
+                "--box",
+                "40,30,150,130",
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
+    for p in paths:
+        arr = np.asarray(Image.open(p))
+        h, w = arr.shape[:2]
+        img, _, input_size = prepare_pair(arr, np.zeros((h, w), np.uint8), 256)
+        s = 256 / max(h, w)
+        prompts = PromptBatch(
+            torch.tensor([[40 * s, 30 * s, 150 * s, 130 * s]]),
+            None,
+            None,
+            torch.zeros(1, dtype=torch.bool),
+        )
+        logits = predict_logits(
+            student, torch.from_numpy(img)[None], prompts, torch.tensor([input_size]), [(h, w)]
+        )[0]
+        expected = (logits > 0).numpy()
+        got = np.asarray(Image.open(tmp_path / "pred" / f"{p.stem}_mask.png")) > 0
+        assert got.shape == (h, w) and np.array_equal(got, expected)
+        assert (tmp_path / "pred" / f"{p.stem}_overlay.png").is_file()
+
+
+def test_prompts_file_and_points(tmp_path, synthetic_root):
+    ckpt, _ = _checkpoint(tmp_path, synthetic_root, "decoder")
+    paths = _images(tmp_path)
+    spec = {p.name: {"points": [[100, 90, 1], [5, 5, 0]]} for p in paths}
+    (tmp_path / "prompts.json").write_text(json.dumps(spec))
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                *map(str, paths),
+                "--prompts",
+                str(tmp_path / "prompts.json"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                str(paths[0]),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_exported_lora_model_works_in_segment_anything_predictor(tmp_path, synthetic_root, capsys):
+    ckpt, _ = _checkpoint(tmp_path, synthetic_root, "lora")
+    out = tmp_path / "sam_finetuned.pth"
+    assert cli(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert "plain-sam" in capsys.readouterr().out
+    plain = _build_from_spec(SAM_VARIANTS["tiny"])
+    plain.load_state_dict(
+        torch.load(out, weights_only=True), strict=True
+    )  # segment-anything's classes
+    predictor = SamPredictor(plain.eval())
+    paths = _images(tmp_path)
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                *map(str, paths),
+                "--box",
+                "40,30,150,130",
+                "--out",
+                str(tmp_path / "ours"),
+            ]
+        )
+        == 0
+    )
+    for p in paths:
+        arr = np.asarray(Image.open(p))
+        predictor.set_image(arr)
+        masks, _, _ = predictor.predict(box=np.array([40, 30, 150, 130]), multimask_output=False)
+        ours = np.asarray(Image.open(tmp_path / "ours" / f"{p.stem}_mask.png")) > 0
+        inter, union = (masks[0] & ours).sum(), (masks[0] | ours).sum()
+        assert union == 0 or inter / union > 0.97, (p.name, inter / union)
+
+
+def test_adapter_export_is_self_contained(tmp_path, synthetic_root, capsys):
+    ckpt, student = _checkpoint(tmp_path, synthetic_root, "adapter")
+    out = tmp_path / "adapter.pth"
+    assert cli(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert "self-contained" in capsys.readouterr().out
+    loaded = PromptableSam(load_exported(out))
+    x = torch.randint(0, 255, (2, 3, 256, 256), dtype=torch.uint8)
+    boxes = torch.tensor([[20.0, 20, 200, 180]] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, boxes=boxes).low_res_logits, student(x, boxes=boxes).low_res_logits
+        )
+
+
+def _reference_student(prefix=""):
+    torch.manual_seed(0)
+    sam = build_sam("tiny")
+    apply_tuning(sam, TuningConfig(method="adapter"))
+    with torch.no_grad():
+        for n, p in sam.named_parameters():
+            if "Adapter" in n:
+                p.normal_(0, 0.05)
+    return sam, {prefix + k: v for k, v in sam.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix,wrapped", [("", True), ("module.", False)])
+def test_reference_release_maps_onto_our_adapter_student(tmp_path, prefix, wrapped):
+    sam, state = _reference_student(prefix)
+    assert any("Space_Adapter_Series.D_fc1.weight" in k for k in state)
+    path = tmp_path / "reference.pth"
+    torch.save({"model": state, "optimizer": {}, "epoch": 9} if wrapped else state, path)
+    ours, tuning = load_reference_student(path, "tiny")  # strict: no missing/unexpected keys
+    assert (
+        tuning.method == "adapter"
+        and tuning.adapter_blocks == [2, 3]
+        and tuning.adapter_ratio == 0.25
+    )
+    x = torch.randint(0, 255, (2, 3, 256, 256), dtype=torch.uint8)
+    boxes = torch.tensor([[20.0, 20, 200, 180]] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            PromptableSam(ours)(x, boxes=boxes).low_res_logits,
+            PromptableSam(sam.eval())(x, boxes=boxes).low_res_logits,
+        )
+
+
+def test_unknown_reference_keys_fail_loudly(tmp_path):
+    _, state = _reference_student()
+    state["image_encoder.blocks.2.Space_Adapter_Parallel.D_fc1.weight"] = torch.zeros(32, 128)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError, match="Space_Adapter_Parallel"):
+        load_reference_student(tmp_path / "bad.pth", "tiny")
+
+
+def test_reference_relation_module(tmp_path):
+    rm = RelationModule(256)
+    torch.save(
+        {"relation_model": rm.state_dict(), "relation_optimizer": {}, "relation_epoch": 3},
+        tmp_path / "rel.pth",
+    )
+    loaded = load_reference_relation(tmp_path / "rel.pth")
+    for k, v in rm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_evaluate_reference_checkpoint_cli(tmp_path, synthetic_root, capsys):
+    _, state = _reference_student()
+    torch.save({"model": state}, tmp_path / "reference.pth")
+    code = cli(
+        [
+            "evaluate",
+            "--reference",
+            str(tmp_path / "reference.pth"),
+            "--variant",
+            "tiny",
+            "--data",
+            str(synthetic_root / "camouflage"),
+            "--protocol",
+            "paper",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (
+        out["count"] == 8
+        and out["protocol"] == "paper"
+        and out["tuning"] == "adapter"
+        and 0 <= out["iou"] <= 1
+    )
