@@ -180,6 +180,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster_check(args: argparse.Namespace) -> int:
+    from orchestrator.cluster_check import check_cluster_config, load_cluster_yaml
+
+    problems = check_cluster_config(load_cluster_yaml(args.path))
+    for p in problems:
+        print(f"- {p}", file=sys.stderr)
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_cmd_export)
+    cl = sub.add_parser("cluster", help="cluster-launcher helpers")
+    clsub = cl.add_subparsers(dest="cluster_command", required=True)
+    cc = clsub.add_parser(
+        "check", help="offline check of a cluster.yaml (Ray schema + project rules)"
+    )
+    cc.add_argument("path", nargs="?", default="cluster.yaml")
+    cc.set_defaults(func=_cmd_cluster_check)
     return parser
 
 

@@ -506,45 +506,62 @@ def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: o
 # ----------------------------------------------------------------------------- reading
 
 
+def _fs(location: str | os.PathLike) -> tuple[object, str]:
+    """(pyarrow filesystem, path) for a local folder or a URI such as s3://bucket/data/polyp."""
+    import pyarrow.fs as pafs
+
+    text = os.fspath(location)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
 def load_manifest(dataset_dir: str | os.PathLike, *, verify: bool = False) -> dict:
-    """Read `manifest.json`; check every shard exists (and, with `verify`, its checksum)."""
-    root = Path(dataset_dir)
-    path = root / "manifest.json"
-    if not path.is_file():
+    """Read `manifest.json` (local folder or s3://...); check every shard exists (and, with
+    `verify`, its checksum)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(dataset_dir)
+    path = _join(root, "manifest.json")
+    if fs.get_file_info(path).type != pafs.FileType.File:
         raise IngestError(
-            f"no manifest.json in {printable(root)}: point at a dataset folder written by "
+            f"no manifest.json in {printable(dataset_dir)}: point at a dataset folder written by "
             "`infosam data ingest` or `infosam data synth`"
         )
-    manifest = json.loads(path.read_text())
+    with fs.open_input_stream(path) as f:
+        manifest = json.loads(f.read())
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise IngestError(
             f"{printable(path)}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; re-run the ingest"
         )
-    for shard in manifest["shards"]:
-        p = root / shard["path"]
-        if not p.is_file():
+    infos = fs.get_file_info([_join(root, s["path"]) for s in manifest["shards"]])
+    for shard, info in zip(manifest["shards"], infos):
+        if info.type != pafs.FileType.File:
             raise IngestError(
                 f"shard {shard['path']} listed in {printable(path)} is missing; re-run the ingest"
             )
         if verify:
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            with fs.open_input_stream(info.path) as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
             if digest != shard["sha256"]:
                 raise IngestError(
                     f"shard {shard['path']} changed after ingest (sha256 mismatch); re-run the ingest"
                 )
-    manifest["root"] = str(root.resolve())
+    uri = os.fspath(dataset_dir)
+    manifest["root"] = uri.rstrip("/") if "://" in uri else root
     return manifest
 
 
 def shard_paths(
     dataset_dir: str | os.PathLike, split: str, manifest: dict | None = None
 ) -> list[str]:
+    """Absolute shard paths (or URIs) of one split, for `ray.data.read_parquet`."""
     manifest = manifest or load_manifest(dataset_dir)
-    paths = [
-        str(Path(dataset_dir).resolve() / s["path"])
-        for s in manifest["shards"]
-        if s["split"] == split
-    ]
+    paths = [_join(manifest["root"], s["path"]) for s in manifest["shards"] if s["split"] == split]
     if not paths:
         have = sorted(manifest["counts"])
         raise IngestError(f"dataset {manifest['dataset']!r} has no split {split!r} (has {have})")

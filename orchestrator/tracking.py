@@ -33,6 +33,8 @@ def default_tracking_uri(storage_path: str | os.PathLike) -> str:
 
 
 def resolve_tracking_uri(uri: str | None, storage_path: str | os.PathLike) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI (set on clusters), else SQLite under storage."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "databricks")):
             return uri

@@ -64,8 +64,12 @@ LOSS_KEYS = (
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def ensure_data(cfg: Config) -> Path:
+def ensure_data(cfg: Config) -> Path | str:
     """The dataset folder; synthesises an embedded domain on first use (under a file lock)."""
+    if "://" in cfg.data.root:  # shared storage on clusters (s3://...): must be ingested already
+        uri = f"{cfg.data.root.rstrip('/')}/{cfg.data.dataset}"
+        load_manifest(uri)
+        return uri
     root = Path(cfg.data.root).expanduser().resolve()
     path = root / cfg.data.dataset
     if (path / "manifest.json").is_file():

@@ -1,0 +1,138 @@
+"""Offline checks of a Ray cluster-launcher YAML: Ray's own schema plus the project's rules.
+
+`ray up` has no dry run. Ray's `prepare_config` + `validate_config` (private API of the pinned
+Ray 2.60.0) fill defaults and check the schema without touching the cloud; the project rules
+catch what the schema cannot see.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Any
+
+import yaml
+
+__all__ = ["check_cluster_config", "load_cluster_yaml"]
+
+_IMAGE_VERSION = re.compile(r"^rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)")
+
+
+def load_cluster_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a YAML mapping")
+    return data
+
+
+def _images(cfg: dict[str, Any]) -> list[str]:
+    docker = cfg.get("docker") or {}
+    images = [docker.get(k) for k in ("image", "head_image", "worker_image")]
+    for node in (cfg.get("available_node_types") or {}).values():
+        nd = node.get("docker") or {}
+        images += [nd.get(k) for k in ("image", "worker_image", "head_image")]
+    return [i for i in images if i]
+
+
+def _commands(cfg: dict[str, Any], *keys: str) -> str:
+    return "\n".join(str(c) for k in keys for c in (cfg.get(k) or []))
+
+
+def check_cluster_config(config: dict[str, Any]) -> list[str]:
+    """Problems found (empty list = OK)."""
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    problems: list[str] = []
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except Exception as exc:  # jsonschema / ValueError from Ray
+        problems.append(f"Ray schema: {str(exc).splitlines()[0]}")
+    nodes: dict[str, Any] = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    if head not in nodes:
+        problems.append(
+            f"head_node_type {head!r} is not one of available_node_types {sorted(nodes)}"
+        )
+    for name, node in nodes.items():
+        res = node.get("resources")
+        if not res:
+            problems.append(
+                f"node type {name!r} declares no resources (set them explicitly, e.g. {{CPU: 8, GPU: 1}})"
+            )
+            res = {}
+        if not (node.get("node_config") or {}).get("InstanceType"):
+            problems.append(f"node type {name!r} has no node_config.InstanceType")
+        if not (node.get("node_config") or {}).get("IamInstanceProfile"):
+            problems.append(
+                f"node type {name!r} has no IamInstanceProfile: it cannot reach S3 storage"
+            )
+        if name == head:
+            if res.get("GPU", 0):
+                problems.append(
+                    f"head node {name!r} advertises GPUs: training must run on worker nodes"
+                )
+            if res.get("CPU", 0):
+                problems.append(
+                    f"head node {name!r} advertises CPU {res['CPU']}: it would run training/data tasks; set CPU: 0"
+                )
+            if not res.get("driver"):
+                problems.append(
+                    f"head node {name!r} lacks the custom `driver` resource that benchmark/tune drivers request"
+                )
+        else:
+            if res.get("driver"):
+                problems.append(
+                    f"worker type {name!r} advertises `driver`: only the head may run drivers"
+                )
+            if res.get("GPU", 0) and node.get("min_workers", 0) != 0:
+                problems.append(
+                    f"GPU worker type {name!r} has min_workers {node.get('min_workers')}: idle GPUs cost money; use 0 and autoscale"
+                )
+    if not any(n.get("resources", {}).get("GPU", 0) for k, n in nodes.items() if k != head):
+        problems.append("no worker node type has GPUs")
+    images = _images(config)
+    if not images:
+        problems.append("no docker image: use rayproject/ray:<installed version>-py311-gpu")
+    for image in images:
+        if "ray-ml" in image:
+            problems.append(
+                f"image {image!r}: rayproject/ray-ml images are deprecated; use rayproject/ray:{ray.__version__}-py311-gpu"
+            )
+        m = _IMAGE_VERSION.match(image)
+        if m and m.group(1) != ray.__version__:
+            problems.append(
+                f"image {image!r} runs Ray {m.group(1)} but this project pins Ray {ray.__version__}"
+            )
+    start = _commands(config, "head_start_ray_commands", "worker_start_ray_commands")
+    if "RAY_AUTH_MODE=token" not in _commands(
+        config, "head_start_ray_commands"
+    ) or "RAY_AUTH_MODE=token" not in _commands(config, "worker_start_ray_commands"):
+        problems.append(
+            "token authentication is not enabled on every node (export RAY_AUTH_MODE=token before `ray start`)"
+        )
+    everything = _commands(
+        config,
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
+    if "0.0.0.0" in everything:
+        problems.append(
+            "a command binds to 0.0.0.0; bind to 127.0.0.1 (dashboard) or the private address (MLflow)"
+        )
+    if "--dashboard-host" in start and "--dashboard-host=127.0.0.1" not in start:
+        problems.append(
+            "the dashboard must bind to 127.0.0.1 (reach it with `ray dashboard cluster.yaml`)"
+        )
+    if "mlflow==3.17.2" not in _commands(
+        config, "setup_commands", "head_setup_commands", "worker_setup_commands"
+    ):
+        problems.append(
+            "setup does not install the pinned mlflow==3.17.2 the project is tested with"
+        )
+    return problems
