@@ -1,48 +1,52 @@
-"""Main job. Until the benchmark matrix lands this runs one tiny end-to-end InfoSAM step on CPU."""
+"""The main job: the paper's method x dataset x seed comparison, tracked in MLflow.
+
+    python experiments/benchmark_all.py                       # embedded demo (CPU, minutes)
+    python experiments/benchmark_all.py --config experiments/configs/paper.yaml
+    ray job submit --working-dir . -- python experiments/benchmark_all.py
+
+Same code locally (starts a Ray) and on a cluster (connects to RAY_ADDRESS). Re-running with the
+same benchmark name resumes it; `--set benchmark.name=other` starts fresh.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
-
-from infosam.engine import LossConfig, eval_step, train_step
-from infosam.prompts import sample_prompts
-from infosam.relation import RelationModule
-from infosam.sam import PromptableSam, build_sam
-from infosam.tuning import apply_tuning
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the shipped code, also under `ray job submit --working-dir .`
+DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
-def main() -> None:
-    torch.manual_seed(42)
-    teacher = PromptableSam(build_sam("tiny")).requires_grad_(False)
-    sam = build_sam("tiny")
-    sam.load_state_dict(teacher.sam.state_dict())
-    report = apply_tuning(sam, method="adapter")
-    student, relation = PromptableSam(sam), RelationModule(128)
-    params = [p for p in student.parameters() if p.requires_grad] + list(relation.parameters())
-    opt = torch.optim.Adam(params, lr=2e-4)
-    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
-    masks = torch.stack(
-        [((yy - 128) ** 2 + (xx - 60 - 30 * i) ** 2 < 40**2) for i in range(4)]
-    ).byte()
-    images = (torch.rand(4, 3, 256, 256) * 80 + masks[:, None] * 120).byte()
-    batch = {"image": images, "mask": masks, "input_size": torch.tensor([[256, 256]] * 4)}
-    gen = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for step in range(3):
-        prompts = sample_prompts(masks, "mixed", generator=gen)
-        losses = train_step(
-            student, opt, batch, prompts, LossConfig(), teacher=teacher, relation=relation
-        )
-        print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-    metrics = eval_step(student, images, list(masks), prompts, batch["input_size"])
-    miou = sum(m["iou"] for m in metrics) / len(metrics)
-    print(
-        f"adapter student: {report.trainable_params} trainable params; "
-        f"mIoU {miou:.3f} (clean protocol) after 3 steps in {time.perf_counter() - start:.1f}s"
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--config", default=str(DEMO))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    from orchestrator.benchmark import load_benchmark, run_benchmark
+    from orchestrator.config import ConfigError
+
+    start = time.perf_counter()
+    try:
+        bench, base = load_benchmark(args.config, args.overrides)
+        result = run_benchmark(bench, base)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
+    )
+    for kind, path in result["files"].items():
+        print(f"[benchmark] {kind}: {path}")
+    print(
+        f"[benchmark] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -190,6 +190,24 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_all.py"
+    if script.is_file():
+        module = runpy.run_path(str(script))
+        argv = (["--config", args.config] if args.config else []) + [
+            f"--set={o}" for o in args.overrides
+        ]
+        return module["main"](argv)
+    print(
+        "error: experiments/benchmark_all.py not found (run from a source checkout)",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_cmd_export)
+    b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
+    _add_config_args(b)
+    b.set_defaults(func=_cmd_benchmark)
     cl = sub.add_parser("cluster", help="cluster-launcher helpers")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     cc = clsub.add_parser(

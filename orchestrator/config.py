@@ -63,6 +63,7 @@ class DataConfig:
     eval_prompt: str = "box"
     eval_box_jitter: float = 0.0
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 disables shuffling
+    materialize_max_mb: float = 512  # decode a split once and keep it in memory when this small
 
 
 @dataclass
@@ -87,6 +88,7 @@ class OptimConfig:
     eval_protocol: str = "clean"  # clean | paper
     metrics: list[str] = field(default_factory=lambda: ["iou", "dice"])
     eval_batch_size: int = 8
+    zero_shot_eval: bool = True  # also evaluate the frozen teacher (val at start, test at end)
 
 
 @dataclass
