@@ -208,6 +208,23 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 2
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.tuner import load_tune, run_sweep
+
+    try:
+        tcfg, base = load_tune(args.config, args.overrides)
+        result = run_sweep(tcfg, base)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[tune] best config: {result['best_yaml']}")
+    print(
+        f"[tune] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_cmd_export)
+    tu = sub.add_parser(
+        "tune", help="Ray Tune sweep (tune: section + base config), every trial in MLflow"
+    )
+    _add_config_args(tu)
+    tu.set_defaults(func=_cmd_tune)
     b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
     _add_config_args(b)
     b.set_defaults(func=_cmd_benchmark)

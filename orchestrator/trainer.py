@@ -568,7 +568,13 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)  # num_cpus cannot be passed when connecting
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+        # The dashboard (loopback only) also serves the state API that Ray Train's placement-group
+        # cleaner needs: without it, a trial stopped by Tune can leak its workers' resources.
+        ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env} if env else None,
+        )
 
 
 def _storage(cfg: Config) -> tuple[str, str]:

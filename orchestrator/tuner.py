@@ -1,0 +1,397 @@
+"""Ray Tune search over InfoSAM loss weights, PEFT method and capacity, and learning rate.
+
+Ray 2.60 pattern: `Tuner(trainer)` is gone, so each trial is a Tune *function* trainable that
+builds and fits a `TorchTrainer` (through `orchestrator.trainer.fit`) with `TuneReportCallback`
+in the Train RunConfig, so every epoch's report reaches Tune and ASHA can stop weak trials.
+Every trial is an MLflow run nested under one parent run per sweep; a driver-side callback
+closes runs of trials Tune stopped (FINISHED, tagged stopped early) or that crashed (FAILED).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
+
+__all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_overrides"]
+
+TRIAL_TAG = "infosam.trial_id"
+
+
+@dataclass
+class TuneConfig:
+    name: str = "sweep"
+    num_samples: int = 8
+    metric: str = "val/iou"
+    mode: str = "max"
+    search: str = "auto"  # auto (optuna if installed, else random) | random | optuna
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None  # default: GPUs / GPUs per trial, or 1 on CPU
+    # key -> {type: loguniform|uniform|choice|grid, low, high, values, off: bool}
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_tune(
+    path: str | os.PathLike | None, overrides: list[str] | None = None
+) -> tuple[TuneConfig, Config]:
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"tune config not found: {path}")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    tune_data = data.pop("tune", {}) or {}
+    known = {f.name for f in dataclasses.fields(TuneConfig)}
+    unknown = set(tune_data) - known
+    if unknown:
+        raise ConfigError(f"unknown tune key(s) {sorted(unknown)}; known: {sorted(known)}")
+    tcfg = TuneConfig(**tune_data)
+    base = Config.from_dict(data).validate() if data else load_config(None, [])
+    flat = flatten(base.to_dict())
+    for key in tcfg.space:
+        if key not in flat:
+            raise ConfigError(
+                f"tune.space key {key!r} is not a config key (e.g. loss.weight_distillation)"
+            )
+    if base.scaling.num_workers < 1:
+        raise ConfigError(
+            "scaling.num_workers=0 (Train local mode) cannot run inside a Tune trial: Ray Train's "
+            "API is not available there; use scaling.num_workers >= 1"
+        )
+    if tcfg.mode not in ("max", "min"):
+        raise ConfigError("tune.mode must be max or min")
+    return tcfg, base
+
+
+def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """YAML space -> Tune domains. `off: true` adds `<key>/off` (a term switched off = weight 0)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind = spec.get("type", "choice")
+        if kind == "loguniform":
+            out[key] = tune.loguniform(float(spec["low"]), float(spec["high"]))
+        elif kind == "uniform":
+            out[key] = tune.uniform(float(spec["low"]), float(spec["high"]))
+        elif kind == "choice":
+            out[key] = tune.choice(list(spec["values"]))
+        elif kind == "grid":
+            out[key] = tune.grid_search(list(spec["values"]))
+        else:
+            raise ConfigError(
+                f"tune.space.{key}: unknown type {kind!r} (loguniform, uniform, choice, grid)"
+            )
+        if spec.get("off"):
+            out[f"{key}/off"] = tune.choice([False, True])
+    return out
+
+
+def trial_overrides(sampled: dict[str, Any]) -> list[str]:
+    """Sampled Tune config -> `key=value` overrides (a switched-off term gets weight 0)."""
+    out = []
+    for key, value in sampled.items():
+        if key.endswith("/off"):
+            continue
+        if sampled.get(f"{key}/off"):
+            value = 0.0
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: a TorchTrainer fit of the base config with the sampled values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.trainer import fit
+
+    base = config.pop("__base")
+    sweep = config.pop("__sweep")
+    trial_id = tune.get_context().get_trial_id()
+    cfg = Config.from_dict(apply_overrides(base, trial_overrides(config)))
+    cfg.tracking.parent_run_id = sweep["parent_run_id"]
+    cfg.tracking.run_name = f"trial-{trial_id}"
+    cfg.storage.name = f"{sweep['name']}/trial-{trial_id}"
+    logger = start_run(
+        sweep["uri"],
+        cfg.tracking.experiment,
+        cfg.tracking.run_name,
+        artifact_root=sweep["artifact_root"],
+        tags={TRIAL_TAG: trial_id, "infosam.sweep": sweep["name"]},
+        parent_run_id=sweep["parent_run_id"],
+    )
+    logger.log_params({f"sampled.{k}": v for k, v in config.items()})
+    try:
+        cfg.validate()
+        fit(cfg, logger=logger, quiet=True, callbacks=[TuneReportCallback()])
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish("FINISHED")
+
+
+class _MlflowTrialStatus:
+    """Tune callback (driver side): close MLflow runs of stopped or crashed trials."""
+
+    def __new__(cls, uri: str, experiment: str):
+        from ray.tune import Callback
+
+        class Impl(Callback):
+            def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(uri)
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    return
+                for run in client.search_runs(
+                    [exp.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'"
+                ):
+                    if run.info.status == "RUNNING":
+                        for k, v in tags.items():
+                            client.set_tag(run.info.run_id, k, v)
+                        client.set_terminated(run.info.run_id, status)
+
+            def on_trial_complete(
+                self, iteration: int, trials: list, trial: Any, **info: Any
+            ) -> None:
+                self._close(trial, "FINISHED", {"infosam.stopped_early": "true"})
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._close(trial, "FAILED", {"infosam.trial_error": "true"})
+
+        return Impl()
+
+
+def _trial_resources(base: Config) -> dict[str, float]:
+    import ray
+
+    if ray.cluster_resources().get("driver", 0) > 0:
+        return {"CPU": 0, "driver": 0.1}  # trial drivers live on the head, training on GPU nodes
+    return {"CPU": 0.5}  # the trial only drives; its Train workers reserve their own CPUs
+
+
+def _max_concurrent(tcfg: TuneConfig, base: Config) -> int:
+    import ray
+
+    if tcfg.max_concurrent_trials:
+        return tcfg.max_concurrent_trials
+    if base.scaling.use_gpu:
+        per_trial = max(base.scaling.num_workers, 1) * base.scaling.gpus_per_worker
+        return max(1, int(ray.cluster_resources().get("GPU", 0) // per_trial))
+    return 1
+
+
+def _searcher(tcfg: TuneConfig):
+    if tcfg.search == "random":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        if tcfg.search == "optuna":
+            raise ConfigError("tune.search=optuna needs `pip install optuna`") from None
+        return None
+    has_grid = any(s.get("type") == "grid" for s in tcfg.space.values())
+    if has_grid:
+        return None  # Optuna cannot expand grid_search; random/grid variant generation does
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        if tcfg.search == "optuna":
+            raise ConfigError("tune.search=optuna needs `pip install optuna`") from None
+        return None
+    return OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=0)
+
+
+def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
+    """Run the sweep; returns the trials table, the best config (and its YAML path)."""
+    import pandas as pd
+    from ray import tune
+
+    from orchestrator.trainer import ensure_data, init_ray
+
+    ensure_data(base)  # synthesise once here, not concurrently in every trial
+    init_ray()
+    storage = (
+        base.storage.path
+        if "://" in base.storage.path
+        else str(Path(base.storage.path).expanduser().resolve())
+    )
+    out_dir = Path(storage) / tcfg.name if "://" not in storage else Path(tcfg.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
+    artifact_root = (
+        None if "://" in storage else str(Path(storage) / "mlartifacts" / base.tracking.experiment)
+    )
+    parent = start_run(
+        uri,
+        base.tracking.experiment,
+        f"sweep:{tcfg.name}",
+        artifact_root=artifact_root,
+        tags={"infosam.sweep": tcfg.name},
+    )
+    parent.log_params(
+        {
+            "space": json.dumps(tcfg.space),
+            "num_samples": tcfg.num_samples,
+            "metric": tcfg.metric,
+            "mode": tcfg.mode,
+            "scheduler": tcfg.scheduler,
+        }
+    )
+    parent.log_text(base.to_yaml(), "base_config.yaml")
+    space = search_space(tcfg.space)
+    space["__base"] = base.to_dict()
+    space["__sweep"] = {
+        "parent_run_id": parent.run_id,
+        "uri": uri,
+        "name": tcfg.name,
+        "artifact_root": artifact_root,
+    }
+    scheduler = None
+    if tcfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=base.optim.epochs,
+            grace_period=tcfg.grace_period,
+            reduction_factor=tcfg.reduction_factor,
+        )
+    started = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, _trial_resources(base)),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=tcfg.metric,
+            mode=tcfg.mode,
+            num_samples=tcfg.num_samples,
+            scheduler=scheduler,
+            search_alg=_searcher(tcfg),
+            max_concurrent_trials=_max_concurrent(tcfg, base),
+        ),
+        run_config=tune.RunConfig(
+            name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            callbacks=[_MlflowTrialStatus(uri, base.tracking.experiment)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    rows = []
+    for result in grid:
+        sampled = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+        metrics = result.metrics or {}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", ""),
+                "status": "ERROR" if result.error else "OK",
+                "epochs": metrics.get("training_iteration", 0),
+                tcfg.metric: metrics.get(tcfg.metric, math.nan),
+                **{k: v for k, v in sampled.items()},
+            }
+        )
+    table = pd.DataFrame(rows)
+    ok = table[(table["status"] == "OK") & table[tcfg.metric].notna()]
+    if ok.empty:
+        parent.finish("FAILED")
+        raise RuntimeError(
+            f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
+        )
+    best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
+    best_sampled = {
+        k: best_row[k] for k in table.columns if k not in ("trial", "status", "epochs", tcfg.metric)
+    }
+    best_cfg = Config.from_dict(
+        apply_overrides(
+            base.to_dict(), trial_overrides({k: _py(v) for k, v in best_sampled.items()})
+        )
+    )
+    best_cfg.tracking.parent_run_id = None
+    best_cfg.storage.name = None
+    best_yaml = out_dir / "best.yaml"
+    best_yaml.write_text(
+        f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
+        + best_cfg.to_yaml()
+    )
+    (out_dir / "trials.csv").write_text(table.to_csv(index=False))
+    (out_dir / "trials.md").write_text(table.to_markdown(index=False) + "\n")
+    _scatter(table, tcfg, out_dir / "weights_vs_metric.png")
+    for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
+        parent.log_artifact(out_dir / name, "sweep")
+    parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
+    parent.log_metrics(
+        {
+            f"best/{tcfg.metric}": float(best_row[tcfg.metric]),
+            "trials": len(table),
+            "failed_trials": int((table["status"] == "ERROR").sum()),
+            "wall_time_s": time.perf_counter() - started,
+        },
+        step=0,
+    )
+    parent.finish("FINISHED")
+    print(table.to_markdown(index=False), flush=True)
+    return {
+        "table": table,
+        "best_yaml": str(best_yaml),
+        "best": best_sampled,
+        "parent_run_id": parent.run_id,
+        "tracking_uri": uri,
+    }
+
+
+def _py(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _scatter(table, tcfg: TuneConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [
+        c
+        for c in table.columns
+        if c not in ("trial", "status", "epochs", tcfg.metric)
+        and not c.endswith("/off")
+        and table[c].dtype.kind in "fi"
+    ]
+    numeric = numeric or ["epochs"]
+    fig, axes = plt.subplots(1, len(numeric), figsize=(4.2 * len(numeric), 3.6), squeeze=False)
+    for ax, col in zip(axes[0], numeric):
+        ok = table["status"] == "OK"
+        ax.scatter(table.loc[ok, col], table.loc[ok, tcfg.metric], c="#1f77b4", label="trial")
+        if (~ok).any():
+            ax.scatter(
+                table.loc[~ok, col], [0] * int((~ok).sum()), marker="x", c="#d62728", label="failed"
+            )
+        if col.startswith("loss.weight") or col == "optim.lr":
+            positive = table[col][table[col] > 0]
+            if not positive.empty:
+                ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xlabel(col)
+        ax.set_ylabel(tcfg.metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"sweep {tcfg.name}: sampled values vs {tcfg.metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
