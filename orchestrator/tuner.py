@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
-from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
+from orchestrator.tracking import resolve_tracking_uri, start_run
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_overrides"]
 
@@ -76,7 +76,7 @@ def load_tune(
 
 
 def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """YAML space -> Tune domains. `off: true` adds `<key>/off` (a term switched off = weight 0)."""
+    """YAML space -> Tune domains. `off: true` adds `<key>__off` (a term switched off = weight 0)."""
     from ray import tune
 
     out: dict[str, Any] = {}
@@ -95,7 +95,7 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 f"tune.space.{key}: unknown type {kind!r} (loguniform, uniform, choice, grid)"
             )
         if spec.get("off"):
-            out[f"{key}/off"] = tune.choice([False, True])
+            out[f"{key}__off"] = tune.choice([False, True])
     return out
 
 
@@ -103,9 +103,9 @@ def trial_overrides(sampled: dict[str, Any]) -> list[str]:
     """Sampled Tune config -> `key=value` overrides (a switched-off term gets weight 0)."""
     out = []
     for key, value in sampled.items():
-        if key.endswith("/off"):
+        if key.endswith("__off"):
             continue
-        if sampled.get(f"{key}/off"):
+        if sampled.get(f"{key}__off"):
             value = 0.0
         out.append(f"{key}={json.dumps(value)}")
     return out
@@ -146,7 +146,7 @@ def _trial(config: dict[str, Any]) -> None:
 class _MlflowTrialStatus:
     """Tune callback (driver side): close MLflow runs of stopped or crashed trials."""
 
-    def __new__(cls, uri: str, experiment: str):
+    def __new__(cls, uri: str, experiment: str, epochs: int):
         from ray.tune import Callback
 
         class Impl(Callback):
@@ -286,7 +286,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         run_config=tune.RunConfig(
             name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
-            callbacks=[_MlflowTrialStatus(uri, base.tracking.experiment)],
+            callbacks=[_MlflowTrialStatus(uri, base.tracking.experiment, base.optim.epochs)],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -371,7 +371,7 @@ def _scatter(table, tcfg: TuneConfig, path: Path) -> None:
         c
         for c in table.columns
         if c not in ("trial", "status", "epochs", tcfg.metric)
-        and not c.endswith("/off")
+        and not c.endswith("__off")
         and table[c].dtype.kind in "fi"
     ]
     numeric = numeric or ["epochs"]
