@@ -1,0 +1,82 @@
+"""Ray Tune sweeps for real: trials nested in MLflow, a crashed trial, ASHA, the best YAML trains."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import load_config
+from orchestrator.trainer import fit
+from orchestrator.tuner import load_tune, run_sweep, trial_overrides
+
+pytestmark = pytest.mark.timeout(480)
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tune_smoke.yaml"
+
+
+def _sweep(tmp_path, data_root, *extra, space=None):
+    data = yaml.safe_load(SMOKE.read_text())
+    data["tune"]["space"].update(space or {})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    base = [
+        f"data.root={data_root}",
+        "data.dataset=camouflage",
+        "data.synthesize=false",
+        f"storage.path={tmp_path / 'runs'}",
+        "tracking.experiment=tune_test",
+    ]
+    return load_tune(path, [*base, *extra])
+
+
+def test_off_switch_sets_weight_zero():
+    out = trial_overrides(
+        {"loss.weight_compression": 0.3, "loss.weight_compression__off": True, "optim.lr": 0.001}
+    )
+    assert out == ["loss.weight_compression=0.0", "optim.lr=0.001"]
+
+
+def test_three_trial_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
+    tcfg, base = _sweep(
+        tmp_path,
+        synthetic_root,
+        "optim.epochs=1",
+        "tune.num_samples=1",
+        space={"optim.batch_size": {"type": "grid", "values": [4, 4, 1000]}},
+    )
+    result = run_sweep(tcfg, base)
+    table = result["table"]
+    assert len(table) == 3 and sorted(table["status"]) == ["ERROR", "OK", "OK"]
+    client = MlflowClient(result["tracking_uri"])
+    exp = client.get_experiment_by_name("tune_test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_id == result["parent_run_id"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 4 and len(children) == 3
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["failed_trials"] == 1
+    assert all("sampled.loss.weight_distillation" in r.data.params for r in children)
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert files >= {"sweep/best.yaml", "sweep/trials.csv", "sweep/weights_vs_metric.png"}
+    # The best config is a ready-to-run training config.
+    best = load_config(
+        result["best_yaml"], ["scaling.num_workers=0", f"storage.path={tmp_path / 'best'}"]
+    )
+    assert best.optim.batch_size == 4
+    trained = fit(best, quiet=True)
+    assert trained.metrics["epoch"] == 0 and 0 <= trained.metrics["val/iou"] <= 1
+
+
+@pytest.mark.slow
+def test_asha_stops_weak_trials_early(ray_local, tmp_path, synthetic_root):
+    tcfg, base = _sweep(
+        tmp_path, synthetic_root, "optim.epochs=4", "tune.num_samples=4", "tune.search=random"
+    )
+    result = run_sweep(tcfg, base)
+    assert (result["table"]["epochs"] < 4).any(), result["table"]
+    client = MlflowClient(result["tracking_uri"])
+    exp = client.get_experiment_by_name("tune_test")
+    tags = [
+        r.data.tags.get("infosam.stopped_early") for r in client.search_runs([exp.experiment_id])
+    ]
+    assert "true" in tags
