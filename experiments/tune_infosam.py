@@ -21,22 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "experiments" / "configs" / "tune_smoke.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    from orchestrator.config import ConfigError
-    from orchestrator.tuner import load_tune, run_sweep
+    from orchestrator.cli import main as cli
 
-    try:
-        tcfg, base = load_tune(args.config, args.overrides)
-        result = run_sweep(tcfg, base)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"[tune] best config: {result['best_yaml']}  (infosam train --config {result['best_yaml']})"
-    )
-    print(
-        f"[tune] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
-    )
-    return 0
+    return cli(["tune", "--config", args.config, *[f"--set={o}" for o in args.overrides]])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from orchestrator.datasets import load_manifest
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
+from orchestrator.tracking import artifact_root as tracking_artifact_root
 
 __all__ = ["METHODS", "BenchmarkConfig", "load_benchmark", "results_table", "run_benchmark"]
 
@@ -157,11 +158,7 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         parent = RunLogger(uri, state["parent_run_id"])
         parent.client.update_run(parent.run_id, status="RUNNING")
     else:
-        artifact_root = (
-            None
-            if "://" in base.storage.path
-            else str(Path(base.storage.path).resolve() / "mlartifacts" / base.tracking.experiment)
-        )
+        artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
         parent = start_run(
             uri,
             base.tracking.experiment,

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 __all__ = [
     "RunLogger",
+    "artifact_root",
     "default_tracking_uri",
     "ensure_experiment",
     "start_run",
@@ -45,6 +46,13 @@ def resolve_tracking_uri(uri: str | None, storage_path: str | os.PathLike) -> st
             )
         return uri
     return default_tracking_uri(storage_path)
+
+
+def artifact_root(storage_path: str, experiment: str) -> str | None:
+    """Local runs keep artifacts beside their checkpoints; remote storage lets the server decide."""
+    if "://" in storage_path:
+        return None
+    return str(Path(storage_path).expanduser().resolve() / "mlartifacts" / experiment)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

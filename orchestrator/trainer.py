@@ -39,6 +39,7 @@ from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_st
 from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
+from orchestrator.tracking import artifact_root as tracking_artifact_root
 
 __all__ = [
     "FitResult",
@@ -633,11 +634,7 @@ def fit(
             logger = RunLogger(uri, run_id_file.read_text().strip())
             logger.client.update_run(logger.run_id, status="RUNNING")
         else:
-            artifact_root = (
-                None
-                if "://" in cfg.storage.path
-                else str(Path(cfg.storage.path).resolve() / "mlartifacts" / cfg.tracking.experiment)
-            )
+            artifact_root = tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment)
             logger = start_run(
                 uri,
                 cfg.tracking.experiment,

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import resolve_tracking_uri, start_run
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_overrides"]
@@ -233,9 +234,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     out_dir = Path(storage) / tcfg.name if "://" not in storage else Path(tcfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
-    artifact_root = (
-        None if "://" in storage else str(Path(storage) / "mlartifacts" / base.tracking.experiment)
-    )
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
     parent = start_run(
         uri,
         base.tracking.experiment,

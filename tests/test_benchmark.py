@@ -142,25 +142,24 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
             time.sleep(2)
         else:
             pytest.fail("the Ray head did not come up")
-        job = subprocess.run(
-            [
-                str(bin_dir / "ray"),
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                str(ROOT),
-                "--",
-                sys.executable,
-                "experiments/benchmark_all.py",
-                *_args(tmp_path, synthetic_root, "submitted"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=360,
-        )
+        cmd = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            sys.executable,
+            "experiments/benchmark_all.py",
+            *_args(tmp_path, synthetic_root, "submitted"),
+        ]
+        for _ in range(20):  # the head answers before its job agent is ready to take jobs
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=360)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         assert (tmp_path / "runs" / "submitted" / "results.md").is_file()
