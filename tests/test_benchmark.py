@@ -103,7 +103,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(
         prefix="ray", dir="/tmp"
     )  # short: Ray's unix sockets cap path length
@@ -119,6 +119,11 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Another Ray on this machine (the suite's own) already holds the default agent ports.
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],

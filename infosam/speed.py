@@ -1,0 +1,154 @@
+"""Speed and memory switches for SAM training, each numerically equivalent to the eager model.
+
+All of them convert existing segment-anything modules in place (class swap, weights and
+state_dict keys unchanged), never fork segment-anything:
+
+- `use_attention(sam, "sdpa")`: image-encoder attention through
+  `torch.nn.functional.scaled_dot_product_attention`, the decomposed relative-position bias
+  passed as `attn_mask` (fused kernels, no softmax matrix kept for backward).
+- `use_attention(sam, "flex")`: global-attention blocks through FlexAttention, adding the
+  decomposed bias inside the kernel with a `score_mod` instead of materialising a
+  (B*heads, N, N) bias; windowed blocks use SDPA. Compile it (`compile_blocks`) on a GPU.
+- `checkpoint_blocks(sam)`: activation checkpointing of image-encoder blocks (memory).
+- `compile_blocks(sam)`: `torch.compile` of each encoder block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "FlexAttention",
+    "SDPAAttention",
+    "checkpoint_blocks",
+    "compile_blocks",
+    "use_attention",
+]
+
+ATTENTION_KINDS = ("eager", "sdpa", "flex")
+
+
+def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, w, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)  # each (B, heads, N, head_dim)
+
+
+def _rel_terms(
+    attn: Attention, q: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's decomposed rel-pos terms: (B, heads, H, W, H) and (B, heads, H, W, W)."""
+    b, n_heads, _, dim = q.shape
+    rh = get_rel_pos(h, h, attn.rel_pos_h).to(q.dtype)
+    rw = get_rel_pos(w, w, attn.rel_pos_w).to(q.dtype)
+    r_q = q.reshape(b, n_heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+    return rel_h, rel_w
+
+
+def _merge(attn: Attention, out: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    out = out.view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return attn.proj(out)
+
+
+class SDPAAttention(Attention):
+    """segment-anything `Attention` computed by scaled_dot_product_attention."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = _qkv(self, x)
+        mask = None
+        if self.use_rel_pos:
+            rel_h, rel_w = _rel_terms(self, q, h, w)
+            mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
+                b, self.num_heads, h * w, h * w
+            )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return _merge(self, out, b, h, w)
+
+
+_COMPILED_FLEX: Any = None
+
+
+def _flex_fn(on_gpu: bool) -> Any:
+    """flex_attention, compiled on GPU (eager flex is a slow reference path meant for tests)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not on_gpu:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+class FlexAttention(Attention):
+    """Global attention with the decomposed rel-pos bias added inside the kernel (score_mod)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        flex_attention = _flex_fn(x.is_cuda)
+        q, k, v = _qkv(self, x)
+        if not self.use_rel_pos:
+            out = flex_attention(q, k, v, scale=self.scale)
+            return _merge(self, out, b, h, w)
+        rel_h, rel_w = _rel_terms(self, q, h, w)
+        rel_h = rel_h.reshape(b, self.num_heads, h * w, h)
+        rel_w = rel_w.reshape(b, self.num_heads, h * w, w)
+
+        def score_mod(score, bi, hi, qi, ki):
+            return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
+
+        out = flex_attention(q, k, v, score_mod=score_mod, scale=self.scale)
+        return _merge(self, out, b, h, w)
+
+
+def use_attention(sam: Sam, kind: str = "sdpa") -> Sam:
+    """Route the image encoder's attention through `kind` (eager | sdpa | flex), in place."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention {kind!r}; choose one of {ATTENTION_KINDS}")
+    for block in sam.image_encoder.blocks:
+        attn = block.attn
+        if kind == "eager":
+            attn.__class__ = Attention
+        elif kind == "flex" and block.window_size == 0:
+            attn.__class__ = FlexAttention
+        else:
+            attn.__class__ = SDPAAttention
+    return sam
+
+
+def checkpoint_blocks(sam: Sam) -> Sam:
+    """Recompute each encoder block's activations in backward instead of storing them."""
+    for block in sam.image_encoder.blocks:
+        cls = type(block)
+        if getattr(cls, "_infosam_checkpointed", False):
+            continue
+        base_forward = cls.forward
+
+        def forward(self: Any, x: torch.Tensor, _base=base_forward) -> torch.Tensor:
+            if self.training and torch.is_grad_enabled() and x.requires_grad:
+                return checkpoint(_base, self, x, use_reentrant=False)
+            return _base(self, x)
+
+        block.__class__ = type(
+            f"Checkpointed{cls.__name__}",
+            (cls,),
+            {"forward": forward, "_infosam_checkpointed": True},
+        )
+    return sam
+
+
+def compile_blocks(sam: Sam, **kwargs: Any) -> Sam:
+    """`torch.compile` each image-encoder block (weights and keys unchanged)."""
+    for block in sam.image_encoder.blocks:
+        block.compile(**kwargs)
+    return sam

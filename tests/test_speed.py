@@ -1,0 +1,91 @@
+"""Speed switches change nothing numerically (CPU, tiny SAM)."""
+
+import copy
+
+import pytest
+import torch
+
+from infosam.engine import LossConfig, compute_losses
+from infosam.relation import RelationModule
+from infosam.sam import PromptableSam, build_sam
+from infosam.speed import checkpoint_blocks, use_attention
+from infosam.tuning import apply_tuning
+
+
+def _student():
+    torch.manual_seed(0)
+    sam = build_sam("tiny")
+    with torch.no_grad():  # non-zero rel-pos tables, so the bias path is exercised
+        for n, p in sam.named_parameters():
+            if "rel_pos" in n:
+                p.normal_(0, 0.5)
+    apply_tuning(sam, method="adapter")
+    return sam
+
+
+def _grads(sam, batch, prompts, teacher):
+    model = PromptableSam(sam).train()
+    torch.manual_seed(1)  # the same relation-module init for both models
+    relation = RelationModule(128)
+    loss, _, out = compute_losses(
+        model,
+        batch["image"],
+        batch["mask"],
+        prompts,
+        LossConfig(),
+        teacher=teacher,
+        relation=relation,
+    )
+    loss.backward()
+    return out.low_res_logits.detach(), {
+        n: p.grad.clone() for n, p in sam.named_parameters() if p.grad is not None
+    }
+
+
+def test_flex_attention_forward_matches_eager(batch, box_prompts):
+    """FlexAttention has no CPU backward; its gradients are checked by the gpu case below."""
+    eager = _student()
+    flex = use_attention(copy.deepcopy(eager), "flex")
+    assert type(flex.image_encoder.blocks[1].attn).__name__ == "FlexAttention"
+    assert type(flex.image_encoder.blocks[0].attn).__name__ == "SDPAAttention"  # windowed
+    with torch.no_grad():
+        a = PromptableSam(eager)(batch["image"], boxes=box_prompts.boxes).low_res_logits
+        b = PromptableSam(flex)(batch["image"], boxes=box_prompts.boxes).low_res_logits
+    torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("kind", ["sdpa", pytest.param("flex", marks=GPU)])
+def test_attention_kinds_match_eager_forward_and_backward(kind, batch, box_prompts, teacher):
+    eager = _student()
+    fast = use_attention(copy.deepcopy(eager), kind)
+    assert fast.state_dict().keys() == eager.state_dict().keys()
+    logits_a, grads_a = _grads(eager, batch, box_prompts, teacher)
+    logits_b, grads_b = _grads(fast, batch, box_prompts, teacher)
+    torch.testing.assert_close(logits_b, logits_a, atol=2e-4, rtol=1e-4)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_checkpointing_gives_identical_gradients(batch, box_prompts, teacher):
+    plain = _student()
+    ckpt = checkpoint_blocks(copy.deepcopy(plain))
+    assert "Checkpointed" in type(ckpt.image_encoder.blocks[3]).__name__
+    logits_a, grads_a = _grads(plain, batch, box_prompts, teacher)
+    logits_b, grads_b = _grads(ckpt, batch, box_prompts, teacher)
+    torch.testing.assert_close(logits_b, logits_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], msg=n)
+
+
+def test_bf16_autocast_stays_close_to_fp32(batch, box_prompts, teacher):
+    sam = _student()
+    model = PromptableSam(sam)
+    with torch.no_grad():
+        ref = model(batch["image"], boxes=box_prompts.boxes).low_res_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(batch["image"], boxes=box_prompts.boxes).low_res_logits.float()
+    assert (torch.sigmoid(low) - torch.sigmoid(ref)).abs().mean() < 0.02
