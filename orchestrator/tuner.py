@@ -135,12 +135,10 @@ def _trial(config: dict[str, Any]) -> None:
         parent_run_id=sweep["parent_run_id"],
     )
     logger.log_params({f"sampled.{k}": v for k, v in config.items()})
-    try:
-        cfg.validate()
-        fit(cfg, logger=logger, quiet=True, callbacks=[TuneReportCallback()])
-    except BaseException:
-        logger.finish("FAILED")
-        raise
+    # Errors and Tune's own stops (ASHA, max_t) surface here as exceptions that look alike;
+    # the driver-side callback knows which happened and closes the run as FAILED or FINISHED.
+    cfg.validate()
+    fit(cfg, logger=logger, quiet=True, callbacks=[TuneReportCallback()])
     logger.finish("FINISHED")
 
 
