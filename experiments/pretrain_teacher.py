@@ -92,6 +92,17 @@ def main() -> None:
         step, elapsed = int(state["step"]), float(state["elapsed"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)")
     gen = torch.Generator().manual_seed(args.seed + step)
+
+    def save_progress() -> None:
+        """What `--resume` needs: weights, optimizer, step and elapsed wall time."""
+        state = {
+            "model": sam.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+        }
+        torch.save(state, work)
+
     budget = args.minutes * 60
     warmup = 200
     t_start = time.perf_counter() - elapsed
@@ -131,25 +142,9 @@ def main() -> None:
                 flush=True,
             )
         if time.perf_counter() - last_save > 180:
-            torch.save(
-                {
-                    "model": sam.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "elapsed": elapsed,
-                },
-                work,
-            )
+            save_progress()
             last_save = time.perf_counter()
-    torch.save(
-        {
-            "model": sam.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "elapsed": elapsed,
-        },
-        work,
-    )
+    save_progress()
     model.eval()
     scores = {}
     for domain in DOMAINS:
