@@ -121,10 +121,15 @@ def test_killed_worker_resumes_from_checkpoint_with_continuous_history(
     killed: list[int] = []
 
     def killer() -> None:
+        # Kill only once Ray Train's controller has registered the epoch-0 checkpoint (it
+        # writes its snapshot after registering): a directory on disk alone is not yet a
+        # checkpoint the restarted group would resume from.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
-        while time.time() < deadline and not (run_dir / "checkpoint_epoch_0000").exists():
+        while time.time() < deadline and not (
+            snapshot.exists() and "checkpoint_epoch_0000" in snapshot.read_text(errors="replace")
+        ):
             time.sleep(0.2)
-        time.sleep(1.0)  # into epoch 1
         workers = _train_workers()
         if workers:
             os.kill(workers[-1], signal.SIGKILL)
