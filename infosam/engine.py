@@ -111,6 +111,8 @@ def compute_losses(
     if cfg.needs_teacher:
         if teacher is None:
             raise ValueError("this loss configuration needs a frozen teacher model")
+        if teacher_embeddings is not None:  # stored bf16; the fp32 path needs fp32 inputs
+            teacher_embeddings = teacher_embeddings.float()
         with torch.no_grad():
             out_t: SamOutput = teacher(
                 images, input_sizes=input_sizes, image_embeddings=teacher_embeddings, **kwargs

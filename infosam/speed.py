@@ -6,9 +6,12 @@ state_dict keys unchanged), never fork segment-anything:
 - `use_attention(sam, "sdpa")`: image-encoder attention through
   `torch.nn.functional.scaled_dot_product_attention`, the decomposed relative-position bias
   passed as `attn_mask` (fused kernels, no softmax matrix kept for backward).
+- `use_attention(sam, "folded")`: the decomposed bias folded into the dot product. With
+  q' = [q*scale, rel_h(q), rel_w(q)] and k' = [k, onehot(row(k)), onehot(col(k))],
+  q'.k' = scale*q.k + rel_h[q, row(k)] + rel_w[q, col(k)]: exactly the biased score, so SDPA
+  runs with no mask at all (flash/cuDNN kernels, no (B*heads, N, N) bias or bias gradient).
 - `use_attention(sam, "flex")`: global-attention blocks through FlexAttention, adding the
-  decomposed bias inside the kernel with a `score_mod` instead of materialising a
-  (B*heads, N, N) bias; windowed blocks use SDPA. Compile it (`compile_blocks`) on a GPU.
+  decomposed bias inside the kernel with a `score_mod`; windowed blocks use SDPA.
 - `checkpoint_blocks(sam)`: activation checkpointing of image-encoder blocks (memory).
 - `compile_blocks(sam)`: `torch.compile` of each encoder block.
 """
@@ -26,13 +29,14 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "ATTENTION_KINDS",
     "FlexAttention",
+    "FoldedAttention",
     "SDPAAttention",
     "checkpoint_blocks",
     "compile_blocks",
     "use_attention",
 ]
 
-ATTENTION_KINDS = ("eager", "sdpa", "flex")
+ATTENTION_KINDS = ("eager", "sdpa", "folded", "flex")
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,18 +79,79 @@ class SDPAAttention(Attention):
         return _merge(self, out, b, h, w)
 
 
+def _key_onehots(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, h + w): one-hot of each key token's row, then of its column."""
+    idx = torch.arange(h * w, device=like.device)
+    return torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], -1).to(like.dtype)
+
+
+class FoldedAttention(Attention):
+    """SDPA with the decomposed rel-pos bias folded into extra q/k channels (no mask tensor).
+
+    `pad_value`: zero-pad v to the folded head dim (<= 256) so the flash/cuDNN kernels, which
+    need equal q/k/v head dims, can run; otherwise v keeps its size (memory-efficient or math
+    kernel). None (default) pads on CUDA only.
+    """
+
+    pad_value: bool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = _qkv(self, x)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            return _merge(self, out, b, h, w)
+        n, heads, dim = h * w, self.num_heads, q.shape[-1]
+        rel_h, rel_w = _rel_terms(self, q, h, w)
+        extra = h + w
+        pad = -(dim + extra) % 8  # kernels want head dims in multiples of 8
+        qf = torch.cat(
+            [q * self.scale, rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)], -1
+        )
+        kf = torch.cat([k, _key_onehots(h, w, k).expand(b, heads, n, extra)], -1)
+        if pad:
+            qf, kf = F.pad(qf, (0, pad)), F.pad(kf, (0, pad))
+        folded = dim + extra + pad
+        pad_value = v.is_cuda if self.pad_value is None else self.pad_value
+        if pad_value and folded <= 256:
+            out = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, folded - dim)), scale=1.0)
+            out = out[..., :dim]
+        else:
+            out = F.scaled_dot_product_attention(qf, kf, v, scale=1.0)
+        return _merge(self, out, b, h, w)
+
+
+def _flex_rel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """flex_attention adding rel_h[q, row(k)] + rel_w[q, col(k)] to each score in-kernel."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    w = rel_w.shape[-1]
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+
 _COMPILED_FLEX: Any = None
 
 
 def _flex_fn(on_gpu: bool) -> Any:
-    """flex_attention, compiled on GPU (eager flex is a slow reference path meant for tests)."""
+    """On GPU the whole function (score_mod and its captured tensors included) is compiled:
+    flex_attention only has fused kernels, and gradients for captured tensors, when traced
+    together with its score_mod. Eager flex is a slow reference path meant for CPU tests."""
     global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
     if not on_gpu:
-        return flex_attention
+        return _flex_rel_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(_flex_rel_attention, fullgraph=True, dynamic=False)
     return _COMPILED_FLEX
 
 
@@ -95,19 +160,14 @@ class FlexAttention(Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        flex_attention = _flex_fn(x.is_cuda)
         q, k, v = _qkv(self, x)
         if not self.use_rel_pos:
-            out = flex_attention(q, k, v, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             return _merge(self, out, b, h, w)
         rel_h, rel_w = _rel_terms(self, q, h, w)
         rel_h = rel_h.reshape(b, self.num_heads, h * w, h)
         rel_w = rel_w.reshape(b, self.num_heads, h * w, w)
-
-        def score_mod(score, bi, hi, qi, ki):
-            return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
-
-        out = flex_attention(q, k, v, score_mod=score_mod, scale=self.scale)
+        out = _flex_fn(x.is_cuda)(q, k, v, rel_h, rel_w, self.scale)
         return _merge(self, out, b, h, w)
 
 
@@ -121,6 +181,8 @@ def use_attention(sam: Sam, kind: str = "sdpa") -> Sam:
             attn.__class__ = Attention
         elif kind == "flex" and block.window_size == 0:
             attn.__class__ = FlexAttention
+        elif kind == "folded":
+            attn.__class__ = FoldedAttention
         else:
             attn.__class__ = SDPAAttention
     return sam

@@ -17,6 +17,7 @@ __all__ = [
     "postprocess_logits",
     "prepare_pair",
     "preprocess_shape",
+    "random_hflip",
     "resize_longest_side",
 ]
 
@@ -71,3 +72,23 @@ def postprocess_logits(
     )
     x = x[..., : input_size[0], : input_size[1]]
     return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def random_hflip(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    input_sizes: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p: float = 0.5,
+) -> torch.Tensor:
+    """Flip each sample's image and mask left-right with probability `p`, in place.
+
+    Only the valid (top-left, `input_sizes`) region flips, so the zero padding stays where SAM's
+    post-processing expects it. Returns the boolean flip decision per sample.
+    """
+    flip = torch.rand(images.shape[0], generator=generator) < p
+    for i in torch.nonzero(flip).flatten().tolist():
+        h, w = (int(v) for v in input_sizes[i])
+        images[i, :, :h, :w] = images[i, :, :h, :w].flip(-1)
+        masks[i, :h, :w] = masks[i, :h, :w].flip(-1)
+    return flip

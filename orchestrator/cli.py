@@ -52,6 +52,59 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
+    from infosam.sam import SAM_VARIANTS, checkpoint_sha256
+    from orchestrator.config import ConfigError
+    from orchestrator.datasets import IngestError
+    from orchestrator.teacher_cache import (
+        TeacherCacheError,
+        build_teacher_cache,
+        open_teacher_cache,
+    )
+    from orchestrator.trainer import ensure_data, init_ray, teacher_checkpoint
+
+    try:
+        cfg = _load(args)
+        data_dir = ensure_data(cfg)
+        path = teacher_checkpoint(cfg)
+        if path is None:
+            raise ConfigError("model.checkpoint is null: a random teacher cannot be cached")
+        keys = {
+            "variant": cfg.model.variant,
+            "image_size": SAM_VARIANTS[cfg.model.variant].image_size,
+            "channel_order": cfg.data.channel_order,
+            "teacher_sha256": checkpoint_sha256(path),
+        }
+        splits = args.splits or [cfg.data.train_split]
+        todo = []
+        for split in splits:
+            try:
+                cache = open_teacher_cache(data_dir, split, **keys)
+                if args.rebuild:
+                    todo.append(split)
+                else:
+                    print(f"[infosam] teacher cache {split}: up to date ({cache['rows']} rows)")
+            except TeacherCacheError as exc:
+                print(f"[infosam] {exc}: building")
+                todo.append(split)
+        if todo:
+            init_ray()
+            attention = cfg.speed.attention if cfg.speed.attention in ("sdpa", "folded") else "sdpa"
+            build_teacher_cache(
+                data_dir,
+                todo,
+                checkpoint=path,
+                attention=attention,
+                use_gpu=cfg.scaling.use_gpu or None,
+                batch_size=args.batch_size,
+                **keys,
+            )
+    except (ConfigError, IngestError, TeacherCacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make, ingest and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -74,6 +127,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--verify", action="store_true", help="check every shard's sha256")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=_cmd_data_inspect)
+    tc = dsub.add_parser(
+        "teacher-cache",
+        help="precompute the frozen teacher's image embeddings (Ray Data batch inference)",
+    )
+    _add_config_args(tc)
+    tc.add_argument("--splits", nargs="*", help="default: the config's data.train_split")
+    tc.add_argument("--rebuild", action="store_true", help="recompute even if up to date")
+    tc.add_argument("--batch-size", type=int, help="images per inference batch (16 GPU, 8 CPU)")
+    tc.set_defaults(func=_cmd_data_teacher_cache)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 from infosam.engine import LossConfig
 from infosam.sam import SAM_VARIANTS
+from infosam.speed import ATTENTION_KINDS
 from infosam.tuning import TUNING_METHODS, TuningConfig
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ScalingConfig",
+    "SpeedConfig",
     "StorageConfig",
     "TrackingConfig",
     "apply_overrides",
@@ -64,6 +66,7 @@ class DataConfig:
     eval_box_jitter: float = 0.0
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 disables shuffling
     materialize_max_mb: float = 512  # decode a split once and keep it in memory when this small
+    augment: str = "none"  # none | hflip (random horizontal flip of training image+mask)
 
 
 @dataclass
@@ -105,6 +108,22 @@ class ScalingConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Throughput/memory switches; each is numerically equivalent to the plain step (tests)."""
+
+    # eager (segment-anything as is) | sdpa (bias as attn_mask) | folded (bias folded into q/k,
+    # no mask: flash/cuDNN kernels) | flex (FlexAttention score_mod, global blocks)
+    attention: str = "eager"
+    checkpointing: bool = False  # recompute student encoder blocks in backward (memory)
+    compile: bool = False  # torch.compile each image-encoder block (teacher and student)
+    # Stream the frozen teacher's image embeddings from a cache computed once per dataset by a
+    # Ray Data batch-inference pass (`infosam data teacher-cache`), instead of re-running the
+    # teacher encoder every step. Refused with image augmentation or a different teacher.
+    teacher_cache: bool = False
+    teacher_bf16: bool = False  # keep the frozen teacher's weights in bf16 (needs bf16 precision)
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # default sqlite:///<storage.path>/mlflow.db
     experiment: str = "infosam"
@@ -127,6 +146,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 42
@@ -146,6 +166,8 @@ class Config:
             ("data.prompt", self.data.prompt, ("mixed", "box", "point")),
             ("data.eval_prompt", self.data.eval_prompt, ("box", "point")),
             ("data.channel_order", self.data.channel_order, ("rgb", "bgr")),
+            ("data.augment", self.data.augment, ("none", "hflip")),
+            ("speed.attention", self.speed.attention, ATTENTION_KINDS),
             ("optim.optimizer", self.optim.optimizer, ("adam", "adamw")),
             ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
             ("optim.precision", self.optim.precision, ("fp32", "bf16")),
@@ -156,6 +178,17 @@ class Config:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+        if self.speed.teacher_cache and self.data.augment != "none":
+            raise ConfigError(
+                f"speed.teacher_cache=true with data.augment={self.data.augment!r}: cached teacher "
+                "embeddings are of the un-augmented images; set data.augment=none or "
+                "speed.teacher_cache=false"
+            )
+        if self.speed.teacher_bf16 and self.optim.precision != "bf16":
+            raise ConfigError(
+                "speed.teacher_bf16=true needs optim.precision=bf16 (bf16 weights under fp32 "
+                "inputs would not run); set both or neither"
+            )
         workers = max(self.scaling.num_workers, 1)
         if self.optim.batch_size % workers:
             raise ConfigError(

@@ -51,11 +51,13 @@ def decode_batch(
     image_size: int,
     channel_order: str = "rgb",
     keep_original_mask: bool = False,
+    embedding_shape: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
 
     `keep_original_mask` adds `mask_original`, an object array of (H, W) uint8 masks, for
-    evaluation at original resolution.
+    evaluation at original resolution. Rows of a teacher cache (`teacher_embedding` bf16 bytes)
+    also yield `teacher_embedding` (B, *embedding_shape) as uint16 bit patterns of bf16.
     """
     n = len(batch["id"])
     images = np.zeros((n, 3, image_size, image_size), np.uint8)
@@ -85,6 +87,18 @@ def decode_batch(
     }
     if keep_original_mask:
         out["mask_original"] = originals
+    if "teacher_embedding" in batch and embedding_shape is not None:
+        count = int(np.prod(embedding_shape))
+        emb = np.empty((n, *embedding_shape), np.uint16)
+        for i, raw in enumerate(batch["teacher_embedding"]):
+            if len(raw) != 2 * count:
+                raise SampleDecodeError(
+                    f"sample id={batch['id'][i]!r}: cached teacher embedding has {len(raw)} bytes, "
+                    f"expected {2 * count} for shape {tuple(embedding_shape)}; rebuild the cache "
+                    "(`infosam data teacher-cache`)"
+                )
+            emb[i] = np.frombuffer(raw, np.uint16).reshape(embedding_shape)
+        out["teacher_embedding"] = emb
     return out
 
 
@@ -92,7 +106,10 @@ def to_torch(batch: dict[str, np.ndarray], device: Any = None) -> dict[str, Any]
     """Numeric columns become tensors (on `device`); ids and original masks stay lists."""
     out: dict[str, Any] = {}
     for key, value in batch.items():
-        if value.dtype == object or value.dtype.kind in "US":
+        if key == "teacher_embedding" and value.dtype == np.uint16:  # bf16 bit patterns
+            bits = (value if value.flags.writeable else value.copy()).view(np.int16)
+            out[key] = torch.from_numpy(bits).view(torch.bfloat16).to(device)
+        elif value.dtype == object or value.dtype.kind in "US":
             out[key] = list(value)
         else:
             out[key] = torch.as_tensor(
@@ -125,19 +142,29 @@ def read_split(
     num_cpus: float = 1.0,
     concurrency: int | None = None,
     verify: bool = False,
+    teacher_cache: dict | None = None,
 ) -> Any:
-    """A lazy `ray.data.Dataset` of decoded, padded samples of one split."""
+    """A lazy `ray.data.Dataset` of decoded, padded samples of one split.
+
+    With `teacher_cache` (from `orchestrator.teacher_cache.open_teacher_cache`) the split is read
+    from the cache's shards and batches carry the cached `teacher_embedding`.
+    """
     import ray.data
 
-    manifest = load_manifest(dataset_dir, verify=verify)
-    paths = shard_paths(dataset_dir, split, manifest)
-    ds = ray.data.read_parquet(paths, columns=COLUMNS)
+    if teacher_cache is not None:
+        ds = ray.data.read_parquet(teacher_cache["files"], columns=[*COLUMNS, "teacher_embedding"])
+        shape = tuple(teacher_cache["embedding_shape"])
+    else:
+        manifest = load_manifest(dataset_dir, verify=verify)
+        ds = ray.data.read_parquet(shard_paths(dataset_dir, split, manifest), columns=COLUMNS)
+        shape = None
     return ds.map_batches(
         decode_batch,
         fn_kwargs={
             "image_size": image_size,
             "channel_order": channel_order,
             "keep_original_mask": keep_original_mask,
+            "embedding_shape": shape,
         },
         batch_format="numpy",
         batch_size=batch_size,

@@ -35,6 +35,8 @@ from infosam.sam import (
     checkpoint_sha256,
     resolve_checkpoint,
 )
+from infosam.speed import checkpoint_blocks, compile_blocks, use_attention
+from infosam.transforms import random_hflip
 from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
 from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
@@ -43,6 +45,7 @@ from orchestrator.tracking import artifact_root as tracking_artifact_root
 
 __all__ = [
     "FitResult",
+    "apply_speed",
     "build_models",
     "ensure_data",
     "fit",
@@ -127,7 +130,24 @@ def build_models(
         if loss.infosam
         else None
     )
+    apply_speed(cfg, teacher, student)
     return teacher, student, relation, report
+
+
+def apply_speed(cfg: Config, teacher: PromptableSam | None, student: PromptableSam) -> None:
+    """The `speed` section's switches, in place (weights and state_dict keys unchanged)."""
+    sp = cfg.speed
+    use_attention(student.sam, sp.attention)
+    if sp.checkpointing:
+        checkpoint_blocks(student.sam)
+    if sp.compile:
+        compile_blocks(student.sam)
+    if teacher is not None:
+        use_attention(teacher.sam, sp.attention)
+        if sp.compile and not sp.teacher_cache:
+            compile_blocks(teacher.sam)
+        if sp.teacher_bf16:
+            teacher.sam.image_encoder.to(torch.bfloat16)
 
 
 def _autocast_dtype(cfg: Config) -> torch.dtype | None:
@@ -237,7 +257,12 @@ def _evaluate(
                         sums[name][k] = sums[name].get(k, 0.0) + float(v)
             if len(rows) < overlays:
                 preds[name] = predict_logits(
-                    model, batch["image"], prompts, batch["input_size"], [g.shape for g in gts]
+                    model,
+                    batch["image"],
+                    prompts,
+                    batch["input_size"],
+                    [g.shape for g in gts],
+                    autocast_dtype=_autocast_dtype(cfg),
                 )
         count += len(gts)
         if len(rows) < overlays:
@@ -378,6 +403,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for np_batch in batches:
             batch = _numpy_to_torch(np_batch, device)
+            if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
+                random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
             prompts = sample_prompts(
                 batch["mask"].cpu(),
                 cfg.data.prompt,
@@ -671,6 +698,29 @@ def fit(
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     size = SAM_VARIANTS[cfg.model.variant].image_size
+    train_cache = None
+    if cfg.speed.teacher_cache and cfg.loss.needs_teacher:
+        from orchestrator.teacher_cache import TeacherCacheError, ensure_teacher_cache
+
+        try:
+            train_cache = ensure_teacher_cache(
+                data_dir,
+                cfg.data.train_split,
+                variant=cfg.model.variant,
+                checkpoint=path,
+                teacher_sha256=teacher_sha,
+                image_size=size,
+                channel_order=cfg.data.channel_order,
+                attention=cfg.speed.attention if cfg.speed.attention != "flex" else "sdpa",
+                use_gpu=sc.use_gpu,
+                quiet=quiet,
+            )
+        except TeacherCacheError as exc:
+            if logger is not None and owns_logger:
+                logger.finish("FAILED")
+            raise ConfigError(str(exc)) from None
+        if logger is not None:
+            logger.set_tags({"infosam.teacher_cache": train_cache["files"][0].rsplit("/", 2)[0]})
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
     datasets = {}
     for key, split in splits.items():
@@ -681,11 +731,15 @@ def fit(
             channel_order=cfg.data.channel_order,
             keep_original_mask=key != "train",
             num_cpus=sc.data_cpus,
+            teacher_cache=train_cache if key == "train" else None,
         )
         # Small splits are decoded once and kept in the object store: every later epoch and
         # evaluation then skips parquet reading and decoding (seconds per pass on a laptop).
         rows = manifest["counts"].get(split, 0)
-        if rows * size * size * 4 <= cfg.data.materialize_max_mb * 2**20:
+        row_bytes = size * size * 4
+        if key == "train" and train_cache is not None:
+            row_bytes += 2 * int(np.prod(train_cache["embedding_shape"]))
+        if rows * row_bytes <= cfg.data.materialize_max_mb * 2**20:
             ds = ds.materialize()
         datasets[key] = ds
     trainer = TorchTrainer(

@@ -65,7 +65,7 @@ GPU = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["sdpa", pytest.param("flex", marks=GPU)])
+@pytest.mark.parametrize("kind", ["sdpa", "folded", pytest.param("flex", marks=GPU)])
 def test_attention_kinds_match_eager_forward_and_backward(kind, batch, box_prompts, teacher):
     eager = _student()
     fast = use_attention(copy.deepcopy(eager), kind)
@@ -74,6 +74,19 @@ def test_attention_kinds_match_eager_forward_and_backward(kind, batch, box_promp
     logits_b, grads_b = _grads(fast, batch, box_prompts, teacher)
     torch.testing.assert_close(logits_b, logits_a, atol=2e-4, rtol=1e-4)
     assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_folded_attention_with_padded_values_matches_eager(batch, box_prompts, teacher):
+    """The CUDA layout (v zero-padded to the folded head dim for flash/cuDNN), run on CPU."""
+    eager = _student()
+    fast = use_attention(copy.deepcopy(eager), "folded")
+    for block in fast.image_encoder.blocks:
+        block.attn.pad_value = True
+    logits_a, grads_a = _grads(eager, batch, box_prompts, teacher)
+    logits_b, grads_b = _grads(fast, batch, box_prompts, teacher)
+    torch.testing.assert_close(logits_b, logits_a, atol=2e-4, rtol=1e-4)
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], atol=1e-4, rtol=1e-3, msg=n)
 

@@ -1,0 +1,345 @@
+"""Teacher image-embedding cache: the frozen teacher's encoder run once per dataset, not per step.
+
+The teacher is frozen and training images are not augmented, so its image embeddings are a pure
+function of (teacher weights, image bytes, input size, channel order). A Ray Data batch-inference
+pass (one teacher per GPU actor, or one CPU actor) writes them as bf16 next to the shards:
+
+    <dataset>/teacher_cache/<variant>-<size>-<channel_order>-<teacher sha256[:16]>/
+        cache.json              what it was computed from (teacher sha256, source shard sha256s)
+        <split>-<build id>/     parquet: every source column + `teacher_embedding` (bf16 bytes)
+
+Training then streams these shards instead of the source shards and skips the teacher encoder.
+A cache whose teacher hash, sizes or source shards differ from the run's is refused (and rebuilt
+by `ensure_teacher_cache`); augmentation with a cache is refused by the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from infosam.sam import SAM_VARIANTS
+from orchestrator.datasets import _fs, _join, load_manifest, printable, shard_paths
+from orchestrator.pipeline import COLUMNS, decode_batch
+
+__all__ = [
+    "CACHE_VERSION",
+    "TeacherCache",
+    "TeacherCacheError",
+    "TeacherEncoder",
+    "build_teacher_cache",
+    "cache_location",
+    "ensure_teacher_cache",
+    "open_teacher_cache",
+]
+
+CACHE_VERSION = 1
+EMBEDDING_COLUMN = "teacher_embedding"
+
+
+class TeacherCacheError(RuntimeError):
+    """The cache is missing or was computed from something else; the message says what."""
+
+
+class TeacherCache(dict):
+    """`files` (parquet paths of one split), `embedding_shape`, `rows`, `meta` (cache.json)."""
+
+
+def cache_location(
+    dataset_dir: str | os.PathLike,
+    *,
+    variant: str,
+    image_size: int,
+    channel_order: str,
+    teacher_sha256: str,
+) -> str:
+    """The cache folder for this (teacher, input size, channel order); a URI on shared storage."""
+    _, root = _fs(dataset_dir)
+    base = os.fspath(dataset_dir).rstrip("/") if "://" in os.fspath(dataset_dir) else root
+    key = f"{variant}-{image_size}-{channel_order}-{teacher_sha256[:16]}"
+    return _join(_join(base, "teacher_cache"), key)
+
+
+def _read_json(location: str) -> dict | None:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def _write_json(location: str, data: dict) -> None:
+    fs, path = _fs(location)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(data, indent=2).encode())
+    fs.move(tmp, path)  # atomic on local disks; the last write wins on object stores
+
+
+def _source_shards(manifest: dict, split: str) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"] if s["split"] == split]
+
+
+def open_teacher_cache(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    *,
+    variant: str,
+    image_size: int,
+    channel_order: str,
+    teacher_sha256: str,
+    manifest: dict | None = None,
+) -> TeacherCache:
+    """The cache of one split, checked against the run; TeacherCacheError says why not."""
+    import pyarrow.fs as pafs
+
+    manifest = manifest or load_manifest(dataset_dir)
+    location = cache_location(
+        dataset_dir,
+        variant=variant,
+        image_size=image_size,
+        channel_order=channel_order,
+        teacher_sha256=teacher_sha256,
+    )
+    meta = _read_json(_join(location, "cache.json"))
+    if meta is None:
+        raise TeacherCacheError(f"no teacher cache at {printable(location)}")
+    expected = {
+        "version": CACHE_VERSION,
+        "teacher_sha256": teacher_sha256,
+        "variant": variant,
+        "image_size": image_size,
+        "channel_order": channel_order,
+    }
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise TeacherCacheError(
+                f"teacher cache {printable(location)} was computed with {key}={meta.get(key)!r}, "
+                f"this run has {value!r}"
+            )
+    entry = meta.get("splits", {}).get(split)
+    if entry is None:
+        raise TeacherCacheError(f"teacher cache {printable(location)} has no split {split!r}")
+    if entry["source_shards"] != _source_shards(manifest, split):
+        raise TeacherCacheError(
+            f"teacher cache {printable(location)} split {split!r} was computed from other shards "
+            "(the dataset was re-ingested since)"
+        )
+    if entry["rows"] != manifest["counts"].get(split, 0):
+        raise TeacherCacheError(
+            f"teacher cache {printable(location)} split {split!r} holds {entry['rows']} rows, "
+            f"the dataset {manifest['counts'].get(split, 0)}"
+        )
+    fs, _ = _fs(location)
+    files = [_join(location, f) for f in entry["files"]]
+    _, local = zip(*(_fs(f) for f in files)) if files else ((), ())
+    for path, info in zip(files, fs.get_file_info(list(local))):
+        if info.type != pafs.FileType.File:
+            raise TeacherCacheError(f"teacher cache file {printable(path)} is missing")
+    return TeacherCache(
+        files=files, embedding_shape=tuple(meta["embedding_shape"]), rows=entry["rows"], meta=meta
+    )
+
+
+class TeacherEncoder:
+    """Ray Data callable class: one frozen teacher per actor; batches -> rows + bf16 embedding."""
+
+    def __init__(
+        self,
+        variant: str,
+        checkpoint: str,
+        image_size: int,
+        channel_order: str,
+        attention: str = "sdpa",
+    ) -> None:
+        from infosam.sam import PromptableSam, build_sam
+        from infosam.speed import use_attention
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sam = build_sam(variant, checkpoint)
+        use_attention(sam, attention)
+        self.model = PromptableSam(sam).to(self.device).eval().requires_grad_(False)
+        self.image_size = image_size
+        self.channel_order = channel_order
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = decode_batch(batch, self.image_size, self.channel_order)
+        images = torch.from_numpy(decoded["image"]).to(self.device)
+        sizes = torch.from_numpy(decoded["input_size"]).to(self.device)
+        with (
+            torch.no_grad(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"),
+        ):
+            emb = self.model.encode(images, sizes)
+        raw = emb.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
+        out = {k: batch[k] for k in COLUMNS}
+        out[EMBEDDING_COLUMN] = np.array([r.tobytes() for r in raw], dtype=object)
+        return out
+
+
+def build_teacher_cache(
+    dataset_dir: str | os.PathLike,
+    splits: list[str],
+    *,
+    variant: str,
+    checkpoint: str,
+    teacher_sha256: str,
+    image_size: int,
+    channel_order: str,
+    attention: str = "sdpa",
+    batch_size: int | None = None,
+    use_gpu: bool | None = None,
+    concurrency: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Run the teacher encoder over `splits` with Ray Data and record the cache; returns cache.json.
+
+    One actor per GPU in the cluster when `use_gpu` (default: when the cluster has GPUs), else
+    one CPU actor. Existing splits of the same cache stay until the new ones are complete.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    manifest = load_manifest(dataset_dir)
+    location = cache_location(
+        dataset_dir,
+        variant=variant,
+        image_size=image_size,
+        channel_order=channel_order,
+        teacher_sha256=teacher_sha256,
+    )
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if use_gpu and gpus == 0:
+        raise TeacherCacheError("use_gpu=True but the Ray cluster has no GPUs")
+    workers = concurrency or (gpus if use_gpu else 1)
+    batch_size = batch_size or (16 if use_gpu else 8)
+    fs, root = _fs(location)
+    fs.create_dir(root, recursive=True)
+    meta = _read_json(_join(location, "cache.json")) or {}
+    if meta.get("teacher_sha256") not in (None, teacher_sha256):
+        meta = {}  # a foreign cache.json under our key: start over
+    meta.update(
+        version=CACHE_VERSION,
+        teacher_sha256=teacher_sha256,
+        variant=variant,
+        image_size=image_size,
+        channel_order=channel_order,
+        dtype="bfloat16",
+        checkpoint=os.path.basename(checkpoint),
+    )
+    meta.setdefault("splits", {})
+    spec = SAM_VARIANTS[variant]
+    grid = image_size // spec.patch_size
+    meta["embedding_shape"] = [spec.prompt_embed_dim, grid, grid]
+    for split in splits:
+        t0 = time.perf_counter()
+        name = f"{split}-{uuid.uuid4().hex[:8]}"
+        out_dir = _join(location, name)
+        ds = ray.data.read_parquet(shard_paths(dataset_dir, split, manifest), columns=COLUMNS)
+        ds = ds.map_batches(
+            TeacherEncoder,
+            fn_constructor_kwargs={
+                "variant": variant,
+                "checkpoint": checkpoint,
+                "image_size": image_size,
+                "channel_order": channel_order,
+                "attention": attention,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=1,
+            concurrency=workers,
+        )
+        ds.write_parquet(out_dir)
+        _, out_local = _fs(out_dir)
+        infos = fs.get_file_info(pafs.FileSelector(out_local, recursive=False))
+        files = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet"))
+        rows = 0
+        for f in files:
+            _, local = _fs(_join(out_dir, f))
+            rows += pq.ParquetFile(local, filesystem=fs).metadata.num_rows
+        expected = manifest["counts"].get(split, 0)
+        if rows != expected:
+            raise TeacherCacheError(
+                f"teacher cache of split {split!r} wrote {rows} rows, the dataset has {expected}"
+            )
+        previous = meta["splits"].get(split)
+        seconds = time.perf_counter() - t0
+        meta["splits"][split] = {
+            "rows": rows,
+            "files": [f"{name}/{f}" for f in files],
+            "source_shards": _source_shards(manifest, split),
+            "seconds": round(seconds, 2),
+            "images_per_s": round(rows / max(seconds, 1e-9), 2),
+            "workers": workers,
+            "device": "gpu" if use_gpu else "cpu",
+        }
+        _write_json(_join(location, "cache.json"), meta)
+        if previous:  # superseded files go only once the new cache.json points elsewhere
+            old = {p.split("/")[0] for p in previous["files"]}
+            for d in old - {name}:
+                with contextlib.suppress(OSError):
+                    fs.delete_dir(_join(root, d))
+        if not quiet:
+            print(
+                f"[infosam] teacher cache {split}: {rows} images in {seconds:.1f} s "
+                f"({rows / max(seconds, 1e-9):.1f} img/s, {workers} {'GPU' if use_gpu else 'CPU'} "
+                f"actor(s)) -> {printable(out_dir)}",
+                flush=True,
+            )
+    return meta
+
+
+def ensure_teacher_cache(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    *,
+    variant: str,
+    checkpoint: str | None,
+    teacher_sha256: str | None,
+    image_size: int,
+    channel_order: str,
+    attention: str = "sdpa",
+    use_gpu: bool | None = None,
+    quiet: bool = False,
+) -> TeacherCache:
+    """The valid cache of `split`, building (or rebuilding) it first when needed."""
+    if checkpoint is None or teacher_sha256 is None:
+        raise TeacherCacheError(
+            "speed.teacher_cache needs a teacher checkpoint (model.checkpoint is null: a random "
+            "teacher differs in every process); set model.checkpoint or speed.teacher_cache=false"
+        )
+    keys: dict[str, Any] = {
+        "variant": variant,
+        "image_size": image_size,
+        "channel_order": channel_order,
+        "teacher_sha256": teacher_sha256,
+    }
+    try:
+        return open_teacher_cache(dataset_dir, split, **keys)
+    except TeacherCacheError as exc:
+        if not quiet:
+            print(f"[infosam] {exc}: computing it now (Ray Data batch inference)", flush=True)
+    build_teacher_cache(
+        dataset_dir,
+        [split],
+        checkpoint=checkpoint,
+        attention=attention,
+        use_gpu=use_gpu,
+        quiet=quiet,
+        **keys,
+    )
+    return open_teacher_cache(dataset_dir, split, **keys)
