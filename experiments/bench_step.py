@@ -1,11 +1,15 @@
 """Time the full InfoSAM training step (teacher + adapter student + relation module + losses +
 optimizer) under speed switches; one JSON line per configuration.
 
-    python experiments/bench_step.py --variant vit_b --batch-size 4            # on a GPU
-    python experiments/bench_step.py --variant tiny --steps 3 --warmup 1       # CPU smoke
+    python experiments/bench_step.py --variant vit_b --configs reference,fast@16   # on a GPU
+    python experiments/bench_step.py --variant tiny --steps 2 --warmup 1           # CPU smoke
 
 The reference-equivalent configuration (fp32, eager attention, teacher encoder recomputed every
-step, adapter student) always runs first in the same process, so every line carries its ratio.
+step, adapter student, batch --batch-size) always runs first in the same process, so every line
+carries its speed ratio (`x_reference`) and how far its first-step loss is from the reference's
+on the same weights and batch (`first_loss_rel_diff`: the switches' numerical equivalence).
+`NAME@N` runs a configuration at batch N. `--encode` adds the teacher cache pre-pass's
+encoder throughput (what `infosam data teacher-cache` runs per GPU).
 """
 
 from __future__ import annotations
@@ -27,31 +31,51 @@ from infosam.sam import SAM_VARIANTS, PromptableSam, build_sam
 from infosam.speed import checkpoint_blocks, compile_blocks, use_attention
 from infosam.tuning import apply_tuning
 
-CONFIGS = {
+BF16 = {"precision": "bf16"}
+CONFIGS: dict[str, dict] = {
     "reference": {},
-    "bf16": {"precision": "bf16"},
-    "bf16_sdpa": {"precision": "bf16", "attention": "sdpa"},
-    "bf16_flex": {"precision": "bf16", "attention": "flex"},
-    "bf16_sdpa_cache": {"precision": "bf16", "attention": "sdpa", "teacher_cache": True},
-    "bf16_sdpa_cache_ckpt": {
-        "precision": "bf16",
-        "attention": "sdpa",
+    "sdpa": {"attention": "sdpa"},
+    "folded": {"attention": "folded"},
+    "bf16": BF16,
+    "bf16_sdpa": {**BF16, "attention": "sdpa"},
+    "bf16_folded": {**BF16, "attention": "folded"},
+    "bf16_flex": {**BF16, "attention": "flex"},
+    "bf16_sdpa_cache": {**BF16, "attention": "sdpa", "teacher_cache": True},
+    "bf16_folded_cache": {**BF16, "attention": "folded", "teacher_cache": True},
+    "bf16_folded_cache_ckpt": {
+        **BF16,
+        "attention": "folded",
         "teacher_cache": True,
         "checkpoint": True,
     },
-    "bf16_sdpa_cache_bf16w": {
-        "precision": "bf16",
-        "attention": "sdpa",
-        "teacher_cache": True,
-        "teacher_bf16": True,
-    },
     "bf16_sdpa_cache_compile": {
-        "precision": "bf16",
+        **BF16,
         "attention": "sdpa",
         "teacher_cache": True,
         "compile": True,
     },
+    "bf16_folded_cache_compile": {
+        **BF16,
+        "attention": "folded",
+        "teacher_cache": True,
+        "compile": True,
+    },
+    "bf16_flex_cache_compile": {
+        **BF16,
+        "attention": "flex",
+        "teacher_cache": True,
+        "compile": True,
+    },
+    "bf16_folded_cache_ckpt_compile": {
+        **BF16,
+        "attention": "folded",
+        "teacher_cache": True,
+        "checkpoint": True,
+        "compile": True,
+    },
 }
+CONFIGS["fast"] = CONFIGS["bf16_folded_cache_compile"]
+CPU_DEFAULT = "bf16,bf16_sdpa,bf16_folded,bf16_folded_cache,bf16_folded_cache_ckpt"
 
 
 def build(variant: str, opts: dict, device: torch.device):
@@ -59,6 +83,7 @@ def build(variant: str, opts: dict, device: torch.device):
     teacher = PromptableSam(build_sam(variant)).to(device).eval().requires_grad_(False)
     sam = build_sam(variant)
     sam.load_state_dict(teacher.sam.state_dict())
+    torch.manual_seed(1)
     apply_tuning(sam, method="adapter")
     kind = opts.get("attention", "eager")
     use_attention(sam, kind)
@@ -66,37 +91,45 @@ def build(variant: str, opts: dict, device: torch.device):
     if opts.get("checkpoint"):
         checkpoint_blocks(sam)
     if opts.get("compile"):
+        torch._dynamo.reset()  # each configuration compiles for its own shapes, not dynamic ones
         compile_blocks(sam)
-        compile_blocks(teacher.sam)
-    if opts.get("teacher_bf16"):
-        teacher = teacher.to(torch.bfloat16)
+        if not opts.get("teacher_cache"):  # with the cache the teacher encoder never runs
+            compile_blocks(teacher.sam)
     student = PromptableSam(sam).to(device)
+    torch.manual_seed(2)
     relation = RelationModule(SAM_VARIANTS[variant].prompt_embed_dim).to(device)
     params = [p for p in student.parameters() if p.requires_grad] + list(relation.parameters())
     opt = torch.optim.Adam(params, lr=2e-4, **({"fused": True} if device.type == "cuda" else {}))
     return teacher, student, relation, opt
 
 
-def run(name: str, opts: dict, args, device: torch.device) -> dict:
-    size = SAM_VARIANTS[args.variant].image_size
-    bs = opts.get("batch_size", args.batch_size)
-    teacher, student, relation, opt = build(args.variant, opts, device)
+def make_batch(variant: str, bs: int, device: torch.device):
+    size = SAM_VARIANTS[variant].image_size
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (bs, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+    images = torch.randint(0, 256, (bs, 3, size, size), generator=g, dtype=torch.uint8)
     masks = torch.zeros(bs, size, size, dtype=torch.uint8)
     for i in range(bs):
-        masks[i, size // 4 + 8 * i : size // 2 + 8 * i, size // 5 : size // 2] = 1
-    masks = masks.to(device)
-    batch = {"image": images, "mask": masks}
+        o = (i * size // 64) % (size // 4)
+        masks[i, size // 4 + o : size // 2 + o, size // 5 : size // 2] = 1
+    prompts = sample_prompts(masks, "box", generator=g)
+    return {"image": images.to(device), "mask": masks.to(device)}, prompts.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_fn(args, opts, device, bs):
+    teacher, student, relation, opt = build(args.variant, opts, device)
+    batch, prompts = make_batch(args.variant, bs, device)
     autocast = torch.bfloat16 if opts.get("precision") == "bf16" else None
-    if opts.get("teacher_cache"):
+    if opts.get("teacher_cache"):  # as streamed from the cache: bf16, computed once
         with (
             torch.no_grad(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         ):
-            batch["teacher_embedding"] = teacher.encode(images).to(torch.bfloat16)
-    prompts = sample_prompts(masks.cpu(), "box", generator=g).to(device)
-    loss_cfg = LossConfig()
+            batch["teacher_embedding"] = teacher.encode(batch["image"]).to(torch.bfloat16)
 
     def step():
         return train_step(
@@ -104,87 +137,147 @@ def run(name: str, opts: dict, args, device: torch.device) -> dict:
             opt,
             batch,
             prompts,
-            loss_cfg,
+            LossConfig(),
             teacher=teacher,
             relation=relation,
             autocast_dtype=autocast,
         )
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return step
 
-    for _ in range(args.warmup):
+
+def _flops_per_image(args, opts, device) -> float | None:
+    """FLOPs of one step per image, counted on the uncompiled twin at batch 2 (compiled kernels
+    are invisible to the counter; the work is the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    twin = {k: v for k, v in opts.items() if k != "compile"}
+    try:
+        step = _step_fn(args, twin, device, 2)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops() / 2
+    except Exception:
+        return None
+
+
+def run(name: str, opts: dict, args, device: torch.device, bs: int) -> dict:
+    step = _step_fn(args, opts, device, bs)
+    first = step()["loss"]  # same weights and batch in every configuration
+    for _ in range(args.warmup - 1):
         step()
-    sync()
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         losses = step()
-    sync()
+    _sync(device)
     dt = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    flops = None
-    if not opts.get("compile"):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
+    del step
+    fpi = _flops_per_image(args, opts, device) if args.flops else None
     return {
         "config": name,
-        **{k: v for k, v in opts.items()},
+        **opts,
         "variant": args.variant,
         "batch_size": bs,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "images_per_s": round(bs / dt, 2),
         "step_ms": round(dt * 1000, 1),
         "peak_gib": None if peak is None else round(peak, 2),
-        "tflops_per_s": None if flops is None else round(flops / dt / 1e12, 2),
+        "tflops_per_s": None if fpi is None else round(fpi * bs / dt / 1e12, 2),
+        "first_loss": round(first, 6),
         "loss": round(losses["loss"], 5),
     }
+
+
+def encode_pass(args, device: torch.device, bs: int, attention: str) -> dict:
+    """Images/s of the frozen teacher's encoder alone (bf16 on GPU): the cache pre-pass."""
+    torch.manual_seed(0)
+    sam = build_sam(args.variant)
+    use_attention(sam, attention)
+    teacher = PromptableSam(sam).to(device).eval().requires_grad_(False)
+    batch, _ = make_batch(args.variant, bs, device)
+    on_gpu = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        for _ in range(args.warmup):
+            teacher.encode(batch["image"])
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            teacher.encode(batch["image"])
+        _sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    return {
+        "config": f"teacher_encode_{attention}",
+        "variant": args.variant,
+        "batch_size": bs,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "images_per_s": round(bs / dt, 2),
+    }
+
+
+def parse_configs(text: str, default_bs: int) -> list[tuple[str, dict, int]]:
+    out = [("reference", CONFIGS["reference"], default_bs)]
+    for item in filter(None, text.split(",")):
+        name, _, bs = item.partition("@")
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+        if item != "reference":
+            out.append((item, CONFIGS[name], int(bs) if bs else default_bs))
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--variant", default="vit_b" if torch.cuda.is_available() else "tiny")
+    on_gpu = torch.cuda.is_available()
+    p.add_argument("--variant", default="vit_b" if on_gpu else "tiny")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "reference"))
     p.add_argument(
-        "--extra-batch-size",
-        type=int,
-        default=0,
-        help="also run the last config at this batch size",
+        "--configs",
+        default="bf16_folded_cache_ckpt,bf16_folded_cache_compile,fast@16"
+        if on_gpu
+        else CPU_DEFAULT,
+        help=f"comma-separated NAME[@BATCH]; names: {', '.join(CONFIGS)}",
     )
+    p.add_argument("--encode", type=int, default=0, help="also time the encoder at this batch")
+    p.add_argument("--no-flops", dest="flops", action="store_false")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names = ["reference", *[c for c in args.configs.split(",") if c and c != "reference"]]
+    args.warmup = max(args.warmup, 1)
+    device = torch.device("cuda" if on_gpu else "cpu")
     results = []
-    ref = None
-    for name in names:
+    ref: dict = {}
+    for name, opts, bs in parse_configs(args.configs, args.batch_size):
         try:
-            r = run(name, CONFIGS[name], args, device)
+            r = run(name, opts, args, device, bs)
         except Exception as exc:  # one failing switch must not hide the others' numbers
-            r = {"config": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            r = {"config": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         if name == "reference":
-            ref = r.get("images_per_s")
-        if ref and "images_per_s" in r:
-            r["x_reference"] = round(r["images_per_s"] / ref, 2)
+            ref = r
+        if "images_per_s" in r and "images_per_s" in ref:
+            r["x_reference"] = round(r["images_per_s"] / ref["images_per_s"], 2)
+            if bs == ref["batch_size"]:
+                r["first_loss_rel_diff"] = round(
+                    abs(r["first_loss"] - ref["first_loss"]) / max(abs(ref["first_loss"]), 1e-12),
+                    6,
+                )
         print(json.dumps(r), flush=True)
         results.append(r)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.extra_batch_size:
-        opts = {**CONFIGS[names[-1]], "batch_size": args.extra_batch_size}
-        r = run(f"{names[-1]}@bs{args.extra_batch_size}", opts, args, device)
-        r["x_reference"] = round(r["images_per_s"] / ref, 2) if ref else None
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    if args.encode:
+        for attention in ("sdpa", "folded"):
+            try:
+                r = encode_pass(args, device, args.encode, attention)
+            except Exception as exc:
+                r = {"config": f"teacher_encode_{attention}", "error": f"{exc}"[:400]}
+            print(json.dumps(r), flush=True)
+            results.append(r)
     return results
 
 

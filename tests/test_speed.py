@@ -110,3 +110,33 @@ def test_bf16_autocast_stays_close_to_fp32(batch, box_prompts, teacher):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(batch["image"], boxes=box_prompts.boxes).low_res_logits.float()
     assert (torch.sigmoid(low) - torch.sigmoid(ref)).abs().mean() < 0.02
+
+
+def test_bench_step_on_cpu_shows_the_switches_agree_with_the_reference():
+    """The GPU benchmark script, run small: every switch's first-step loss (same weights, same
+    batch) matches the reference-equivalent configuration's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(
+        [
+            "--variant=tiny",
+            "--steps=1",
+            "--warmup=1",
+            "--no-flops",
+            "--configs=sdpa,folded,bf16,bf16_folded_cache,bf16_folded_cache_ckpt,bf16_folded@2",
+        ]
+    )
+    by_name = {r["config"]: r for r in rows}
+    assert all("error" not in r for r in rows), rows
+    assert by_name["reference"]["x_reference"] == 1.0
+    for name in ("sdpa", "folded"):  # fp32: the same math in another order
+        assert by_name[name]["first_loss_rel_diff"] < 1e-5, by_name[name]
+    for name in ("bf16", "bf16_folded_cache", "bf16_folded_cache_ckpt"):
+        assert by_name[name]["first_loss_rel_diff"] < 1e-2, by_name[name]
+    assert by_name["bf16_folded@2"]["batch_size"] == 2
+    assert "first_loss_rel_diff" not in by_name["bf16_folded@2"]  # other batch: no comparison
