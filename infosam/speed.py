@@ -188,24 +188,33 @@ def use_attention(sam: Sam, kind: str = "sdpa") -> Sam:
     return sam
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """One checkpointed subclass per block class: compiled blocks then share guards instead of
+    recompiling for every block (a new class per block hit dynamo's recompile limit)."""
+    if cls not in _CHECKPOINTED:
+        base_forward = cls.forward
+
+        def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+            if self.training and torch.is_grad_enabled() and x.requires_grad:
+                return checkpoint(base_forward, self, x, use_reentrant=False)
+            return base_forward(self, x)
+
+        _CHECKPOINTED[cls] = type(
+            f"Checkpointed{cls.__name__}",
+            (cls,),
+            {"forward": forward, "_infosam_checkpointed": True, "__module__": __name__},
+        )
+    return _CHECKPOINTED[cls]
+
+
 def checkpoint_blocks(sam: Sam) -> Sam:
     """Recompute each encoder block's activations in backward instead of storing them."""
     for block in sam.image_encoder.blocks:
-        cls = type(block)
-        if getattr(cls, "_infosam_checkpointed", False):
-            continue
-        base_forward = cls.forward
-
-        def forward(self: Any, x: torch.Tensor, _base=base_forward) -> torch.Tensor:
-            if self.training and torch.is_grad_enabled() and x.requires_grad:
-                return checkpoint(_base, self, x, use_reentrant=False)
-            return _base(self, x)
-
-        block.__class__ = type(
-            f"Checkpointed{cls.__name__}",
-            (cls,),
-            {"forward": forward, "_infosam_checkpointed": True},
-        )
+        if not getattr(type(block), "_infosam_checkpointed", False):
+            block.__class__ = _checkpointed_class(type(block))
     return sam
 
 
