@@ -191,3 +191,30 @@ def test_hflip_flips_only_the_valid_region():
     assert masks[:, :3, 1].all() and not masks[:, :, 0].any()
     assert not random_hflip(images, masks, sizes, p=0.0).any()
     assert torch.equal(masks[:, :3, 1], orig_m[:, :3, 0])
+
+
+def test_cli_builds_then_reports_up_to_date(ray_local, dataset, capsys):
+    from orchestrator.cli import main as cli
+
+    args = [
+        "data",
+        "teacher-cache",
+        *("--set", f"data.root={dataset}", "--set", "data.synthesize=false"),
+        *("--splits", "train", "val"),
+    ]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "no teacher cache" in out and "teacher cache val: 8 images" in out
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "train: up to date (32 rows)" in out and "val: up to date (8 rows)" in out
+    bad = [
+        "data",
+        "teacher-cache",
+        "--set",
+        f"data.root={dataset}",
+        "--set",
+        "model.checkpoint=null",
+    ]
+    assert cli([*bad, "--set", "data.synthesize=false"]) == 2
+    assert "random teacher cannot be cached" in capsys.readouterr().err
