@@ -16,10 +16,13 @@ by `ensure_teacher_cache`); augmentation with a cache is refused by the config.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -330,16 +333,38 @@ def ensure_teacher_cache(
     }
     try:
         return open_teacher_cache(dataset_dir, split, **keys)
-    except TeacherCacheError as exc:
-        if not quiet:
-            print(f"[infosam] {exc}: computing it now (Ray Data batch inference)", flush=True)
-    build_teacher_cache(
-        dataset_dir,
-        [split],
-        checkpoint=checkpoint,
-        attention=attention,
-        use_gpu=use_gpu,
-        quiet=quiet,
-        **keys,
-    )
-    return open_teacher_cache(dataset_dir, split, **keys)
+    except TeacherCacheError:
+        pass
+    with _build_lock(dataset_dir):  # concurrent runs (Tune trials) build it once, not racing
+        try:
+            return open_teacher_cache(dataset_dir, split, **keys)
+        except TeacherCacheError as exc:
+            if not quiet:
+                print(f"[infosam] {exc}: computing it now (Ray Data batch inference)", flush=True)
+        build_teacher_cache(
+            dataset_dir,
+            [split],
+            checkpoint=checkpoint,
+            attention=attention,
+            use_gpu=use_gpu,
+            quiet=quiet,
+            **keys,
+        )
+        return open_teacher_cache(dataset_dir, split, **keys)
+
+
+@contextlib.contextmanager
+def _build_lock(dataset_dir: str | os.PathLike) -> Iterator[None]:
+    """An exclusive file lock next to local caches; object stores have none (build ahead with
+    `infosam data teacher-cache` before launching concurrent trials there)."""
+    if "://" in os.fspath(dataset_dir):
+        yield
+        return
+    folder = Path(dataset_dir).expanduser().resolve() / "teacher_cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -218,3 +218,29 @@ def test_cli_builds_then_reports_up_to_date(ray_local, dataset, capsys):
     ]
     assert cli([*bad, "--set", "data.synthesize=false"]) == 2
     assert "random teacher cannot be cached" in capsys.readouterr().err
+
+
+def test_concurrent_runs_build_the_cache_once(ray_local, dataset):
+    """Tune trials starting together on one dataset: one builds, the others wait and reuse."""
+    import threading
+
+    results, errors = [], []
+
+    def start():
+        try:
+            results.append(
+                ensure_teacher_cache(
+                    dataset / "camouflage", "val", checkpoint=TEACHER, quiet=True, **_keys()
+                )
+            )
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 2
+    assert results[0]["files"] == results[1]["files"]
+    assert len(list((dataset / "camouflage").glob("teacher_cache/*/val-*"))) == 1
