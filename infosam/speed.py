@@ -85,7 +85,7 @@ def _key_onehots(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], -1).to(like.dtype)
 
 
-class FoldedAttention(Attention):
+class FoldedAttention(SDPAAttention):
     """SDPA with the decomposed rel-pos bias folded into extra q/k channels (no mask tensor).
 
     `pad_value`: zero-pad v to the folded head dim (<= 256) so the flash/cuDNN kernels, which
@@ -96,11 +96,10 @@ class FoldedAttention(Attention):
     pad_value: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_rel_pos:  # no bias to fold or add: plain SDPA
+            return super().forward(x)
         b, h, w, _ = x.shape
         q, k, v = _qkv(self, x)
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            return _merge(self, out, b, h, w)
         n, heads, dim = h * w, self.num_heads, q.shape[-1]
         rel_h, rel_w = _rel_terms(self, q, h, w)
         extra = h + w
@@ -155,15 +154,14 @@ def _flex_fn(on_gpu: bool) -> Any:
     return _COMPILED_FLEX
 
 
-class FlexAttention(Attention):
+class FlexAttention(SDPAAttention):
     """Global attention with the decomposed rel-pos bias added inside the kernel (score_mod)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_rel_pos:  # no bias to fold or add: plain SDPA
+            return super().forward(x)
         b, h, w, _ = x.shape
         q, k, v = _qkv(self, x)
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            return _merge(self, out, b, h, w)
         rel_h, rel_w = _rel_terms(self, q, h, w)
         rel_h = rel_h.reshape(b, self.num_heads, h * w, h)
         rel_w = rel_w.reshape(b, self.num_heads, h * w, w)

@@ -89,12 +89,10 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
                 todo.append(split)
         if todo:
             init_ray()
-            attention = cfg.speed.attention if cfg.speed.attention in ("sdpa", "folded") else "sdpa"
             build_teacher_cache(
                 data_dir,
                 todo,
                 checkpoint=path,
-                attention=attention,
                 use_gpu=cfg.scaling.use_gpu or None,
                 batch_size=args.batch_size,
                 **keys,

@@ -52,7 +52,7 @@ class TeacherCacheError(RuntimeError):
 
 
 class TeacherCache(dict):
-    """`files` (parquet paths of one split), `embedding_shape`, `rows`, `meta` (cache.json)."""
+    """`location`, `files` (parquet paths of one split), `embedding_shape`, `rows`, `meta`."""
 
 
 def cache_location(
@@ -142,14 +142,19 @@ def open_teacher_cache(
             f"teacher cache {printable(location)} split {split!r} holds {entry['rows']} rows, "
             f"the dataset {manifest['counts'].get(split, 0)}"
         )
-    fs, _ = _fs(location)
-    files = [_join(location, f) for f in entry["files"]]
-    _, local = zip(*(_fs(f) for f in files)) if files else ((), ())
-    for path, info in zip(files, fs.get_file_info(list(local))):
+    fs, root = _fs(location)
+    infos = fs.get_file_info([_join(root, f) for f in entry["files"]])
+    for name, info in zip(entry["files"], infos):
         if info.type != pafs.FileType.File:
-            raise TeacherCacheError(f"teacher cache file {printable(path)} is missing")
+            raise TeacherCacheError(
+                f"teacher cache file {printable(_join(location, name))} is missing"
+            )
     return TeacherCache(
-        files=files, embedding_shape=tuple(meta["embedding_shape"]), rows=entry["rows"], meta=meta
+        location=location,
+        files=[_join(location, f) for f in entry["files"]],
+        embedding_shape=tuple(meta["embedding_shape"]),
+        rows=entry["rows"],
+        meta=meta,
     )
 
 
@@ -162,7 +167,7 @@ class TeacherEncoder:
         checkpoint: str,
         image_size: int,
         channel_order: str,
-        attention: str = "sdpa",
+        attention: str = "folded",
     ) -> None:
         from infosam.sam import PromptableSam, build_sam
         from infosam.speed import use_attention
@@ -198,7 +203,7 @@ def build_teacher_cache(
     teacher_sha256: str,
     image_size: int,
     channel_order: str,
-    attention: str = "sdpa",
+    attention: str = "folded",
     batch_size: int | None = None,
     use_gpu: bool | None = None,
     concurrency: int | None = None,
@@ -267,13 +272,12 @@ def build_teacher_cache(
             concurrency=workers,
         )
         ds.write_parquet(out_dir)
-        _, out_local = _fs(out_dir)
+        out_local = _join(root, name)
         infos = fs.get_file_info(pafs.FileSelector(out_local, recursive=False))
         files = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet"))
-        rows = 0
-        for f in files:
-            _, local = _fs(_join(out_dir, f))
-            rows += pq.ParquetFile(local, filesystem=fs).metadata.num_rows
+        rows = sum(
+            pq.ParquetFile(_join(out_local, f), filesystem=fs).metadata.num_rows for f in files
+        )
         expected = manifest["counts"].get(split, 0)
         if rows != expected:
             raise TeacherCacheError(
@@ -315,7 +319,6 @@ def ensure_teacher_cache(
     teacher_sha256: str | None,
     image_size: int,
     channel_order: str,
-    attention: str = "sdpa",
     use_gpu: bool | None = None,
     quiet: bool = False,
 ) -> TeacherCache:
@@ -345,7 +348,6 @@ def ensure_teacher_cache(
             dataset_dir,
             [split],
             checkpoint=checkpoint,
-            attention=attention,
             use_gpu=use_gpu,
             quiet=quiet,
             **keys,

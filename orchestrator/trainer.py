@@ -711,7 +711,6 @@ def fit(
                 teacher_sha256=teacher_sha,
                 image_size=size,
                 channel_order=cfg.data.channel_order,
-                attention=cfg.speed.attention if cfg.speed.attention != "flex" else "sdpa",
                 use_gpu=sc.use_gpu,
                 quiet=quiet,
             )
@@ -720,7 +719,7 @@ def fit(
                 logger.finish("FAILED")
             raise ConfigError(str(exc)) from None
         if logger is not None:
-            logger.set_tags({"infosam.teacher_cache": train_cache["files"][0].rsplit("/", 2)[0]})
+            logger.set_tags({"infosam.teacher_cache": train_cache["location"]})
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
     datasets = {}
     for key, split in splits.items():
