@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
+        return 130
     print(
         f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
     )
@@ -45,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[benchmark] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
     )
+    if result["failed"]:
+        print(
+            f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "
+            "re-run the same command to retry only those",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,9 +1,13 @@
 """The paper's comparison: methods x datasets x seeds, each cell a Ray Train run + MLflow child run.
 
 A benchmark YAML is a training config (the base every cell starts from) plus a `benchmark:`
-section. Cells run in order; finished cells are recorded in `<storage>/<name>/cells.json`, so
-re-running the same benchmark name skips them (an interrupted cell resumes from its Ray Train
-checkpoint, since its run name is deterministic); a new name starts fresh.
+section. Cells run concurrently as Ray tasks (`orchestrator.cells`): as many at once as the
+cluster's resources allow (or `benchmark.max_concurrent_cells`). What cells of one dataset share
+(the dataset folder, its decoded small splits, the teacher cache, the teacher hash) is prepared
+once here, in the driver. Finished cells are recorded in `<storage>/<name>/cells.json`, so
+re-running the same benchmark name runs only unfinished or failed cells (an interrupted cell
+resumes from its Ray Train checkpoint, since its run name is deterministic); a new name starts
+fresh.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +26,30 @@ from typing import Any
 
 import yaml
 
-from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
+from orchestrator.cells import (
+    CELL_TAG,
+    Cell,
+    CellJob,
+    CellOutcome,
+    cell_cpus,
+    close_open_runs,
+    run_cells,
+    timeline_stats,
+    write_timeline,
+)
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
-from orchestrator.datasets import load_manifest
+from orchestrator.runtime import init_ray, teacher_hash
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 
-__all__ = ["METHODS", "BenchmarkConfig", "load_benchmark", "results_table", "run_benchmark"]
+__all__ = [
+    "METHODS",
+    "BenchmarkConfig",
+    "cell_config",
+    "load_benchmark",
+    "results_table",
+    "run_benchmark",
+]
 
 # Each method is a set of overrides of the base config; `zero_shot` evaluates the teacher.
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -78,6 +102,11 @@ class BenchmarkConfig:
     # Per-dataset overrides of the base config, e.g. {polyp: {data.test_split: test_Kvasir}}.
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     output: str | None = None  # default: <storage.path>/<name>
+    # Cells running at once. null: no cap when connected to a cluster (its resources, and the
+    # autoscaler's, decide); on a Ray this process started, as many as its CPUs hold.
+    max_concurrent_cells: int | None = None
+    # Retries of a cell that raised or whose node/worker died, before it is recorded FAILED.
+    cell_retries: int = 1
 
 
 def load_benchmark(
@@ -98,72 +127,130 @@ def load_benchmark(
     bad = [m for m in bench.methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown benchmark method(s) {bad}; choose from {list(METHODS)}")
+    if bench.max_concurrent_cells is not None and bench.max_concurrent_cells < 1:
+        raise ConfigError("benchmark.max_concurrent_cells must be >= 1 (or null: no cap)")
     base = load_config(None, [])
     base = Config.from_dict(data).validate() if data else base
     return bench, base
 
 
-def _cell_config(
-    base: Config, method: str, dataset: str, seed: int, extra: dict[str, Any] | None = None
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value)
+        else:
+            dst[key] = value
+    return dst
+
+
+def cell_config(
+    base: Config,
+    method: str,
+    dataset: str,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+    metrics: list[str] | None = None,
 ) -> Config:
-    data = base.to_dict()
-    overrides = [f"data.dataset={dataset}", f"seed={seed}"]
-    overrides += [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items()]
-    for k, v in (METHODS[method] or {}).items():
-        overrides.append(f"{k}={json.dumps(v)}")
-    return Config.from_dict(apply_overrides(data, overrides)).validate()
+    """The typed config of one cell: base + dataset overrides + the method's overrides."""
+    values: dict[str, Any] = {"data.dataset": dataset, "seed": seed, **(extra or {})}
+    values.update(METHODS[method] or METHODS["adapter"] or {})
+    if metrics is not None:
+        values["optim.metrics"] = list(metrics)
+    return Config.from_dict(_merge(base.to_dict(), _nested(values))).validate()
 
 
 def _metrics_for(bench: BenchmarkConfig, dataset: str) -> list[str]:
     return bench.metrics.get(dataset, bench.default_metrics)
 
 
-def _zero_shot(cfg: Config, data_dir: Any) -> dict[str, float]:
-    from orchestrator.trainer import evaluate_model, teacher_checkpoint
+def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], started_here: bool) -> int | None:
+    """`max_concurrent_cells`, else no cap on a cluster, else what this machine's CPUs hold."""
+    import ray
 
-    teacher = PromptableSam(build_sam(cfg.model.variant, teacher_checkpoint(cfg))).eval()
-    out = evaluate_model(teacher, cfg, data_dir, split=cfg.data.test_split)
-    return {f"test/{k}": v for k, v in out.items() if isinstance(v, float)}
+    if bench.max_concurrent_cells is not None:
+        return bench.max_concurrent_cells
+    if not started_here:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    need = max((cell_cpus(c) for c in cfgs), default=1.0)
+    return max(1, int(cpus // max(need, 1e-6)))
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -> dict[str, Any]:
     """Run (or resume) every cell; returns the table, files written and the parent run id."""
-    from orchestrator.trainer import ensure_data, fit, init_ray, teacher_checkpoint
+    from orchestrator.datasets import load_manifest
+    from orchestrator.trainer import prepare_data
 
+    started = time.perf_counter()
     out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     state_file = out_dir / "cells.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"cells": {}}
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
-    teacher_path = teacher_checkpoint(base)
+    teacher_sha = teacher_hash(base)
     provenance = {
         "benchmark": bench.name,
         "model": base.model.variant,
         "checkpoint": base.model.checkpoint,
-        "checkpoint_sha256": checkpoint_sha256(teacher_path) if teacher_path else "random-init",
+        "checkpoint_sha256": teacher_sha or "random-init",
         "protocol": base.optim.eval_protocol,
         "epochs": base.optim.epochs,
         "batch_size": base.optim.batch_size,
         "lr": base.optim.lr,
         "checkpoint_selection": "last epoch (no test-set selection)",
     }
-    data_dirs = {}
-    for dataset in bench.datasets:
-        probe = _cell_config(base, "adapter", dataset, bench.seeds[0], bench.overrides.get(dataset))
-        data_dirs[dataset] = ensure_data(probe)
-        m = load_manifest(data_dirs[dataset])
+    # Typed configs for every cell, checked before anything runs.
+    cells = [Cell(m, d, s) for d in bench.datasets for m in bench.methods for s in bench.seeds]
+    no_teacher_eval = {"optim.zero_shot_eval": False} if "zero_shot" in bench.methods else {}
+    configs = {
+        c.key: cell_config(
+            base,
+            c.method,
+            c.dataset,
+            c.seed,
+            {**no_teacher_eval, **bench.overrides.get(c.dataset, {})},
+            _metrics_for(bench, c.dataset),
+        )
+        for c in cells
+    }
+    started_here = not init_ray(log_to_driver=not quiet)
+    shared: dict[tuple[str, bool], Any] = {}
+    t_prep = time.perf_counter()
+    for cell in cells:  # the work cells of one dataset share, done once per dataset
+        cfg = configs[cell.key]
+        cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
+        key = (cell.dataset, bool(cached))
+        if key in shared:
+            continue
+        shared[key] = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
+        m = load_manifest(shared[key].data_dir)
         digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
-        provenance[f"data.{dataset}"] = f"{m['counts']} manifest {digest}"
+        provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
+    prep_s = time.perf_counter() - t_prep
     if state.get("parent_run_id"):
         parent = RunLogger(uri, state["parent_run_id"])
         parent.client.update_run(parent.run_id, status="RUNNING")
     else:
-        artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
         parent = start_run(
             uri,
             base.tracking.experiment,
             f"benchmark:{bench.name}",
-            artifact_root=artifact_root,
+            artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
             tags={"infosam.benchmark": bench.name},
         )
         parent.log_params(
@@ -176,83 +263,133 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         )
         state["parent_run_id"] = parent.run_id
         state_file.write_text(json.dumps(state, indent=2))
-    init_ray()
-    cells = [(m, d, s) for d in bench.datasets for m in bench.methods for s in bench.seeds]
-    started = time.perf_counter()
-    try:
-        for i, (method, dataset, seed) in enumerate(cells, 1):
-            key = f"{method}/{dataset}/seed{seed}"
-            if key in state["cells"]:
-                print(f"[benchmark] {i}/{len(cells)} {key}: done earlier, skipped", flush=True)
-                continue
-            t0 = time.perf_counter()
-            cfg = _cell_config(
-                base,
-                method if METHODS[method] else "adapter",
-                dataset,
-                seed,
-                bench.overrides.get(dataset),
+    todo: list[CellJob] = []
+    for i, cell in enumerate(cells, 1):
+        done = state["cells"].get(cell.key)
+        if done and done.get("status", "FINISHED") == "FINISHED":
+            print(f"[benchmark] {i}/{len(cells)} {cell.key}: done earlier, skipped", flush=True)
+            continue
+        cfg = configs[cell.key]
+        cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
+        todo.append(
+            CellJob(
+                cell=cell,
+                cfg=cfg,
+                zero_shot=METHODS[cell.method] is None,
+                storage_name=f"{bench.name}/{cell.method}-{cell.dataset}-seed{cell.seed}",
+                parent_run_id=parent.run_id,
+                tracking_uri=uri,
+                tags={
+                    "infosam.benchmark": bench.name,
+                    "infosam.method": cell.method,
+                    CELL_TAG: cell.key,
+                },
+                shared=shared[(cell.dataset, bool(cached))],
+                artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
             )
-            cfg.optim.metrics = _metrics_for(bench, dataset)
-            cfg.tracking.parent_run_id = parent.run_id
-            cfg.tracking.run_name = key
-            cfg.storage.name = f"{bench.name}/{method}-{dataset}-seed{seed}"
-            if METHODS[method] is None:
-                child = start_run(
-                    uri,
-                    cfg.tracking.experiment,
-                    key,
-                    tags={"infosam.benchmark": bench.name, "infosam.method": method},
-                    parent_run_id=parent.run_id,
-                )
-                metrics = _zero_shot(cfg, data_dirs[dataset])
-                child.log_params(
-                    {
-                        "method": method,
-                        "data.dataset": dataset,
-                        "seed": seed,
-                        "optim.eval_protocol": cfg.optim.eval_protocol,
-                    }
-                )
-                child.log_metrics(metrics, step=0)
-                child.finish()
-                run_id = child.run_id
-            else:
-                result = fit(cfg, quiet=quiet)
-                metrics = {
-                    k: v
-                    for k, v in result.metrics.items()
-                    if k.startswith("test/") and "zero_shot" not in k
-                }
-                run_id = result.run_id
-                if run_id:
-                    RunLogger(uri, run_id).set_tags(
-                        {"infosam.benchmark": bench.name, "infosam.method": method}
-                    )
-            state["cells"][key] = {
-                "method": method,
-                "dataset": dataset,
-                "seed": seed,
-                "run_id": run_id,
-                "metrics": metrics,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            state_file.write_text(json.dumps(state, indent=2))
-            shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items())
-            print(
-                f"[benchmark] {i}/{len(cells)} {key}: {shown} ({time.perf_counter() - t0:.0f}s)",
-                flush=True,
-            )
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    table, raw = results_table(state, bench)
-    files = _write_outputs(out_dir, table, raw, provenance, bench)
-    for path in files.values():
-        parent.log_artifact(path, "results")
-    parent.log_metrics(
-        {"cells": len(state["cells"]), "wall_time_s": time.perf_counter() - started}, step=0
+        )
+    cap = _default_cap(bench, [j.cfg for j in todo], started_here)
+    print(
+        f"[benchmark] {bench.name}: {len(todo)} of {len(cells)} cells to run, at most "
+        f"{cap or 'as many as the cluster holds'} at once; shared data prepared in {prep_s:.1f}s",
+        flush=True,
     )
+    timeline: list[dict[str, Any]] = []
+
+    def record(out: CellOutcome) -> None:
+        cell = out.cell
+        entry: dict[str, Any] = {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
+        attempts = max(len(out.starts), 1)
+        if out.ok:
+            r = out.result
+            entry.update(
+                status="FINISHED",
+                run_id=r["run_id"],
+                metrics=r["metrics"],
+                seconds=round(r["end"] - r["start"], 1),
+                node=r["node_ip"],
+                timings={k: round(v, 2) for k, v in (r.get("timings") or {}).items()},
+            )
+            shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
+            msg = f"{cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
+            start, end, node = r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
+        else:
+            close_open_runs(uri, parent.run_id, "FAILED", cell=cell.key, error=out.error)
+            entry.update(status="FAILED", error=out.error, metrics={})
+            msg = f"{cell.key}: FAILED after {attempts} attempt(s): {out.error}"
+            start = out.starts[-1][1] if out.starts else out.failed_at
+            end, node = out.failed_at, (out.starts[-1][0][:6] if out.starts else "?")
+        state["cells"][cell.key] = entry
+        state_file.write_text(json.dumps(state, indent=2))
+        n_done = sum(1 for e in state["cells"].values() if e.get("status") == "FINISHED")
+        print(f"[benchmark] {n_done}/{len(cells)} {msg}", flush=True)
+        timeline.append(
+            {
+                "cell": cell.key,
+                "method": cell.method,
+                "dataset": cell.dataset,
+                "seed": cell.seed,
+                "status": entry["status"],
+                "node": node,
+                "start": start,
+                "end": end,
+                "attempts": attempts,
+                "resources": json.dumps(out.result.get("resources", {})),
+                **{f"time_{k}": v for k, v in (out.result.get("timings") or {}).items()},
+            }
+        )
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        run_cells(
+            todo,
+            max_concurrent=cap,
+            retries=bench.cell_retries,
+            on_outcome=record,
+            already_done=len(cells) - len(todo),
+            total=len(cells),
+        )
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        closed = close_open_runs(uri, parent.run_id, status)
+        parent.finish(status)
+        print(
+            f"\n[benchmark] {bench.name}: stopped ({type(exc).__name__}); {closed} open cell "
+            f"run(s) and the parent run marked {status}; re-run the same name to resume",
+            flush=True,
+        )
+        raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    table, raw = results_table(state, bench)
+    files = _write_outputs(out_dir, table, raw, provenance, bench, state)
+    if timeline:
+        files.update(write_timeline(timeline, out_dir))
+    for kind, path in files.items():
+        parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
+    failed = [k for k, e in state["cells"].items() if e.get("status") == "FAILED"]
+    stats = timeline_stats(timeline)
+    parent.log_metrics(
+        {
+            "cells": sum(1 for e in state["cells"].values() if e.get("status") != "FAILED"),
+            "cells_failed": len(failed),
+            "wall_time_s": time.perf_counter() - started,
+            "shared_data_s": prep_s,
+            **{k: v for k, v in stats.items() if not math.isnan(v)},
+        },
+        step=0,
+    )
+    if stats:
+        print(
+            f"[benchmark] {len(timeline)} cells in {stats['makespan_s']:.0f}s: peak concurrency "
+            f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+            f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
+            flush=True,
+        )
+    if failed:
+        parent.set_tags({"infosam.failed_cells": ",".join(failed)})
     parent.finish("FINISHED")
     return {
         "table": table,
@@ -261,6 +398,9 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         "parent_run_id": parent.run_id,
         "tracking_uri": uri,
         "provenance": provenance,
+        "failed": failed,
+        "timeline": timeline,
+        "stats": stats,
     }
 
 
@@ -270,6 +410,8 @@ def results_table(state: dict[str, Any], bench: BenchmarkConfig):
 
     rows = []
     for cell in state["cells"].values():
+        if cell.get("status", "FINISHED") != "FINISHED":
+            continue  # listed under the table as missing, never averaged
         for k, v in cell["metrics"].items():
             rows.append(
                 {
@@ -289,8 +431,12 @@ def results_table(state: dict[str, Any], bench: BenchmarkConfig):
         .agg(["mean", "std", "count"])
         .reset_index()
     )
+    seeds = len(bench.seeds)
     agg["cell"] = agg.apply(
-        lambda r: f"{100 * r['mean']:.1f} ± {0 if pd.isna(r['std']) else 100 * r['std']:.1f}",
+        lambda r: (
+            f"{100 * r['mean']:.1f} ± {0 if pd.isna(r['std']) else 100 * r['std']:.1f}"
+            + ("" if r["count"] >= seeds else f" (n={int(r['count'])}/{seeds})")
+        ),
         axis=1,
     )
     table = agg.pivot_table(
@@ -307,13 +453,27 @@ def results_table(state: dict[str, Any], bench: BenchmarkConfig):
 
 
 def _write_outputs(
-    out_dir: Path, table, raw, provenance: dict[str, Any], bench: BenchmarkConfig
+    out_dir: Path,
+    table,
+    raw,
+    provenance: dict[str, Any],
+    bench: BenchmarkConfig,
+    state: dict[str, Any],
 ) -> dict[str, str]:
     header = "\n".join(f"- {k}: {v}" for k, v in provenance.items())
     seeds = len(bench.seeds)
+    failed = {k: e for k, e in state["cells"].items() if e.get("status") == "FAILED"}
+    missing = ""
+    if failed:
+        lines = "\n".join(f"- `{k}`: {e.get('error', '')}" for k, e in sorted(failed.items()))
+        missing = (
+            f"\n**{len(failed)} cell(s) FAILED and are missing from the table** (values with "
+            f"n=k/{seeds} average the seeds that finished); re-run the same benchmark name to "
+            f"retry them:\n\n{lines}\n"
+        )
     md = (
         f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
-        f"on each dataset's test split.\n\n{table.to_markdown()}\n"
+        f"on each dataset's test split.\n\n{table.to_markdown()}\n{missing}"
     )
     files = {
         "markdown": str(out_dir / "results.md"),

@@ -56,12 +56,12 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
     from infosam.sam import SAM_VARIANTS, checkpoint_sha256
     from orchestrator.config import ConfigError
     from orchestrator.datasets import IngestError
+    from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint
     from orchestrator.teacher_cache import (
         TeacherCacheError,
         build_teacher_cache,
         open_teacher_cache,
     )
-    from orchestrator.trainer import ensure_data, init_ray, teacher_checkpoint
 
     try:
         cfg = _load(args)
@@ -184,7 +184,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from infosam.sam import CheckpointMismatchError, PromptableSam
     from orchestrator.config import ConfigError, load_config
     from orchestrator.datasets import IngestError
-    from orchestrator.trainer import evaluate_checkpoint, evaluate_model
+    from orchestrator.evaluation import evaluate_checkpoint, evaluate_model
 
     try:
         if args.reference:

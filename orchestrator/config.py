@@ -101,6 +101,9 @@ class ScalingConfig:
     cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data keeps CPUs
     gpus_per_worker: float = 1.0
     max_failures: int = 1
+    # Extra Ray resources per Train worker (or per local-mode run): e.g. {accelerator_type:A10G:
+    # 0.001} to pin a GPU kind, or a custom slot resource that nodes advertise.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     data_cpus: float = 0.5  # CPUs per Ray Data decode task
     # Build InfoSAM's Grams over the global batch (all workers). Default on: the method's
     # mutual information is a batch statistic, and per-worker batches can be as small as 1.
@@ -223,6 +226,11 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items()
+        )
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:

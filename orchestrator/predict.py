@@ -34,7 +34,7 @@ def load_model(
     """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant)."""
     path = Path(checkpoint)
     if path.is_dir():
-        from orchestrator.trainer import load_trained
+        from orchestrator.checkpoints import load_trained
 
         model, cfg, _ = load_trained(path, device)
         return model, cfg.model.variant
@@ -156,7 +156,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
     adapters give a self-contained file for `infosam.sam.load_exported`."""
     from infosam.reference import save_exported
-    from orchestrator.trainer import load_trained
+    from orchestrator.checkpoints import load_trained
 
     model, cfg, _ = load_trained(checkpoint)
     sam = model.sam

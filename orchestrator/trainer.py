@@ -11,10 +11,7 @@ not yet logged are back-filled from the checkpoint, so the history stays continu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import sys
 import tempfile
 import time
 import uuid
@@ -25,35 +22,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from infosam.engine import eval_step, predict_logits, train_step
+from infosam.engine import train_step
 from infosam.prompts import sample_prompts
-from infosam.relation import RelationModule
-from infosam.sam import (
-    SAM_VARIANTS,
-    PromptableSam,
-    build_sam,
-    checkpoint_sha256,
-    resolve_checkpoint,
-)
-from infosam.speed import checkpoint_blocks, compile_blocks, use_attention
+from infosam.sam import SAM_VARIANTS
 from infosam.transforms import random_hflip
-from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
-from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError, flatten
+from infosam.tuning import load_trainable_state_dict
+from orchestrator.checkpoints import STATE_FILE, load_state, read_history, save_checkpoint
+from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
+from orchestrator.evaluation import evaluate_split, mean_metrics
+from orchestrator.models import autocast_dtype, build_models, unwrap
+from orchestrator.pipeline import to_torch
+from orchestrator.runtime import ensure_data, init_ray, teacher_hash
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 
 __all__ = [
     "FitResult",
-    "apply_speed",
-    "build_models",
-    "ensure_data",
+    "SharedData",
     "fit",
-    "load_trained",
+    "make_optimizer",
+    "prepare_data",
     "train_loop_per_worker",
 ]
 
-STATE_FILE = "state.pt"
 LOSS_KEYS = (
     "loss",
     "segmentation",
@@ -63,121 +55,6 @@ LOSS_KEYS = (
     "kd",
     "empty_prompts",
 )
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def ensure_data(cfg: Config) -> Path | str:
-    """The dataset folder; synthesises an embedded domain on first use (under a file lock)."""
-    if "://" in cfg.data.root:  # shared storage on clusters (s3://...): must be ingested already
-        uri = f"{cfg.data.root.rstrip('/')}/{cfg.data.dataset}"
-        load_manifest(uri)
-        return uri
-    root = Path(cfg.data.root).expanduser().resolve()
-    path = root / cfg.data.dataset
-    if (path / "manifest.json").is_file():
-        return path
-    if not (cfg.data.synthesize and cfg.data.dataset in SYNTHETIC_DOMAINS):
-        raise ConfigError(
-            f"dataset not found: {path} has no manifest.json. For the paper benchmarks, download "
-            "the Conv-LoRA dataset zips (polyp, camo_sem_seg, isic2017, leaf_disease_segmentation, "
-            f"road_segmentation), unzip each, and run `infosam data ingest --format convlora "
-            f"<unzipped folder> {root}`; or point data.root/data.dataset at an ingested dataset"
-        )
-    from orchestrator.synthetic import synthesize
-
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".synth.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "manifest.json").is_file():
-            print(
-                f"[infosam] generating synthetic domain {cfg.data.dataset!r} in {root}", flush=True
-            )
-            synthesize(
-                root, [cfg.data.dataset], seed=cfg.data.synth_seed, scale=cfg.data.synth_scale
-            )
-    return path
-
-
-def teacher_checkpoint(cfg: Config) -> str | None:
-    path = resolve_checkpoint(cfg.model.checkpoint)
-    if path is not None and not os.path.isfile(path):
-        raise ConfigError(
-            f"model.checkpoint not found: {path}. Download the official SAM weights for "
-            f"{cfg.model.variant} ({SAM_VARIANTS[cfg.model.variant].official_checkpoint}) from "
-            "facebookresearch/segment-anything and set model.checkpoint to their path"
-        )
-    return path
-
-
-def build_models(
-    cfg: Config, device: torch.device | str = "cpu"
-) -> tuple[PromptableSam | None, PromptableSam, RelationModule | None, Any]:
-    """(frozen teacher or None, student, relation module or None, tuning report)."""
-    path = teacher_checkpoint(cfg)
-    loss = cfg.loss
-    teacher = None
-    if loss.needs_teacher:
-        teacher = PromptableSam(build_sam(cfg.model.variant, path)).to(device).eval()
-        teacher.requires_grad_(False)
-    torch.manual_seed(cfg.seed)  # identical student init (adapters, LoRA) on every worker and run
-    sam = build_sam(cfg.model.variant, path)
-    report = apply_tuning(sam, cfg.tuning)
-    student = PromptableSam(sam).to(device)
-    relation = (
-        RelationModule(SAM_VARIANTS[cfg.model.variant].prompt_embed_dim).to(device)
-        if loss.infosam
-        else None
-    )
-    apply_speed(cfg, teacher, student)
-    return teacher, student, relation, report
-
-
-def apply_speed(cfg: Config, teacher: PromptableSam | None, student: PromptableSam) -> None:
-    """The `speed` section's switches, in place (weights and state_dict keys unchanged)."""
-    sp = cfg.speed
-    use_attention(student.sam, sp.attention)
-    if sp.checkpointing:
-        checkpoint_blocks(student.sam)
-    if sp.compile:
-        compile_blocks(student.sam)
-    if teacher is not None:
-        use_attention(teacher.sam, sp.attention)
-        if sp.compile and not sp.teacher_cache:
-            compile_blocks(teacher.sam)
-        if sp.teacher_bf16:
-            teacher.sam.image_encoder.to(torch.bfloat16)
-
-
-def _autocast_dtype(cfg: Config) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.optim.precision == "bf16" else None
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
-
-
-def load_trained(
-    checkpoint_dir: str | os.PathLike, device: str = "cpu"
-) -> tuple[PromptableSam, Config, dict]:
-    """Rebuild the fine-tuned student from a training checkpoint directory."""
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=device, weights_only=True)
-    cfg = Config.from_dict(json.loads(state["config"]))
-    path = teacher_checkpoint(cfg)
-    if (
-        path is not None
-        and state.get("teacher_sha256")
-        and checkpoint_sha256(path) != state["teacher_sha256"]
-    ):
-        raise ConfigError(
-            f"{path} is not the base checkpoint this run was trained from (sha256 differs); "
-            "the checkpoint holds only the trained tensors, so it needs the same base weights"
-        )
-    sam = build_sam(cfg.model.variant, path)
-    apply_tuning(sam, cfg.tuning)
-    load_trainable_state_dict(sam, state["student"])
-    return PromptableSam(sam).to(device).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -207,80 +84,7 @@ def _gather_fn(world: int):
     return lambda x: torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def _numpy_to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
-    from orchestrator.pipeline import to_torch
-
-    return to_torch(batch, device)
-
-
-def _evaluate(
-    models: dict[str, torch.nn.Module],
-    iterator: Any,
-    cfg: Config,
-    device: torch.device,
-    overlays: int = 0,
-) -> tuple[dict[str, dict[str, float]], int, list[dict[str, np.ndarray]]]:
-    """Mean metrics per model over a full split; optionally collect overlay rows."""
-    sums: dict[str, dict[str, float]] = {name: {} for name in models}
-    count = 0
-    rows: list[dict[str, np.ndarray]] = []
-    gen = torch.Generator().manual_seed(cfg.seed)  # the same eval prompts every epoch
-    for np_batch in iterator.iter_batches(
-        batch_size=cfg.optim.eval_batch_size, batch_format="numpy"
-    ):
-        batch = _numpy_to_torch(np_batch, device)
-        masks = batch["mask"]
-        prompts = sample_prompts(
-            masks.cpu(),
-            cfg.data.eval_prompt,
-            max_shift=cfg.data.eval_box_jitter,
-            num_positive=cfg.data.num_positive_points,
-            num_negative=cfg.data.num_negative_points,
-            generator=gen,
-        ).to(device)
-        gts = [torch.from_numpy(np.array(m)) for m in batch["mask_original"]]
-        preds: dict[str, list[torch.Tensor]] = {}
-        for name, model in models.items():
-            results = eval_step(
-                model,
-                batch["image"],
-                gts,
-                prompts,
-                batch["input_size"],
-                protocol=cfg.optim.eval_protocol,
-                metrics=tuple(cfg.optim.metrics),
-                autocast_dtype=_autocast_dtype(cfg),
-            )
-            for r in results:
-                for k, v in r.items():
-                    if k != "protocol":
-                        sums[name][k] = sums[name].get(k, 0.0) + float(v)
-            if len(rows) < overlays:
-                preds[name] = predict_logits(
-                    model,
-                    batch["image"],
-                    prompts,
-                    batch["input_size"],
-                    [g.shape for g in gts],
-                    autocast_dtype=_autocast_dtype(cfg),
-                )
-        count += len(gts)
-        if len(rows) < overlays:
-            for i in range(min(overlays - len(rows), len(gts))):
-                h, w = gts[i].shape
-                ih, iw = (int(v) for v in batch["input_size"][i])
-                small = batch["image"][i, :, :ih, :iw].permute(1, 2, 0).cpu().numpy()
-                from PIL import Image
-
-                image = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
-                row = {"image": image, "gt": gts[i].numpy()}
-                for name in models:
-                    row[name] = (preds[name][i] > 0).cpu().numpy()
-                rows.append(row)
-    return sums, count, rows
-
-
-def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter], steps_total: int):
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], steps_total: int):
     fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
     cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"fused": True} if fused else {}
@@ -292,25 +96,6 @@ def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter], steps_total: 
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
-
-
-def _save_checkpoint(
-    tmp: str, *, student, relation, opt, sched, epoch, history, cfg, teacher_sha
-) -> None:
-    state = {
-        "student": trainable_state_dict(_unwrap(student).sam),
-        "relation": None if relation is None else _unwrap(relation).state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "epoch": epoch,
-        "torch_rng": torch.get_rng_state(),
-        "history": json.dumps(history),
-        "config": json.dumps(cfg.to_dict()),
-        "teacher_sha256": teacher_sha,
-    }
-    torch.save(state, Path(tmp) / STATE_FILE)
-    (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
-    (Path(tmp) / "metrics.json").write_text(json.dumps(history[-1], indent=2))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -339,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"{n_train} training samples give no full batch of {cfg.optim.batch_size} "
             "(drop_last): lower optim.batch_size or add data"
         )
-    opt, sched = _make_optimizer(cfg, params, steps_per_epoch * cfg.optim.epochs)
+    opt, sched = make_optimizer(cfg, params, steps_per_epoch * cfg.optim.epochs)
     start_epoch, history, resumed_from = 0, [], None
     ckpt = ray.train.get_checkpoint()
     local_dir = loop_config.get("local_checkpoint_root")
@@ -348,10 +133,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(found[-1].parent)) if found else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        load_trainable_state_dict(_unwrap(student).sam, state["student"])
+            state = load_state(d, device)
+        load_trainable_state_dict(unwrap(student).sam, state["student"])
         if relation is not None:
-            _unwrap(relation).load_state_dict(state["relation"])
+            unwrap(relation).load_state_dict(state["relation"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
@@ -378,15 +163,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 {"trainable_params": report.trainable_params, "total_params": report.total_params}
             )
     gather = _gather_fn(world) if cfg.scaling.all_gather_relations else None
-    autocast = _autocast_dtype(cfg)
+    autocast = autocast_dtype(cfg)
     train_shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator()
     zero_shot: dict[str, float] = {}
     if start_epoch == 0 and rank == 0 and teacher is not None and cfg.optim.zero_shot_eval:
-        sums, count, _ = _evaluate(
+        sums, count, _ = evaluate_split(
             {"teacher": teacher}, ray.train.get_dataset_shard("val"), cfg, device
         )
-        zero_shot = {f"val/zero_shot_{k}": v / max(count, 1) for k, v in sums["teacher"].items()}
+        zero_shot = mean_metrics(sums["teacher"], count, "val/zero_shot_")
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         # Epoch-keyed seeds: a resumed epoch draws the same prompts as an uninterrupted one.
@@ -402,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=(cfg.seed + epoch) if cfg.data.shuffle_buffer else None,
         )
         for np_batch in batches:
-            batch = _numpy_to_torch(np_batch, device)
+            batch = to_torch(np_batch, device)
             if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
                 random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
             prompts = sample_prompts(
@@ -445,45 +230,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch == cfg.optim.epochs - 1
         overlay_rows: list = []
         if rank == 0:
+            t_eval = time.perf_counter()
             # Unwrapped: a DDP forward on one rank alone would wait for the others (buffer sync).
-            models = {"student": _unwrap(student)}
-            sums_v, count, _ = _evaluate(models, ray.train.get_dataset_shard("val"), cfg, device)
-            metrics.update({f"val/{k}": v / max(count, 1) for k, v in sums_v["student"].items()})
+            models = {"student": unwrap(student)}
+            sums_v, count, _ = evaluate_split(
+                models, ray.train.get_dataset_shard("val"), cfg, device
+            )
+            metrics.update(mean_metrics(sums_v["student"], count, "val/"))
             metrics.update(zero_shot)
             if last:
-                sums_t, count_t, _ = _evaluate(
+                if teacher is not None and cfg.optim.zero_shot_eval:
+                    models = {**models, "teacher": teacher}  # one pass over the test split
+                sums_t, count_t, _ = evaluate_split(
                     models, ray.train.get_dataset_shard("test"), cfg, device
                 )
-                metrics.update(
-                    {f"test/{k}": v / max(count_t, 1) for k, v in sums_t["student"].items()}
-                )
-                if teacher is not None and cfg.optim.zero_shot_eval:
-                    sums_z, _, _ = _evaluate(
-                        {"teacher": teacher}, ray.train.get_dataset_shard("test"), cfg, device
-                    )
-                    metrics.update(
-                        {
-                            f"test/zero_shot_{k}": v / max(count_t, 1)
-                            for k, v in sums_z["teacher"].items()
-                        }
-                    )
+                metrics.update(mean_metrics(sums_t["student"], count_t, "test/"))
+                if "teacher" in sums_t:
+                    metrics.update(mean_metrics(sums_t["teacher"], count_t, "test/zero_shot_"))
                 if logger is not None and cfg.tracking.overlays > 0:
-                    both = {"student": _unwrap(student)}
+                    both = {"student": unwrap(student)}
                     if teacher is not None:
                         both = {"teacher": teacher, **both}
-                    _, _, overlay_rows = _evaluate(
+                    _, _, overlay_rows = evaluate_split(
                         both,
                         ray.train.get_dataset_shard("val"),
                         cfg,
                         device,
                         overlays=cfg.tracking.overlays,
                     )
+            metrics["time/eval_s"] = time.perf_counter() - t_eval
+        metrics["time/train_s"] = train_time
         metrics["eval_protocol"] = cfg.optim.eval_protocol  # type: ignore[assignment]
         history.append({k: v for k, v in metrics.items()})
         with _checkpoint_dir(local_dir, epoch) as tmp:
             checkpoint = None
             if rank == 0:
-                _save_checkpoint(
+                save_checkpoint(
                     tmp,
                     student=student,
                     relation=relation,
@@ -576,130 +358,39 @@ class FitResult:
     metrics: dict[str, Any]
     checkpoint_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, see `fit`
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to a cluster (RAY_ADDRESS / `address`) or start a local Ray; never both."""
-    import ray
+@dataclass
+class SharedData:
+    """What every run on one dataset shares: prepared once, passed to many `fit` calls.
 
-    if ray.is_initialized():
-        return
-    env = {}
-    if not sys.stdout.isatty():  # people at a terminal want Ray Data's bars; CI logs do not
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    if env:
-        import ray.data
+    The benchmark builds one per dataset (decoded small splits in Ray's object store, the
+    teacher cache, the manifest, the teacher hash) and hands it to each of its cells, so cells
+    no longer decode the same images again.
+    """
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # num_cpus cannot be passed when connecting
-    else:
-        # The dashboard (loopback only) also serves the state API that Ray Train's placement-group
-        # cleaner needs: without it, a trial stopped by Tune can leak its workers' resources.
-        ray.init(
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env={"env_vars": env} if env else None,
-        )
+    data_dir: str
+    manifest: dict[str, Any]
+    datasets: dict[str, Any]  # train/val/test Ray Datasets (materialized when small)
+    teacher_sha256: str | None
+    n_train: int
+    train_cache: dict[str, Any] | None = None
 
 
-def _storage(cfg: Config) -> tuple[str, str]:
-    storage = cfg.storage.path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    name = (
-        cfg.storage.name
-        or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    )
-    return storage, name
-
-
-def _run_dir(storage: str, name: str) -> Path | None:
-    return None if "://" in storage else Path(storage) / name
-
-
-def fit(
-    cfg: Config,
-    *,
-    logger: RunLogger | None = None,
-    quiet: bool = False,
-    callbacks: list | None = None,
-) -> FitResult:
-    """Train one configuration on Ray Train; returns final metrics and the last checkpoint."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
+def prepare_data(
+    cfg: Config, *, teacher_sha256: str | None = None, quiet: bool = True
+) -> SharedData:
+    """Dataset folder, teacher cache and Ray Datasets for `cfg` (Ray must be initialised)."""
     from orchestrator.pipeline import read_split
 
-    cfg.validate()
-    if not quiet:
-        print("[infosam] resolved config:\n" + cfg.to_yaml(), flush=True)
     data_dir = ensure_data(cfg)
     manifest = load_manifest(data_dir)
-    n_train = manifest["counts"].get(cfg.data.train_split, 0)
-    path = teacher_checkpoint(cfg)
-    teacher_sha = checkpoint_sha256(path) if path else None
-    if path is None:
-        print(
-            "[infosam] WARNING: model.checkpoint is null: the teacher is randomly initialised",
-            flush=True,
-        )
-    init_ray()
-    storage, name = _storage(cfg)
-    run_dir = _run_dir(storage, name)
-    uri = resolve_tracking_uri(
-        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
-    )
-    owns_logger = logger is None
-    if logger is None:
-        run_id_file = run_dir / "mlflow_run_id" if run_dir else None
-        if run_id_file is not None and run_id_file.is_file():
-            logger = RunLogger(uri, run_id_file.read_text().strip())
-            logger.client.update_run(logger.run_id, status="RUNNING")
-        else:
-            artifact_root = tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment)
-            logger = start_run(
-                uri,
-                cfg.tracking.experiment,
-                cfg.tracking.run_name or name,
-                artifact_root=artifact_root,
-                tags={
-                    "infosam.storage_name": name,
-                    "infosam.eval_protocol": cfg.optim.eval_protocol,
-                    "infosam.dataset": cfg.data.dataset,
-                    "infosam.tuning": cfg.tuning.method,
-                },
-                parent_run_id=cfg.tracking.parent_run_id,
-            )
-            if run_id_file is not None:
-                run_id_file.parent.mkdir(parents=True, exist_ok=True)
-                run_id_file.write_text(logger.run_id)
-            logger.log_params(flatten(cfg.to_dict()))
-            logger.log_params(
-                {
-                    "teacher_sha256": teacher_sha or "random-init",
-                    "data.manifest_shards": len(manifest["shards"]),
-                    "all_gather_relations": cfg.scaling.all_gather_relations,
-                }
-            )
-            logger.log_text(cfg.to_yaml(), "config.yaml")
-            logger.log_text(
-                json.dumps(
-                    {k: v for k, v in manifest.items() if k != "shards"}, indent=2, default=str
-                ),
-                "data_manifest.json",
-            )
     sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     size = SAM_VARIANTS[cfg.model.variant].image_size
     train_cache = None
     if cfg.speed.teacher_cache and cfg.loss.needs_teacher:
+        from orchestrator.runtime import teacher_checkpoint
         from orchestrator.teacher_cache import TeacherCacheError, ensure_teacher_cache
 
         try:
@@ -707,19 +398,15 @@ def fit(
                 data_dir,
                 cfg.data.train_split,
                 variant=cfg.model.variant,
-                checkpoint=path,
-                teacher_sha256=teacher_sha,
+                checkpoint=teacher_checkpoint(cfg),
+                teacher_sha256=teacher_sha256,
                 image_size=size,
                 channel_order=cfg.data.channel_order,
                 use_gpu=sc.use_gpu,
                 quiet=quiet,
             )
         except TeacherCacheError as exc:
-            if logger is not None and owns_logger:
-                logger.finish("FAILED")
             raise ConfigError(str(exc)) from None
-        if logger is not None:
-            logger.set_tags({"infosam.teacher_cache": train_cache["location"]})
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
     datasets = {}
     for key, split in splits.items():
@@ -732,8 +419,8 @@ def fit(
             num_cpus=sc.data_cpus,
             teacher_cache=train_cache if key == "train" else None,
         )
-        # Small splits are decoded once and kept in the object store: every later epoch and
-        # evaluation then skips parquet reading and decoding (seconds per pass on a laptop).
+        # Small splits are decoded once and kept in the object store: every later epoch, every
+        # evaluation and (in a benchmark) every cell then skips parquet reading and decoding.
         rows = manifest["counts"].get(split, 0)
         row_bytes = size * size * 4
         if key == "train" and train_cache is not None:
@@ -741,12 +428,152 @@ def fit(
         if rows * row_bytes <= cfg.data.materialize_max_mb * 2**20:
             ds = ds.materialize()
         datasets[key] = ds
+    n_train = int(manifest["counts"].get(cfg.data.train_split, 0))
+    return SharedData(str(data_dir), manifest, datasets, teacher_sha256, n_train, train_cache)
+
+
+def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, str]:
+    storage = cfg.storage.path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    name = (
+        name
+        or cfg.storage.name
+        or f"{run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
+    return storage, name
+
+
+def _run_dir(storage: str, name: str) -> Path | None:
+    return None if "://" in storage else Path(storage) / name
+
+
+def open_run(
+    cfg: Config,
+    *,
+    run_name: str,
+    run_dir: Path | None,
+    parent_run_id: str | None,
+    tags: dict[str, str],
+    shared: SharedData,
+) -> RunLogger:
+    """The run's MLflow run: re-opened (RUNNING again) when this Train run resumes, else new."""
+    uri = resolve_tracking_uri(
+        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
+    )
+    run_id_file = run_dir / "mlflow_run_id" if run_dir else None
+    if run_id_file is not None and run_id_file.is_file():
+        logger = RunLogger(uri, run_id_file.read_text().strip())
+        logger.client.update_run(logger.run_id, status="RUNNING")
+        logger.set_tags(tags)
+        return logger
+    logger = start_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name,
+        artifact_root=tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment),
+        tags={
+            "infosam.eval_protocol": cfg.optim.eval_protocol,
+            "infosam.dataset": cfg.data.dataset,
+            "infosam.tuning": cfg.tuning.method,
+            **tags,
+        },
+        parent_run_id=parent_run_id,
+    )
+    if run_id_file is not None:
+        run_id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(logger.run_id)
+    logger.log_params(flatten(cfg.to_dict()))
+    logger.log_params(
+        {
+            "teacher_sha256": shared.teacher_sha256 or "random-init",
+            "data.manifest_shards": len(shared.manifest["shards"]),
+            "all_gather_relations": cfg.scaling.all_gather_relations,
+        }
+    )
+    logger.log_text(cfg.to_yaml(), "config.yaml")
+    manifest = {k: v for k, v in shared.manifest.items() if k != "shards"}
+    logger.log_text(json.dumps(manifest, indent=2, default=str), "data_manifest.json")
+    return logger
+
+
+def fit(
+    cfg: Config,
+    *,
+    logger: RunLogger | None = None,
+    quiet: bool = False,
+    callbacks: list | None = None,
+    shared: SharedData | None = None,
+    run_name: str | None = None,
+    storage_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> FitResult:
+    """Train one configuration on Ray Train; returns final metrics and the last checkpoint.
+
+    Run state stays out of `cfg`: `run_name` (MLflow), `storage_name` (Ray Train's run
+    directory; re-using one resumes it), `parent_run_id` and `tags` are arguments, defaulting to
+    the user-facing `tracking.run_name`, `storage.name` and `tracking.parent_run_id`. `shared`
+    skips data preparation (a benchmark prepares each dataset once for all its cells).
+    `FitResult.timings`: start-up (config, teacher hash, Ray, MLflow), data, training and
+    evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
+    checkpoints) and logging (curves, closing the run).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    cfg.validate()
+    if not quiet:
+        print("[infosam] resolved config:\n" + cfg.to_yaml(), flush=True)
+    run_name = run_name or cfg.tracking.run_name
+    parent_run_id = parent_run_id or cfg.tracking.parent_run_id
+    teacher_sha = shared.teacher_sha256 if shared is not None else teacher_hash(cfg)
+    if teacher_sha is None:
+        print(
+            "[infosam] WARNING: model.checkpoint is null: the teacher is randomly initialised",
+            flush=True,
+        )
+    init_ray()
+    storage, name = _storage(cfg, storage_name, run_name)
+    run_dir = _run_dir(storage, name)
+    timings["startup_s"] = time.perf_counter() - t_start
+    owns_logger = logger is None
+    t_data = time.perf_counter()
+    try:
+        if shared is None:
+            shared = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
+    except BaseException:
+        if logger is not None and owns_logger:
+            logger.finish("FAILED")
+        raise
+    timings["data_s"] = time.perf_counter() - t_data
+    t_log = time.perf_counter()
+    if logger is None:
+        logger = open_run(
+            cfg,
+            run_name=run_name or name,
+            run_dir=run_dir,
+            parent_run_id=parent_run_id,
+            tags={"infosam.storage_name": name, **(tags or {})},
+            shared=shared,
+        )
+    if shared.train_cache is not None:
+        logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
+    timings["startup_s"] += time.perf_counter() - t_log
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.worker_resources}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "mlflow": (logger.uri, logger.run_id) if logger else None,
-            "n_train": n_train,
+            "n_train": shared.n_train,
             "teacher_sha256": teacher_sha,
             "local_checkpoint_root": str(run_dir) if sc.num_workers == 0 and run_dir else None,
         },
@@ -755,7 +582,7 @@ def fit(
             use_gpu=sc.use_gpu,
             resources_per_worker=resources if sc.num_workers else None,
         ),
-        datasets=datasets,
+        datasets=shared.datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,
@@ -765,17 +592,19 @@ def fit(
             callbacks=callbacks or [],
         ),
     )
+    t_fit = time.perf_counter()
     try:
         result = trainer.fit()
     except BaseException:
         if logger is not None and owns_logger:
             logger.finish("FAILED")
         raise
+    fit_s = time.perf_counter() - t_fit
+    t_log = time.perf_counter()
     checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
     history: list[dict[str, Any]] = []
     if checkpoint_dir and "://" not in checkpoint_dir:
-        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-        history = json.loads(state["history"])
+        history = read_history(checkpoint_dir)
     if logger is not None:
         with contextlib.suppress(Exception):
             _log_curves(logger, cfg)
@@ -783,6 +612,10 @@ def fit(
             logger.set_tags({"infosam.checkpoint": checkpoint_dir})
         if owns_logger:
             logger.finish("FINISHED")
+    timings["train_s"] = sum(float(h.get("time/train_s", 0.0)) for h in history)
+    timings["eval_s"] = sum(float(h.get("time/eval_s", 0.0)) for h in history)
+    timings["train_overhead_s"] = max(fit_s - timings["train_s"] - timings["eval_s"], 0.0)
+    timings["logging_s"] = time.perf_counter() - t_log
     return FitResult(
         run_id=logger.run_id if logger else None,
         tracking_uri=logger.uri if logger else None,
@@ -790,6 +623,7 @@ def fit(
         metrics=dict(result.metrics or {}),
         checkpoint_dir=checkpoint_dir,
         history=history,
+        timings=timings,
     )
 
 
@@ -809,62 +643,3 @@ def _log_curves(logger: RunLogger, cfg: Config) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-
-
-def evaluate_checkpoint(
-    checkpoint_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    *,
-    split: str = "test",
-    protocol: str | None = None,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Metrics of a trained checkpoint on a dataset split, without Ray (same code as training)."""
-    model, cfg, _ = load_trained(checkpoint_dir)
-    return evaluate_model(
-        model, cfg, data_dir, split=split, protocol=protocol, batch_size=batch_size
-    )
-
-
-def evaluate_model(
-    model: PromptableSam,
-    cfg: Config,
-    data_dir: str | os.PathLike,
-    *,
-    split: str = "test",
-    protocol: str | None = None,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics)."""
-    from orchestrator.datasets import iter_rows
-    from orchestrator.pipeline import decode_batch
-
-    if protocol:
-        cfg.optim.eval_protocol = protocol
-    cfg.optim.eval_batch_size = batch_size
-    size = model.image_size
-
-    class _Rows:  # the one method of a Ray DataIterator that _evaluate uses
-        def iter_batches(self, batch_size: int, batch_format: str):
-            chunk: list[dict] = []
-            for row in iter_rows(data_dir, split):
-                chunk.append(row)
-                if len(chunk) == batch_size:
-                    yield self._decode(chunk)
-                    chunk = []
-            if chunk:
-                yield self._decode(chunk)
-
-        @staticmethod
-        def _decode(chunk: list[dict]) -> dict[str, np.ndarray]:
-            cols = {
-                k: np.asarray([r[k] for r in chunk], dtype=object)
-                for k in ("id", "image", "mask", "source")
-            }
-            return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
-
-    sums, count, _ = _evaluate({"student": model}, _Rows(), cfg, torch.device("cpu"))
-    out: dict[str, Any] = {k: v / max(count, 1) for k, v in sums["student"].items()}
-    out["count"] = count
-    out["protocol"] = cfg.optim.eval_protocol
-    return out

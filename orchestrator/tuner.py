@@ -39,7 +39,9 @@ class TuneConfig:
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: int = 2
-    max_concurrent_trials: int | None = None  # default: GPUs / GPUs per trial, or 1 on CPU
+    # default: no cap on a cluster (resources and the autoscaler decide); on a Ray this process
+    # started, as many trials as its CPUs hold
+    max_concurrent_trials: int | None = None
     # key -> {type: loguniform|uniform|choice|grid, low, high, values, off: bool}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -123,13 +125,10 @@ def _trial(config: dict[str, Any]) -> None:
     sweep = config.pop("__sweep")
     trial_id = tune.get_context().get_trial_id()
     cfg = Config.from_dict(apply_overrides(base, trial_overrides(config)))
-    cfg.tracking.parent_run_id = sweep["parent_run_id"]
-    cfg.tracking.run_name = f"trial-{trial_id}"
-    cfg.storage.name = f"{sweep['name']}/trial-{trial_id}"
     logger = start_run(
         sweep["uri"],
         cfg.tracking.experiment,
-        cfg.tracking.run_name,
+        f"trial-{trial_id}",
         artifact_root=sweep["artifact_root"],
         tags={TRIAL_TAG: trial_id, "infosam.sweep": sweep["name"]},
         parent_run_id=sweep["parent_run_id"],
@@ -138,7 +137,13 @@ def _trial(config: dict[str, Any]) -> None:
     # Errors and Tune's own stops (ASHA, max_t) surface here as exceptions that look alike;
     # the driver-side callback knows which happened and closes the run as FAILED or FINISHED.
     cfg.validate()
-    fit(cfg, logger=logger, quiet=True, callbacks=[TuneReportCallback()])
+    fit(
+        cfg,
+        logger=logger,
+        quiet=True,
+        callbacks=[TuneReportCallback()],
+        storage_name=f"{sweep['name']}/trial-{trial_id}",
+    )
     logger.finish("FINISHED")
 
 
@@ -183,15 +188,19 @@ def _trial_resources(base: Config) -> dict[str, float]:
     return {"CPU": 0.5}  # the trial only drives; its Train workers reserve their own CPUs
 
 
-def _max_concurrent(tcfg: TuneConfig, base: Config) -> int:
+def _max_concurrent(tcfg: TuneConfig, base: Config, started_here: bool) -> int | None:
+    """`tune.max_concurrent_trials`; else no cap on a cluster (pending trials' worker groups are
+    what asks the autoscaler for nodes); else as many trials as this machine's CPUs hold."""
     import ray
 
     if tcfg.max_concurrent_trials:
         return tcfg.max_concurrent_trials
-    if base.scaling.use_gpu:
-        per_trial = max(base.scaling.num_workers, 1) * base.scaling.gpus_per_worker
-        return max(1, int(ray.cluster_resources().get("GPU", 0) // per_trial))
-    return 1
+    if not started_here:
+        return None
+    sc = base.scaling
+    per_trial = _trial_resources(base).get("CPU", 0) + sc.num_workers * sc.cpus_per_worker
+    per_trial += sc.data_cpus  # Ray Data needs a CPU of its own or the run hangs (2-CPU fact)
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
 def _searcher(tcfg: TuneConfig):
@@ -220,10 +229,10 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     import pandas as pd
     from ray import tune
 
-    from orchestrator.trainer import ensure_data, init_ray
+    from orchestrator.runtime import ensure_data, init_ray
 
     ensure_data(base)  # synthesise once here, not concurrently in every trial
-    init_ray()
+    started_here = not init_ray()
     storage = (
         base.storage.path
         if "://" in base.storage.path
@@ -278,7 +287,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             num_samples=tcfg.num_samples,
             scheduler=scheduler,
             search_alg=_searcher(tcfg),
-            max_concurrent_trials=_max_concurrent(tcfg, base),
+            max_concurrent_trials=_max_concurrent(tcfg, base, started_here),
         ),
         run_config=tune.RunConfig(
             name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -321,8 +330,6 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             base.to_dict(), trial_overrides({k: _py(v) for k, v in best_sampled.items()})
         )
     )
-    best_cfg.tracking.parent_run_id = None
-    best_cfg.storage.name = None
     best_yaml = out_dir / "best.yaml"
     best_yaml.write_text(
         f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"

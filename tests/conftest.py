@@ -56,16 +56,28 @@ def teacher():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray on the 2 CPUs of a CI machine, shared by the Ray tests of a session."""
+def _ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A real local Ray on the 2 CPUs of a CI machine, shared by the Ray tests of a session
+    (started again if a multi-node test shut it down to start its own cluster)."""
     import os
 
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+        )
+    return ray
 
 
 @pytest.fixture(scope="session")

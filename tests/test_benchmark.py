@@ -1,6 +1,8 @@
 """The main job end to end: in-process, resumed by name, and through `ray job submit`."""
 
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -64,11 +66,116 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
         "results/results.png",
     }
     assert all("test/s_measure" in r.data.metrics for r in children)
-    assert "[benchmark] 2/2 adapter_infosam/camouflage/seed0" in out
+    assert re.search(r"\[benchmark\] [12]/2 adapter_infosam/camouflage/seed0: s_measure=", out)
+    assert "[benchmark] 2/2 done, 0 running, 0 pending, 0 failed" in out
+    # The cells ran as concurrent Ray tasks, and the parent run shows how the slots were used.
+    timeline = (tmp_path / "runs" / "reduced" / "timeline.csv").read_text().splitlines()
+    assert len(timeline) == 3 and all(",FINISHED," in line for line in timeline[1:])
+    parent = client.get_run(parents[0].info.run_id)
+    assert parent.data.metrics["peak_concurrency"] == 2
+    assert 0 <= parent.data.metrics["slot_idle_fraction"] < 1
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "timeline")} == {
+        "timeline/timeline.csv",
+        "timeline/timeline.png",
+    }
+    cells = json.loads((tmp_path / "runs" / "reduced" / "cells.json").read_text())["cells"]
+    trained = cells["adapter_infosam/camouflage/seed0"]
+    assert trained["status"] == "FINISHED" and trained["timings"]["train_s"] > 0
     # Same name: nothing is redone. A new name: a fresh benchmark.
     assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def test_a_failing_cell_is_recorded_failed_and_only_it_runs_again(
+    ray_local, tmp_path, synthetic_root, capsys
+):
+    """A cell that raises is retried, then FAILED (MLflow + results); the other cells finish."""
+    args = [
+        *_args(tmp_path, synthetic_root, "failing"),
+        "--set",
+        "benchmark.methods=[zero_shot,adapter]",
+        "--set",
+        "benchmark.cell_retries=1",
+    ]
+    # 32 training images give no full batch of 64: the cell raises inside its Ray task.
+    assert benchmark_all.main([*args, "--set", "optim.batch_size=64"]) == 1
+    out, err = capsys.readouterr()
+    assert "adapter/camouflage/seed0: FAILED after 2 attempt(s)" in out
+    assert "no full batch of 64" in out and "1 cell(s) FAILED" in err
+    md = (tmp_path / "runs" / "failing" / "results.md").read_text()
+    assert "1 cell(s) FAILED and are missing from the table" in md
+    assert "SAM zero-shot (teacher)" in md and "| Adapter" not in md
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    by_cell = {r.data.tags.get("infosam.cell"): r for r in runs}
+    failed = by_cell["adapter/camouflage/seed0"]
+    assert failed.info.status == "FAILED" and "no full batch" in failed.data.tags["infosam.error"]
+    assert by_cell["zero_shot/camouflage/seed0"].info.status == "FINISHED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # Fixed and re-submitted under the same name: only the failed cell runs, in the same run.
+    assert benchmark_all.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 1 and "1 of 2 cells to run" in out
+    rerun = client.get_run(failed.info.run_id)
+    assert rerun.info.status == "FINISHED" and "test/s_measure" in rerun.data.metrics
+    assert (
+        "missing from the table" not in (tmp_path / "runs" / "failing" / "results.md").read_text()
+    )
+
+
+def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_root):
+    """`ray job stop` sends SIGTERM to the driver: no MLflow run may be left RUNNING."""
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "benchmark_all.py"),
+            *_args(tmp_path, synthetic_root, "stopped"),
+            "--set",
+            "benchmark.methods=[adapter]",
+            "--set",
+            "optim.epochs=50",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    deadline = time.time() + 180
+    try:
+        running = []
+        while time.time() < deadline and not running and proc.poll() is None:
+            time.sleep(1)
+            if not (tmp_path / "runs" / "mlflow.db").is_file():
+                continue
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("demo")
+            if exp is not None:
+                running = [
+                    r
+                    for r in client.search_runs([exp.experiment_id])
+                    if r.data.tags.get("infosam.cell") and r.info.status == "RUNNING"
+                ]
+        assert running, "no cell run started"
+        time.sleep(2)  # inside its epochs
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "marked KILLED" in out
+    runs = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("demo").experiment_id]
+    )
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    # The cancelled cell gave its CPU back to the cluster.
+    deadline = time.time() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == 2
 
 
 def test_missing_checkpoint_and_data_fail_early_with_instructions(tmp_path, capsys):

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli
-from orchestrator.trainer import evaluate_checkpoint, fit
+from orchestrator.evaluation import evaluate_checkpoint
+from orchestrator.trainer import fit
 from tests.conftest import train_config
 
 pytestmark = pytest.mark.timeout(420)

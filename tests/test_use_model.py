@@ -22,8 +22,10 @@ from infosam.sam import (
 )
 from infosam.transforms import prepare_pair
 from infosam.tuning import TuningConfig, apply_tuning
+from orchestrator.checkpoints import save_checkpoint
 from orchestrator.cli import main as cli
-from orchestrator.trainer import _make_optimizer, _save_checkpoint, build_models
+from orchestrator.models import build_models
+from orchestrator.trainer import make_optimizer
 from tests.conftest import train_config
 
 
@@ -36,10 +38,10 @@ def _checkpoint(tmp_path, data_root, method):
         for name, p in student.named_parameters():
             if p.requires_grad and ("lora_B" in name or "Adapter" in name):
                 p.normal_(0, 0.02)
-    opt, sched = _make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad], 10)
+    opt, sched = make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad], 10)
     d = tmp_path / f"ckpt_{method}"
     d.mkdir()
-    _save_checkpoint(
+    save_checkpoint(
         str(d),
         student=student,
         relation=relation,

@@ -1,0 +1,440 @@
+"""Benchmark cells as Ray tasks: scheduled by Ray on the cluster's capacity, retried, timed.
+
+Each cell (one method on one dataset with one seed) is a Ray task that reserves what the cell
+needs: in Train local mode (`scaling.num_workers: 0`) the cell trains in its own process, so the
+task reserves the worker's CPU/GPU and `scaling.worker_resources`; with Train workers the task
+is only their driver (a `driver` slot on clusters that advertise one) and the TorchTrainer's
+placement group reserves the workers. Pending cells are queued Ray tasks and placement groups:
+that queue is what Ray's autoscaler sees and adds nodes for. Ray retries a cell that raised or
+whose node died (`max_retries`); a cell that still fails is recorded FAILED and the rest go on.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Config
+
+__all__ = [
+    "Cell",
+    "CellJob",
+    "close_open_runs",
+    "run_cells",
+    "task_options",
+    "timeline_stats",
+    "write_timeline",
+]
+
+CELL_TAG = "infosam.cell"
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    dataset: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{self.dataset}/seed{self.seed}"
+
+
+@dataclass
+class CellJob:
+    """Everything one cell task needs; typed, pickled once into the task."""
+
+    cell: Cell
+    cfg: Config
+    zero_shot: bool
+    storage_name: str
+    parent_run_id: str
+    tracking_uri: str
+    tags: dict[str, str]
+    shared: Any  # orchestrator.trainer.SharedData of the cell's dataset
+    artifact_root: str | None = None
+
+
+def task_options(cfg: Config, *, zero_shot: bool = False) -> dict[str, Any]:
+    """Ray task options reserving what a cell needs (see the module docstring)."""
+    import ray
+
+    sc = cfg.scaling
+    if sc.num_workers == 0 or zero_shot:  # the cell computes in its own process
+        return {
+            "num_cpus": sc.cpus_per_worker,
+            "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0,
+            "resources": dict(sc.worker_resources),
+        }
+    if ray.cluster_resources().get("driver", 0) > 0:
+        return {"num_cpus": 0, "resources": {"driver": 0.1}}  # drivers on the head (cluster.yaml)
+    return {"num_cpus": 0.25}
+
+
+def cell_cpus(cfg: Config, *, zero_shot: bool = False) -> float:
+    """CPUs a cell holds while it runs: its task plus its Train workers."""
+    opts = task_options(cfg, zero_shot=zero_shot)
+    workers = 0 if zero_shot else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    return float(opts.get("num_cpus", 0)) + workers
+
+
+def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
+    """The body of a cell task: a `fit` (or the teacher's evaluation), timed, with its node."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node_id = ctx.get_node_id()
+    start = time.time()
+    if board is not None:
+        board.started.remote(job.cell.key, node_id, start)
+    if job.zero_shot:
+        metrics, run_id, timings = _zero_shot_cell(job)
+    else:
+        from orchestrator.trainer import fit
+
+        result = fit(
+            job.cfg,
+            quiet=True,
+            shared=job.shared,
+            run_name=job.cell.key,
+            storage_name=job.storage_name,
+            parent_run_id=job.parent_run_id,
+            tags=job.tags,
+        )
+        metrics = {
+            k: float(v)
+            for k, v in result.metrics.items()
+            if k.startswith("test/") and "zero_shot" not in k
+        }
+        run_id, timings = result.run_id, result.timings
+    end = time.time()
+    return {
+        "metrics": metrics,
+        "run_id": run_id,
+        "start": start,
+        "end": end,
+        "node_id": node_id,
+        "node_ip": ray.util.get_node_ip_address(),
+        "resources": {k: float(v) for k, v in ctx.get_assigned_resources().items()},
+        "timings": timings,
+    }
+
+
+def _zero_shot_cell(job: CellJob) -> tuple[dict[str, float], str, dict[str, float]]:
+    from orchestrator.evaluation import zero_shot
+    from orchestrator.tracking import start_run
+
+    t0 = time.perf_counter()
+    cfg = job.cfg
+    child = start_run(
+        job.tracking_uri,
+        cfg.tracking.experiment,
+        job.cell.key,
+        artifact_root=job.artifact_root,
+        tags=job.tags,
+        parent_run_id=job.parent_run_id,
+    )
+    try:
+        child.log_params(
+            {
+                "method": job.cell.method,
+                "data.dataset": job.cell.dataset,
+                "seed": job.cell.seed,
+                "optim.eval_protocol": cfg.optim.eval_protocol,
+            }
+        )
+        t_eval = time.perf_counter()
+        metrics = zero_shot(cfg, job.shared.data_dir)
+        eval_s = time.perf_counter() - t_eval
+        child.log_metrics(metrics, step=0)
+    except BaseException:
+        child.finish("FAILED")
+        raise
+    child.finish()
+    total = time.perf_counter() - t0
+    return metrics, child.run_id, {"eval_s": eval_s, "logging_s": total - eval_s}
+
+
+def _board_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class CellBoard:
+        """Where cell tasks say they started (and on which node): the live line's source."""
+
+        def __init__(self) -> None:
+            self.starts: dict[str, list[tuple[str, float]]] = {}
+
+        def started(self, key: str, node_id: str, t: float) -> None:
+            self.starts.setdefault(key, []).append((node_id, t))
+
+        def snapshot(self) -> dict[str, list[tuple[str, float]]]:
+            return self.starts
+
+    return CellBoard
+
+
+class Progress:
+    """The live line: done / running / pending / failed cells and an ETA."""
+
+    def __init__(self, total: int, already: int, *, stream: Any = None) -> None:
+        self.total, self.already = total, already
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.t0 = time.time()
+        self.last_print = 0.0
+        self.last_line = ""
+        self.durations: list[float] = []
+        self.peak = 1
+
+    def line(self, done: int, running: int, pending: int, failed: int) -> str:
+        self.peak = max(self.peak, running)
+        left = pending + running
+        eta = ""
+        if self.durations and left:
+            mean = sum(self.durations) / len(self.durations)
+            eta = f", ETA {_hms(mean * left / max(self.peak, 1))}"
+        return (
+            f"[benchmark] {self.already + done}/{self.total} done, {running} running, "
+            f"{pending} pending, {failed} failed, {_hms(time.time() - self.t0)} elapsed{eta}"
+        )
+
+    def show(self, done: int, running: int, pending: int, failed: int, *, force=False) -> None:
+        line = self.line(done, running, pending, failed)
+        now = time.time()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last_line)))
+            self.stream.flush()
+        elif force or (line != self.last_line and now - self.last_print > 30):
+            print(line, file=self.stream, flush=True)
+            self.last_print = now
+        self.last_line = line
+
+    def event(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * len(self.last_line) + "\r")
+        print(text, file=self.stream, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    starts: list[tuple[str, float]] = field(default_factory=list)
+    failed_at: float = 0.0
+
+
+def run_cells(
+    jobs: list[CellJob],
+    *,
+    max_concurrent: int | None,
+    retries: int,
+    on_outcome: Callable[[CellOutcome], None],
+    already_done: int = 0,
+    total: int | None = None,
+) -> list[CellOutcome]:
+    """Submit every job as a Ray task (at most `max_concurrent` in flight), collect outcomes.
+
+    Interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the caller), it cancels the
+    cells in flight and re-raises; the caller closes their MLflow runs.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    board = (
+        _board_class()
+        .options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+        )
+        .remote()
+    )
+    remote = ray.remote(_run_cell)
+    todo = list(jobs)
+    inflight: dict[Any, CellJob] = {}
+    outcomes: list[CellOutcome] = []
+    progress = Progress(total or len(jobs), already_done)
+    starts: dict[str, list[tuple[str, float]]] = {}
+    failed = 0
+    try:
+        while todo or inflight:
+            while todo and (max_concurrent is None or len(inflight) < max_concurrent):
+                job = todo.pop(0)
+                ref = remote.options(
+                    **task_options(job.cfg, zero_shot=job.zero_shot),
+                    max_retries=retries,
+                    retry_exceptions=True,
+                    name=f"cell:{job.cell.key}",
+                ).remote(job, board)
+                inflight[ref] = job
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            starts = ray.get(board.snapshot.remote())
+            for ref in ready:
+                job = inflight.pop(ref)
+                try:
+                    out = CellOutcome(job.cell, True, ray.get(ref))
+                    progress.durations.append(out.result["end"] - out.result["start"])
+                except Exception as exc:  # the task raised, or its node/worker died, after retries
+                    out = CellOutcome(job.cell, False, error=_short_error(exc))
+                    out.failed_at = time.time()
+                    failed += 1
+                out.starts = starts.get(job.cell.key, [])
+                outcomes.append(out)
+                on_outcome(out)
+            running = sum(1 for j in inflight.values() if j.cell.key in starts)
+            ok = sum(1 for o in outcomes if o.ok)
+            progress.show(ok, running, len(todo) + len(inflight) - running, failed)
+        progress.show(sum(1 for o in outcomes if o.ok), 0, 0, failed, force=True)
+        if progress.tty:
+            print(flush=True)
+    except BaseException:
+        for ref in inflight:
+            ray.cancel(ref, force=True, recursive=True)
+        deadline = time.time() + 15
+        while inflight and time.time() < deadline:
+            done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=1.0)
+            for ref in done:
+                inflight.pop(ref)
+        raise
+    finally:
+        ray.kill(board)
+    return outcomes
+
+
+def _short_error(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None and not isinstance(cause, type):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")[:1000]
+
+
+def close_open_runs(
+    uri: str, parent_run_id: str, status: str, *, cell: str | None = None, error: str = ""
+) -> int:
+    """Mark RUNNING child runs of a benchmark (or of one cell) `status`; returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if cell is not None:
+        query += f" and tags.`{CELL_TAG}` = '{cell}'"
+    closed = 0
+    for run in client.search_runs([exp_id], query, max_results=10_000):
+        if error:
+            client.set_tag(run.info.run_id, "infosam.error", error[:5000])
+        client.set_terminated(run.info.run_id, status)
+        closed += 1
+    return closed
+
+
+def timeline_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Makespan, peak and mean concurrency, and the idle fraction of the peak's slots."""
+    spans = [(r["start"], r["end"]) for r in rows if r.get("start") and r.get("end")]
+    if not spans:
+        return {}
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: x)
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    makespan = max(e for _, e in spans) - min(s for s, _ in spans)
+    busy = sum(e - s for s, e in spans)
+    mean = busy / makespan if makespan > 0 else float(peak)
+    return {
+        "makespan_s": makespan,
+        "busy_s": busy,
+        "peak_concurrency": float(peak),
+        "mean_concurrency": mean,
+        "slot_idle_fraction": 1.0 - mean / peak if peak else 0.0,
+        "makespan_vs_ideal": makespan / (busy / peak) if busy > 0 and peak else math.nan,
+    }
+
+
+def write_timeline(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
+    """timeline.csv (one row per cell) and timeline.png (Gantt chart, lanes per node)."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(rows)
+    files = {
+        "timeline_csv": str(out_dir / "timeline.csv"),
+        "timeline": str(out_dir / "timeline.png"),
+    }
+    t0 = frame["start"].min() if not frame.empty else 0.0
+    if not frame.empty:
+        frame["start_s"] = frame["start"] - t0
+        frame["end_s"] = frame["end"] - t0
+        frame["duration_s"] = frame["end"] - frame["start"]
+    frame.to_csv(files["timeline_csv"], index=False)
+    lanes: list[tuple[str, float]] = []  # (node, end of its last cell): one row per slot
+    ticks: list[str] = []
+    bars = []
+    for _, r in frame.sort_values(["node", "start_s"]).iterrows() if not frame.empty else []:
+        lane = next(
+            (i for i, (n, end) in enumerate(lanes) if n == r["node"] and end <= r["start_s"]),
+            None,
+        )
+        if lane is None:
+            lanes.append((r["node"], r["end_s"]))
+            lane = len(lanes) - 1
+            ticks.append(f"{r['node']} #{sum(1 for n, _ in lanes if n == r['node'])}")
+        else:
+            lanes[lane] = (r["node"], r["end_s"])
+        bars.append((lane, r))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.45 * max(len(lanes), 2)))
+    colors: dict[str, Any] = {}
+    cmap = plt.get_cmap("tab20")
+    for lane, r in bars:
+        color = colors.setdefault(r["method"], cmap(len(colors) % 20))
+        failed = r["status"] != "FINISHED"
+        ax.barh(
+            lane,
+            r["duration_s"],
+            left=r["start_s"],
+            color="#d62728" if failed else color,
+            edgecolor="black",
+            linewidth=0.4,
+            hatch="//" if failed else None,
+        )
+    ax.set_yticks(range(len(ticks)))
+    ax.set_yticklabels(ticks, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first cell started")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    if handles:
+        ax.legend(
+            handles, list(colors), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+        )
+    stats = timeline_stats(rows)
+    if stats:
+        ax.set_title(
+            f"{len(frame)} cells, makespan {stats['makespan_s']:.0f}s, peak concurrency "
+            f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+            f"idle {100 * stats['slot_idle_fraction']:.0f}% of the slots",
+            fontsize=9,
+        )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(files["timeline"], dpi=110)
+    plt.close(fig)
+    return files

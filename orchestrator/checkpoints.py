@@ -1,0 +1,78 @@
+"""A training checkpoint directory: what it holds, how it is written and read back.
+
+`state.pt` holds only the trained tensors (student's trainable part, relation module), the
+optimiser/scheduler state, the epoch, the RNG state, the metric history, the config and the
+teacher's sha256; `config.yaml` and `metrics.json` are the same for people. Loaded with
+`torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
+from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
+from orchestrator.config import Config, ConfigError
+from orchestrator.models import unwrap
+from orchestrator.runtime import teacher_checkpoint
+
+__all__ = ["STATE_FILE", "load_state", "load_trained", "read_history", "save_checkpoint"]
+
+STATE_FILE = "state.pt"
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, *, student, relation, opt, sched, epoch, history, cfg, teacher_sha
+) -> None:
+    """Write one epoch's checkpoint into `directory` (rank 0 only)."""
+    state = {
+        "student": trainable_state_dict(unwrap(student).sam),
+        "relation": None if relation is None else unwrap(relation).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "torch_rng": torch.get_rng_state(),
+        "history": json.dumps(history),
+        "config": json.dumps(cfg.to_dict()),
+        "teacher_sha256": teacher_sha,
+    }
+    torch.save(state, Path(directory) / STATE_FILE)
+    (Path(directory) / "config.yaml").write_text(cfg.to_yaml())
+    (Path(directory) / "metrics.json").write_text(json.dumps(history[-1], indent=2))
+
+
+def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
+    """The raw `state.pt` of a checkpoint directory."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def read_history(checkpoint_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-epoch metrics recorded up to this checkpoint."""
+    return json.loads(load_state(checkpoint_dir)["history"])
+
+
+def load_trained(
+    checkpoint_dir: str | os.PathLike, device: str = "cpu"
+) -> tuple[PromptableSam, Config, dict]:
+    """Rebuild the fine-tuned student from a training checkpoint directory."""
+    state = load_state(checkpoint_dir, device)
+    cfg = Config.from_dict(json.loads(state["config"]))
+    path = teacher_checkpoint(cfg)
+    if (
+        path is not None
+        and state.get("teacher_sha256")
+        and checkpoint_sha256(path) != state["teacher_sha256"]
+    ):
+        raise ConfigError(
+            f"{path} is not the base checkpoint this run was trained from (sha256 differs); "
+            "the checkpoint holds only the trained tensors, so it needs the same base weights"
+        )
+    sam = build_sam(cfg.model.variant, path)
+    apply_tuning(sam, cfg.tuning)
+    load_trainable_state_dict(sam, state["student"])
+    return PromptableSam(sam).to(device).eval(), cfg, state

@@ -1,0 +1,176 @@
+"""Evaluation: mean metrics of one or more models over a split, with a run's prompts and protocol.
+
+One code path for every number: the per-epoch validation and final test inside Ray Train
+workers, `infosam evaluate`, and the benchmark's zero-shot row all go through `evaluate_split`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from infosam.engine import eval_step, predict_logits
+from infosam.prompts import sample_prompts
+from infosam.sam import PromptableSam
+from orchestrator.config import Config
+from orchestrator.models import autocast_dtype, build_teacher
+
+__all__ = [
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "evaluate_split",
+    "mean_metrics",
+    "zero_shot",
+]
+
+
+def mean_metrics(sums: dict[str, float], count: int, prefix: str = "") -> dict[str, float]:
+    """Per-image sums -> means, keys prefixed (`val/`, `test/zero_shot_`)."""
+    return {f"{prefix}{k}": v / max(count, 1) for k, v in sums.items()}
+
+
+def evaluate_split(
+    models: dict[str, torch.nn.Module],
+    iterator: Any,
+    cfg: Config,
+    device: torch.device,
+    overlays: int = 0,
+) -> tuple[dict[str, dict[str, float]], int, list[dict[str, np.ndarray]]]:
+    """Per-image metric sums per model over a full split (and overlay rows if asked)."""
+    from orchestrator.pipeline import to_torch
+
+    sums: dict[str, dict[str, float]] = {name: {} for name in models}
+    count = 0
+    rows: list[dict[str, np.ndarray]] = []
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same eval prompts every epoch
+    for np_batch in iterator.iter_batches(
+        batch_size=cfg.optim.eval_batch_size, batch_format="numpy"
+    ):
+        batch = to_torch(np_batch, device)
+        masks = batch["mask"]
+        prompts = sample_prompts(
+            masks.cpu(),
+            cfg.data.eval_prompt,
+            max_shift=cfg.data.eval_box_jitter,
+            num_positive=cfg.data.num_positive_points,
+            num_negative=cfg.data.num_negative_points,
+            generator=gen,
+        ).to(device)
+        gts = [torch.from_numpy(np.array(m)) for m in batch["mask_original"]]
+        preds: dict[str, list[torch.Tensor]] = {}
+        for name, model in models.items():
+            results = eval_step(
+                model,
+                batch["image"],
+                gts,
+                prompts,
+                batch["input_size"],
+                protocol=cfg.optim.eval_protocol,
+                metrics=tuple(cfg.optim.metrics),
+                autocast_dtype=autocast_dtype(cfg),
+            )
+            for r in results:
+                for k, v in r.items():
+                    if k != "protocol":
+                        sums[name][k] = sums[name].get(k, 0.0) + float(v)
+            if len(rows) < overlays:
+                preds[name] = predict_logits(
+                    model,
+                    batch["image"],
+                    prompts,
+                    batch["input_size"],
+                    [g.shape for g in gts],
+                    autocast_dtype=autocast_dtype(cfg),
+                )
+        count += len(gts)
+        if len(rows) < overlays:
+            for i in range(min(overlays - len(rows), len(gts))):
+                h, w = gts[i].shape
+                ih, iw = (int(v) for v in batch["input_size"][i])
+                small = batch["image"][i, :, :ih, :iw].permute(1, 2, 0).cpu().numpy()
+                from PIL import Image
+
+                image = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+                row = {"image": image, "gt": gts[i].numpy()}
+                for name in models:
+                    row[name] = (preds[name][i] > 0).cpu().numpy()
+                rows.append(row)
+    return sums, count, rows
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    protocol: str | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Metrics of a trained checkpoint on a dataset split, without Ray (same code as training)."""
+    from orchestrator.checkpoints import load_trained
+
+    model, cfg, _ = load_trained(checkpoint_dir)
+    return evaluate_model(
+        model, cfg, data_dir, split=split, protocol=protocol, batch_size=batch_size
+    )
+
+
+def evaluate_model(
+    model: PromptableSam,
+    cfg: Config,
+    data_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    protocol: str | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics)."""
+    from orchestrator.datasets import iter_rows
+    from orchestrator.pipeline import decode_batch
+
+    optim = dataclasses.replace(
+        cfg.optim, eval_protocol=protocol or cfg.optim.eval_protocol, eval_batch_size=batch_size
+    )
+    cfg = dataclasses.replace(cfg, optim=optim)  # the caller's config stays as it was
+    size = model.image_size
+
+    class _Rows:  # the one method of a Ray DataIterator that _evaluate uses
+        def iter_batches(self, batch_size: int, batch_format: str):
+            chunk: list[dict] = []
+            for row in iter_rows(data_dir, split):
+                chunk.append(row)
+                if len(chunk) == batch_size:
+                    yield self._decode(chunk)
+                    chunk = []
+            if chunk:
+                yield self._decode(chunk)
+
+        @staticmethod
+        def _decode(chunk: list[dict]) -> dict[str, np.ndarray]:
+            cols = {
+                k: np.asarray([r[k] for r in chunk], dtype=object)
+                for k in ("id", "image", "mask", "source")
+            }
+            return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
+
+    device = next(model.parameters()).device
+    sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device)
+    out: dict[str, Any] = mean_metrics(sums["student"], count)
+    out["count"] = count
+    out["protocol"] = cfg.optim.eval_protocol
+    return out
+
+
+def zero_shot(
+    cfg: Config, data_dir: str | os.PathLike, split: str | None = None
+) -> dict[str, float]:
+    """The frozen teacher's `test/` metrics: the benchmark's zero-shot row."""
+    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    out = evaluate_model(
+        build_teacher(cfg, device), cfg, data_dir, split=split or cfg.data.test_split
+    )
+    return {f"test/{k}": v for k, v in out.items() if isinstance(v, float)}

@@ -1,0 +1,45 @@
+"""Benchmark cells across a multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import bench_concurrency  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_cells_fill_every_slot_and_a_new_node_takes_pending_cells(
+    _ray_session, tmp_path, synthetic_root
+):
+    """2 nodes with one accelerator slot each, 8 equal cells; a third node joins after 2 cells."""
+    result = bench_concurrency.run(
+        2, 4, tmp_path, data_root=synthetic_root, add_node_after=2, epochs=1
+    )
+    rows = result["timeline"]
+    assert len(rows) == 8 and all(r["status"] == "FINISHED" for r in rows)
+    assert not result["failed"]
+    nodes = {r["node"].split(":")[-1] for r in rows}
+    assert len(result["added_node_ids"]) == 1
+    added = result["added_node_ids"][0][:6]
+    assert added in nodes, "the node added mid-run took no pending cell"
+    assert len(nodes) == 3  # every slot node ran cells; the head (no slot) none
+    # Before the third node joined, at most 2 at once (one per slot); at the end up to 3.
+    stats = result["stats"]
+    assert 2 <= stats["peak_concurrency"] <= 3
+    first_on_added = min(r["start"] for r in rows if r["node"].endswith(added))
+    before = [r for r in rows if r["start"] < first_on_added]
+    assert max(_overlap(before)) == 2  # the timeline shows the overlap
+    assert Path(result["files"]["timeline"]).stat().st_size > 5000
+
+
+def _overlap(rows):
+    events = sorted([(r["start"], 1) for r in rows] + [(r["end"], -1) for r in rows])
+    level, out = 0, [0]
+    for _, d in events:
+        level += d
+        out.append(level)
+    return out
