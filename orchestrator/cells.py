@@ -327,20 +327,26 @@ def _short_error(exc: BaseException) -> str:
 def close_open_runs(
     uri: str, parent_run_id: str, status: str, *, cell: str | None = None, error: str = ""
 ) -> int:
-    """Mark RUNNING child runs of a benchmark (or of one cell) `status`; returns how many."""
+    """Mark RUNNING child runs of a benchmark (or of one cell) `status`; returns how many.
+
+    For one cell, `error` is also tagged on its run when the run already closed itself FAILED.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     if cell is not None:
-        query += f" and tags.`{CELL_TAG}` = '{cell}'"
+        query += f" and tags.`{CELL_TAG}` = '{cell}' and attributes.status != 'FINISHED'"
+    else:
+        query += " and attributes.status = 'RUNNING'"
     closed = 0
     for run in client.search_runs([exp_id], query, max_results=10_000):
         if error:
             client.set_tag(run.info.run_id, "infosam.error", error[:5000])
-        client.set_terminated(run.info.run_id, status)
-        closed += 1
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+            closed += 1
     return closed
 
 

@@ -127,6 +127,9 @@ def test_a_failing_cell_is_recorded_failed_and_only_it_runs_again(
 def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_root):
     """`ray job stop` sends SIGTERM to the driver: no MLflow run may be left RUNNING."""
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (tmp_path / "runs").mkdir()
+    MlflowClient(uri).search_experiments()  # migrate the store once, before two processes open it
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -142,14 +145,11 @@ def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_
         stderr=subprocess.STDOUT,
         text=True,
     )
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     deadline = time.time() + 180
     try:
         running = []
         while time.time() < deadline and not running and proc.poll() is None:
             time.sleep(1)
-            if not (tmp_path / "runs" / "mlflow.db").is_file():
-                continue
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name("demo")
             if exp is not None:
