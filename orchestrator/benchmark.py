@@ -38,7 +38,7 @@ from orchestrator.cells import (
     write_timeline,
 )
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
-from orchestrator.runtime import init_ray, teacher_hash
+from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 
@@ -174,13 +174,13 @@ def _metrics_for(bench: BenchmarkConfig, dataset: str) -> list[str]:
     return bench.metrics.get(dataset, bench.default_metrics)
 
 
-def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], started_here: bool) -> int | None:
+def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> int | None:
     """`max_concurrent_cells`, else no cap on a cluster, else what this machine's CPUs hold."""
     import ray
 
     if bench.max_concurrent_cells is not None:
         return bench.max_concurrent_cells
-    if not started_here:
+    if not laptop:
         return None
     cpus = ray.cluster_resources().get("CPU", 1.0)
     need = max((cell_cpus(c) for c in cfgs), default=1.0)
@@ -228,7 +228,8 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         )
         for c in cells
     }
-    started_here = not init_ray(log_to_driver=not quiet)
+    init_ray(log_to_driver=not quiet)
+    laptop = on_one_machine()
     shared: dict[tuple[str, bool], Any] = {}
     t_prep = time.perf_counter()
     for cell in cells:  # the work cells of one dataset share, done once per dataset
@@ -288,7 +289,7 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
                 artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
             )
         )
-    cap = _default_cap(bench, [j.cfg for j in todo], started_here)
+    cap = _default_cap(bench, [j.cfg for j in todo], laptop)
     print(
         f"[benchmark] {bench.name}: {len(todo)} of {len(cells)} cells to run, at most "
         f"{cap or 'as many as the cluster holds'} at once; shared data prepared in {prep_s:.1f}s",

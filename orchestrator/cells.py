@@ -428,9 +428,7 @@ def write_timeline(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
     ax.set_xlabel("seconds since the first cell started")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     if handles:
-        ax.legend(
-            handles, list(colors), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0)
-        )
+        ax.legend(handles, list(colors), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     stats = timeline_stats(rows)
     if stats:
         ax.set_title(

@@ -15,7 +15,13 @@ from infosam.sam import SAM_VARIANTS, checkpoint_sha256, resolve_checkpoint
 from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError
 from orchestrator.datasets import load_manifest
 
-__all__ = ["ensure_data", "init_ray", "teacher_checkpoint", "teacher_hash"]
+__all__ = [
+    "ensure_data",
+    "init_ray",
+    "on_one_machine",
+    "teacher_checkpoint",
+    "teacher_hash",
+]
 
 
 def init_ray(
@@ -63,6 +69,19 @@ def init_ray(
         runtime_env={"env_vars": env} if env else None,
     )
     return False
+
+
+def on_one_machine() -> bool:
+    """A single-node Ray reached without an address: a laptop (or a test), not a cluster.
+
+    Concurrency defaults differ: on a laptop the benchmark and sweeps cap what runs at once by
+    its CPUs; on a cluster nothing is capped, so pending work can ask the autoscaler for nodes.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    return sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
 
 
 def ensure_data(cfg: Config) -> Path | str:

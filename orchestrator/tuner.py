@@ -188,14 +188,14 @@ def _trial_resources(base: Config) -> dict[str, float]:
     return {"CPU": 0.5}  # the trial only drives; its Train workers reserve their own CPUs
 
 
-def _max_concurrent(tcfg: TuneConfig, base: Config, started_here: bool) -> int | None:
+def _max_concurrent(tcfg: TuneConfig, base: Config, laptop: bool) -> int | None:
     """`tune.max_concurrent_trials`; else no cap on a cluster (pending trials' worker groups are
     what asks the autoscaler for nodes); else as many trials as this machine's CPUs hold."""
     import ray
 
     if tcfg.max_concurrent_trials:
         return tcfg.max_concurrent_trials
-    if not started_here:
+    if not laptop:
         return None
     sc = base.scaling
     per_trial = _trial_resources(base).get("CPU", 0) + sc.num_workers * sc.cpus_per_worker
@@ -229,10 +229,11 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     import pandas as pd
     from ray import tune
 
-    from orchestrator.runtime import ensure_data, init_ray
+    from orchestrator.runtime import ensure_data, init_ray, on_one_machine
 
     ensure_data(base)  # synthesise once here, not concurrently in every trial
-    started_here = not init_ray()
+    init_ray()
+    laptop = on_one_machine()
     storage = (
         base.storage.path
         if "://" in base.storage.path
@@ -287,7 +288,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             num_samples=tcfg.num_samples,
             scheduler=scheduler,
             search_alg=_searcher(tcfg),
-            max_concurrent_trials=_max_concurrent(tcfg, base, started_here),
+            max_concurrent_trials=_max_concurrent(tcfg, base, laptop),
         ),
         run_config=tune.RunConfig(
             name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -72,7 +72,10 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     timeline = (tmp_path / "runs" / "reduced" / "timeline.csv").read_text().splitlines()
     assert len(timeline) == 3 and all(",FINISHED," in line for line in timeline[1:])
     parent = client.get_run(parents[0].info.run_id)
-    assert parent.data.metrics["peak_concurrency"] == 2
+    # The laptop cap is what the 2 CPUs hold (one per cell); a 1 s zero-shot cell may be done
+    # before the training cell's worker process is up, so the peak is 1 or 2, never more.
+    assert "2 cells to run, at most 2 at once" in out
+    assert parent.data.metrics["peak_concurrency"] in (1, 2)
     assert 0 <= parent.data.metrics["slot_idle_fraction"] < 1
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "timeline")} == {
         "timeline/timeline.csv",
