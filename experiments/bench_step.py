@@ -24,83 +24,65 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infosam.engine import LossConfig, train_step
+from infosam.engine import train_step
 from infosam.prompts import sample_prompts
-from infosam.relation import RelationModule
 from infosam.sam import SAM_VARIANTS, PromptableSam, build_sam
-from infosam.speed import checkpoint_blocks, compile_blocks, use_attention
-from infosam.tuning import apply_tuning
+from infosam.speed import use_attention
+from orchestrator.config import Config
+from orchestrator.models import autocast_dtype, build_models
+from orchestrator.trainer import make_optimizer
 
-BF16 = {"precision": "bf16"}
+# Each configuration is a set of config values, applied by the same code training runs
+# (`orchestrator.models.build_models`, `orchestrator.trainer.make_optimizer`).
+BF16 = {"optim.precision": "bf16"}
+SDPA, FOLDED, FLEX = ({"speed.attention": k} for k in ("sdpa", "folded", "flex"))
+CACHE = {"speed.teacher_cache": True}
+CKPT = {"speed.checkpointing": True}
+COMPILE = {"speed.compile": True}
 CONFIGS: dict[str, dict] = {
     "reference": {},
-    "sdpa": {"attention": "sdpa"},
-    "folded": {"attention": "folded"},
+    "sdpa": SDPA,
+    "folded": FOLDED,
     "bf16": BF16,
-    "bf16_sdpa": {**BF16, "attention": "sdpa"},
-    "bf16_folded": {**BF16, "attention": "folded"},
-    "bf16_flex": {**BF16, "attention": "flex"},
-    "bf16_sdpa_cache": {**BF16, "attention": "sdpa", "teacher_cache": True},
-    "bf16_folded_cache": {**BF16, "attention": "folded", "teacher_cache": True},
-    "bf16_folded_cache_ckpt": {
-        **BF16,
-        "attention": "folded",
-        "teacher_cache": True,
-        "checkpoint": True,
-    },
-    "bf16_sdpa_cache_compile": {
-        **BF16,
-        "attention": "sdpa",
-        "teacher_cache": True,
-        "compile": True,
-    },
-    "bf16_folded_cache_compile": {
-        **BF16,
-        "attention": "folded",
-        "teacher_cache": True,
-        "compile": True,
-    },
-    "bf16_flex_cache_compile": {
-        **BF16,
-        "attention": "flex",
-        "teacher_cache": True,
-        "compile": True,
-    },
-    "bf16_folded_cache_ckpt_compile": {
-        **BF16,
-        "attention": "folded",
-        "teacher_cache": True,
-        "checkpoint": True,
-        "compile": True,
-    },
+    "bf16_sdpa": {**BF16, **SDPA},
+    "bf16_folded": {**BF16, **FOLDED},
+    "bf16_flex": {**BF16, **FLEX},
+    "bf16_sdpa_cache": {**BF16, **SDPA, **CACHE},
+    "bf16_folded_cache": {**BF16, **FOLDED, **CACHE},
+    "bf16_folded_cache_ckpt": {**BF16, **FOLDED, **CACHE, **CKPT},
+    "bf16_sdpa_cache_compile": {**BF16, **SDPA, **CACHE, **COMPILE},
+    "bf16_folded_cache_compile": {**BF16, **FOLDED, **CACHE, **COMPILE},
+    "bf16_flex_cache_compile": {**BF16, **FLEX, **CACHE, **COMPILE},
+    "bf16_folded_cache_ckpt_compile": {**BF16, **FOLDED, **CACHE, **CKPT, **COMPILE},
 }
 CONFIGS["fast"] = CONFIGS["bf16_folded_cache_compile"]
 CPU_DEFAULT = "bf16,bf16_sdpa,bf16_folded,bf16_folded_cache,bf16_folded_cache_ckpt"
 
 
+def config(variant: str, opts: dict) -> Config:
+    """The training config of one configuration: adapter student + InfoSAM, random weights."""
+    return Config().with_values(
+        {
+            "model.variant": variant,
+            "model.checkpoint": None,  # speed does not depend on the weights' values
+            "tuning.method": "adapter",
+            "loss.infosam": True,
+            "optim.lr": 2e-4,
+            "optim.schedule": "constant",
+            **opts,
+        }
+    )
+
+
 def build(variant: str, opts: dict, device: torch.device):
-    torch.manual_seed(0)
-    teacher = PromptableSam(build_sam(variant)).to(device).eval().requires_grad_(False)
-    sam = build_sam(variant)
-    sam.load_state_dict(teacher.sam.state_dict())
-    torch.manual_seed(1)
-    apply_tuning(sam, method="adapter")
-    kind = opts.get("attention", "eager")
-    use_attention(sam, kind)
-    use_attention(teacher.sam, kind)
-    if opts.get("checkpoint"):
-        checkpoint_blocks(sam)
-    if opts.get("compile"):
+    cfg = config(variant, opts)
+    if cfg.speed.compile:
         torch._dynamo.reset()  # each configuration compiles for its own shapes, not dynamic ones
-        compile_blocks(sam)
-        if not opts.get("teacher_cache"):  # with the cache the teacher encoder never runs
-            compile_blocks(teacher.sam)
-    student = PromptableSam(sam).to(device)
-    torch.manual_seed(2)
-    relation = RelationModule(SAM_VARIANTS[variant].prompt_embed_dim).to(device)
+    torch.manual_seed(0)  # the same weights in every configuration
+    teacher, student, relation, _ = build_models(cfg, device)
     params = [p for p in student.parameters() if p.requires_grad] + list(relation.parameters())
-    opt = torch.optim.Adam(params, lr=2e-4, **({"fused": True} if device.type == "cuda" else {}))
-    return teacher, student, relation, opt
+    opt, _ = make_optimizer(cfg, params, steps_total=1)
+    return cfg, teacher, student, relation, opt
 
 
 def make_batch(variant: str, bs: int, device: torch.device):
@@ -121,10 +103,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _step_fn(args, opts, device, bs):
-    teacher, student, relation, opt = build(args.variant, opts, device)
+    cfg, teacher, student, relation, opt = build(args.variant, opts, device)
     batch, prompts = make_batch(args.variant, bs, device)
-    autocast = torch.bfloat16 if opts.get("precision") == "bf16" else None
-    if opts.get("teacher_cache"):  # as streamed from the cache: bf16, computed once
+    autocast = autocast_dtype(cfg)
+    if cfg.speed.teacher_cache:  # as streamed from the cache: bf16, computed once
         with (
             torch.no_grad(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
@@ -137,7 +119,7 @@ def _step_fn(args, opts, device, bs):
             opt,
             batch,
             prompts,
-            LossConfig(),
+            cfg.loss,
             teacher=teacher,
             relation=relation,
             autocast_dtype=autocast,
@@ -151,7 +133,7 @@ def _flops_per_image(args, opts, device) -> float | None:
     are invisible to the counter; the work is the same)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    twin = {k: v for k, v in opts.items() if k != "compile"}
+    twin = {k: v for k, v in opts.items() if k != "speed.compile"}
     try:
         step = _step_fn(args, twin, device, 2)
         with FlopCounterMode(display=False) as counter:

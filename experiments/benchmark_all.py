@@ -10,9 +10,7 @@ same benchmark name resumes it; `--set benchmark.name=other` starts fresh.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,40 +19,9 @@ DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", default=str(DEMO))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    from orchestrator.benchmark import load_benchmark, run_benchmark
-    from orchestrator.config import ConfigError
+    from orchestrator.benchmark import main as benchmark_main
 
-    start = time.perf_counter()
-    try:
-        bench, base = load_benchmark(args.config, args.overrides)
-        result = run_benchmark(bench, base)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
-        return 130
-    print(
-        f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
-    )
-    for kind, path in result["files"].items():
-        print(f"[benchmark] {kind}: {path}")
-    print(
-        f"[benchmark] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
-    )
-    if result["failed"]:
-        print(
-            f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "
-            "re-run the same command to retry only those",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return benchmark_main(argv, default_config=DEMO)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infosam.engine import eval_step
-from infosam.losses import structure_loss
+from infosam.engine import LossConfig, eval_step, train_step
 from infosam.prompts import sample_prompts
 from infosam.sam import PromptableSam, build_sam
 from infosam.transforms import prepare_pair
 from orchestrator.synthetic import DOMAINS, generate_sample
 
 SIZE = 256
+SEGMENTATION_ONLY = LossConfig(infosam=False)  # pre-training: no teacher, no InfoSAM
 
 
 def make_batch(indices: list[int], split: str, domain: str = "general", seed: int = 0):
@@ -124,16 +124,10 @@ def main() -> None:
         images, masks, sizes, _ = make_batch(idx, "train", seed=args.seed)
         images, masks, sizes = images.to(device), masks.to(device), sizes.to(device)
         prompts = sample_prompts(masks.cpu(), "mixed", max_shift=2, generator=gen).to(device)
-        out_s = model(images, input_sizes=sizes, **prompts.as_kwargs())
-        logits = torch.nn.functional.interpolate(
-            out_s.low_res_logits, (SIZE, SIZE), mode="bilinear", align_corners=False
-        )
-        loss = structure_loss(logits, masks.float().unsqueeze(1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        batch = {"image": images, "mask": masks, "input_size": sizes}
+        # The same step fine-tuning runs: structure loss at model resolution, clipped grads.
+        loss = train_step(model, opt, batch, prompts, SEGMENTATION_ONLY, grad_clip=1.0)["loss"]
+        losses.append(loss)
         step += 1
         if step % 50 == 0:
             rate = step * args.batch_size / max(elapsed, 1e-6)

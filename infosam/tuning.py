@@ -188,9 +188,18 @@ def apply_tuning(sam: Sam, cfg: TuningConfig | None = None, **overrides: object)
         raise ValueError(
             f"unknown tuning method {cfg.method!r}; choose one of {sorted(TUNING_METHODS)}"
         )
+    checkpointed = [
+        i
+        for i, b in enumerate(sam.image_encoder.blocks)
+        if getattr(type(b), "_infosam_checkpointed", False)
+    ]
+    if checkpointed:  # adapters swap the block class, which would silently drop checkpointing
+        raise ValueError(
+            f"encoder blocks {checkpointed} are already checkpointed: apply tuning first, then "
+            "the speed switches (orchestrator.models.build_models does both in that order)"
+        )
     sam.requires_grad_(False)
     TUNING_METHODS[cfg.method](sam, cfg)
-    sam.infosam_tuning = cfg  # remembered for export and checkpoints
     names = [n for n, p in sam.named_parameters() if p.requires_grad]
     return TuningReport(
         method=cfg.method,

@@ -12,12 +12,14 @@ fresh.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,11 +44,14 @@ from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
+
 __all__ = [
     "METHODS",
     "BenchmarkConfig",
     "cell_config",
     "load_benchmark",
+    "main",
     "results_table",
     "run_benchmark",
 ]
@@ -134,26 +139,6 @@ def load_benchmark(
     return bench, base
 
 
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value)
-        else:
-            dst[key] = value
-    return dst
-
-
 def cell_config(
     base: Config,
     method: str,
@@ -167,7 +152,7 @@ def cell_config(
     values.update(METHODS[method] or METHODS["adapter"] or {})
     if metrics is not None:
         values["optim.metrics"] = list(metrics)
-    return Config.from_dict(_merge(base.to_dict(), _nested(values))).validate()
+    return base.with_values(values)
 
 
 def _metrics_for(bench: BenchmarkConfig, dataset: str) -> list[str]:
@@ -403,6 +388,42 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         "timeline": timeline,
         "stats": stats,
     }
+
+
+def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | None = None) -> int:
+    """`experiments/benchmark_all.py` and `infosam benchmark`: exit 0, 1 (cells failed), 2 (bad
+    config or missing data/weights), 130 (stopped by Ctrl-C or SIGTERM)."""
+    p = argparse.ArgumentParser(
+        description="Run (or resume) a methods x datasets x seeds benchmark"
+    )
+    p.add_argument("--config", default=str(default_config or DEMO))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        bench, base = load_benchmark(args.config, args.overrides)
+        result = run_benchmark(bench, base)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
+        return 130
+    print(
+        f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
+    )
+    for kind, path in result["files"].items():
+        print(f"[benchmark] {kind}: {path}")
+    print(
+        f"[benchmark] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
+    )
+    if result["failed"]:
+        print(
+            f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "
+            "re-run the same command to retry only those",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def results_table(state: dict[str, Any], bench: BenchmarkConfig):

@@ -53,11 +53,12 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
-    from infosam.sam import SAM_VARIANTS, checkpoint_sha256
+    from infosam.sam import checkpoint_sha256
     from orchestrator.config import ConfigError
     from orchestrator.datasets import IngestError
     from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint
     from orchestrator.teacher_cache import (
+        CacheKey,
         TeacherCacheError,
         build_teacher_cache,
         open_teacher_cache,
@@ -69,17 +70,12 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
         path = teacher_checkpoint(cfg)
         if path is None:
             raise ConfigError("model.checkpoint is null: a random teacher cannot be cached")
-        keys = {
-            "variant": cfg.model.variant,
-            "image_size": SAM_VARIANTS[cfg.model.variant].image_size,
-            "channel_order": cfg.data.channel_order,
-            "teacher_sha256": checkpoint_sha256(path),
-        }
+        key = CacheKey.for_config(cfg, checkpoint_sha256(path))
         splits = args.splits or [cfg.data.train_split]
         todo = []
         for split in splits:
             try:
-                cache = open_teacher_cache(data_dir, split, **keys)
+                cache = open_teacher_cache(data_dir, split, key)
                 if args.rebuild:
                     todo.append(split)
                 else:
@@ -92,10 +88,10 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
             build_teacher_cache(
                 data_dir,
                 todo,
+                key,
                 checkpoint=path,
                 use_gpu=cfg.scaling.use_gpu or None,
                 batch_size=args.batch_size,
-                **keys,
             )
     except (ConfigError, IngestError, TeacherCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -251,21 +247,12 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    import runpy
-    from pathlib import Path
+    from orchestrator.benchmark import main as benchmark_main
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_all.py"
-    if script.is_file():
-        module = runpy.run_path(str(script))
-        argv = (["--config", args.config] if args.config else []) + [
-            f"--set={o}" for o in args.overrides
-        ]
-        return module["main"](argv)
-    print(
-        "error: experiments/benchmark_all.py not found (run from a source checkout)",
-        file=sys.stderr,
-    )
-    return 2
+    argv = (["--config", args.config] if args.config else []) + [
+        f"--set={o}" for o in args.overrides
+    ]
+    return benchmark_main(argv)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:

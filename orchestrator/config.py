@@ -8,6 +8,7 @@ errors that name the key and suggest the closest known one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import os
 import types
@@ -163,6 +164,23 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         return _build(cls, data, "")
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A validated copy with `section.key` values set (typed, no string round trip).
+
+        How benchmark cells and Tune trials derive their configs from the user's; this config
+        stays as it is.
+        """
+        data = self.to_dict()
+        for key, value in values.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"{key!r}: {part!r} is not a config section")
+                node = node[part]
+            node[last] = copy.deepcopy(value)
+        return Config.from_dict(data).validate()
 
     def validate(self) -> Config:
         checks = [

@@ -17,6 +17,7 @@ flagged, not rejected. PNG/JPEG bytes are stored untouched when no conversion is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -69,7 +70,7 @@ PARQUET_SCHEMA = pa.schema(
 )
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_SHARD_BYTES = 64 << 20
-Image.MAX_IMAGE_PIXELS = 1 << 28  # large remote-sensing tiles are legitimate input
+MAX_PIXELS = 1 << 28  # large remote-sensing tiles are legitimate input (PIL warns at 89 M)
 
 
 class IngestError(Exception):
@@ -88,12 +89,24 @@ def printable(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------- decoding
 
 
+@contextlib.contextmanager
+def _pixel_limit(limit: int):
+    """PIL's decompression-bomb limit for this call only (importing us changes nothing)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _open(data: bytes, what: str) -> Image.Image:
     if not data:
         raise Rejected(f"{what} is a zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with _pixel_limit(MAX_PIXELS):
+            img = Image.open(io.BytesIO(data))
+            img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
         raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
     return img

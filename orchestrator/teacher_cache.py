@@ -16,12 +16,14 @@ by `ensure_teacher_cache`); augmentation with a cache is refused by the config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from orchestrator.pipeline import COLUMNS, decode_batch
 
 __all__ = [
     "CACHE_VERSION",
+    "CacheKey",
     "TeacherCache",
     "TeacherCacheError",
     "TeacherEncoder",
@@ -55,19 +58,35 @@ class TeacherCache(dict):
     """`location`, `files` (parquet paths of one split), `embedding_shape`, `rows`, `meta`."""
 
 
-def cache_location(
-    dataset_dir: str | os.PathLike,
-    *,
-    variant: str,
-    image_size: int,
-    channel_order: str,
-    teacher_sha256: str,
-) -> str:
+@dataclass(frozen=True)
+class CacheKey:
+    """What makes cached embeddings valid for a run: the teacher, its input size, channel order."""
+
+    variant: str
+    image_size: int
+    channel_order: str
+    teacher_sha256: str
+
+    @classmethod
+    def for_config(cls, cfg: Any, teacher_sha256: str) -> CacheKey:
+        """The key of an `orchestrator.config.Config` whose teacher hashes to `teacher_sha256`."""
+        return cls(
+            cfg.model.variant,
+            SAM_VARIANTS[cfg.model.variant].image_size,
+            cfg.data.channel_order,
+            teacher_sha256,
+        )
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.variant}-{self.image_size}-{self.channel_order}-{self.teacher_sha256[:16]}"
+
+
+def cache_location(dataset_dir: str | os.PathLike, key: CacheKey) -> str:
     """The cache folder for this (teacher, input size, channel order); a URI on shared storage."""
     _, root = _fs(dataset_dir)
     base = os.fspath(dataset_dir).rstrip("/") if "://" in os.fspath(dataset_dir) else root
-    key = f"{variant}-{image_size}-{channel_order}-{teacher_sha256[:16]}"
-    return _join(_join(base, "teacher_cache"), key)
+    return _join(_join(base, "teacher_cache"), key.dirname)
 
 
 def _read_json(location: str) -> dict | None:
@@ -95,34 +114,19 @@ def _source_shards(manifest: dict, split: str) -> list[str]:
 def open_teacher_cache(
     dataset_dir: str | os.PathLike,
     split: str,
+    key: CacheKey,
     *,
-    variant: str,
-    image_size: int,
-    channel_order: str,
-    teacher_sha256: str,
     manifest: dict | None = None,
 ) -> TeacherCache:
     """The cache of one split, checked against the run; TeacherCacheError says why not."""
     import pyarrow.fs as pafs
 
     manifest = manifest or load_manifest(dataset_dir)
-    location = cache_location(
-        dataset_dir,
-        variant=variant,
-        image_size=image_size,
-        channel_order=channel_order,
-        teacher_sha256=teacher_sha256,
-    )
+    location = cache_location(dataset_dir, key)
     meta = _read_json(_join(location, "cache.json"))
     if meta is None:
         raise TeacherCacheError(f"no teacher cache at {printable(location)}")
-    expected = {
-        "version": CACHE_VERSION,
-        "teacher_sha256": teacher_sha256,
-        "variant": variant,
-        "image_size": image_size,
-        "channel_order": channel_order,
-    }
+    expected = {"version": CACHE_VERSION, **dataclasses.asdict(key)}
     for key, value in expected.items():
         if meta.get(key) != value:
             raise TeacherCacheError(
@@ -197,12 +201,9 @@ class TeacherEncoder:
 def build_teacher_cache(
     dataset_dir: str | os.PathLike,
     splits: list[str],
+    key: CacheKey,
     *,
-    variant: str,
     checkpoint: str,
-    teacher_sha256: str,
-    image_size: int,
-    channel_order: str,
     attention: str = "folded",
     batch_size: int | None = None,
     use_gpu: bool | None = None,
@@ -220,13 +221,9 @@ def build_teacher_cache(
     import ray.data
 
     manifest = load_manifest(dataset_dir)
-    location = cache_location(
-        dataset_dir,
-        variant=variant,
-        image_size=image_size,
-        channel_order=channel_order,
-        teacher_sha256=teacher_sha256,
-    )
+    location = cache_location(dataset_dir, key)
+    variant, image_size, channel_order = key.variant, key.image_size, key.channel_order
+    teacher_sha256 = key.teacher_sha256
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 if use_gpu is None else use_gpu
     if use_gpu and gpus == 0:
@@ -313,46 +310,35 @@ def build_teacher_cache(
 def ensure_teacher_cache(
     dataset_dir: str | os.PathLike,
     split: str,
+    key: CacheKey | None,
     *,
-    variant: str,
     checkpoint: str | None,
-    teacher_sha256: str | None,
-    image_size: int,
-    channel_order: str,
     use_gpu: bool | None = None,
     quiet: bool = False,
 ) -> TeacherCache:
-    """The valid cache of `split`, building (or rebuilding) it first when needed."""
-    if checkpoint is None or teacher_sha256 is None:
+    """The valid cache of `split`, building (or rebuilding) it first when needed.
+
+    `key` is None for a random teacher (no checkpoint, no hash): refused.
+    """
+    if checkpoint is None or key is None:
         raise TeacherCacheError(
             "speed.teacher_cache needs a teacher checkpoint (model.checkpoint is null: a random "
             "teacher differs in every process); set model.checkpoint or speed.teacher_cache=false"
         )
-    keys: dict[str, Any] = {
-        "variant": variant,
-        "image_size": image_size,
-        "channel_order": channel_order,
-        "teacher_sha256": teacher_sha256,
-    }
     try:
-        return open_teacher_cache(dataset_dir, split, **keys)
+        return open_teacher_cache(dataset_dir, split, key)
     except TeacherCacheError:
         pass
     with _build_lock(dataset_dir):  # concurrent runs (Tune trials) build it once, not racing
         try:
-            return open_teacher_cache(dataset_dir, split, **keys)
+            return open_teacher_cache(dataset_dir, split, key)
         except TeacherCacheError as exc:
             if not quiet:
                 print(f"[infosam] {exc}: computing it now (Ray Data batch inference)", flush=True)
         build_teacher_cache(
-            dataset_dir,
-            [split],
-            checkpoint=checkpoint,
-            use_gpu=use_gpu,
-            quiet=quiet,
-            **keys,
+            dataset_dir, [split], key, checkpoint=checkpoint, use_gpu=use_gpu, quiet=quiet
         )
-        return open_teacher_cache(dataset_dir, split, **keys)
+        return open_teacher_cache(dataset_dir, split, key)
 
 
 @contextlib.contextmanager

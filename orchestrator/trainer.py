@@ -40,6 +40,7 @@ from orchestrator.tracking import artifact_root as tracking_artifact_root
 __all__ = [
     "FitResult",
     "SharedData",
+    "epoch_seeds",
     "fit",
     "make_optimizer",
     "prepare_data",
@@ -96,6 +97,16 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], steps_total: i
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
+
+
+def epoch_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
+    """(prompt-sampling seed, torch seed) of one epoch on one rank.
+
+    Keyed by epoch, not drawn from a running generator, so an epoch resumed from a checkpoint
+    draws the same prompts and dropout as in an uninterrupted run; distinct per rank. The
+    constants are distinct primes; changing them changes every run's numbers.
+    """
+    return seed * 100_003 + epoch * 101 + rank, seed * 7919 + epoch * 31 + rank
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -174,9 +185,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         zero_shot = mean_metrics(sums["teacher"], count, "val/zero_shot_")
 
     for epoch in range(start_epoch, cfg.optim.epochs):
-        # Epoch-keyed seeds: a resumed epoch draws the same prompts as an uninterrupted one.
-        gen.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
-        torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
+        prompt_seed, torch_seed = epoch_seeds(cfg.seed, epoch, rank)
+        gen.manual_seed(prompt_seed)
+        torch.manual_seed(torch_seed)
         sums: dict[str, float] = {}
         steps, t0 = 0, time.perf_counter()
         batches = train_shard.iter_batches(
@@ -391,17 +402,15 @@ def prepare_data(
     train_cache = None
     if cfg.speed.teacher_cache and cfg.loss.needs_teacher:
         from orchestrator.runtime import teacher_checkpoint
-        from orchestrator.teacher_cache import TeacherCacheError, ensure_teacher_cache
+        from orchestrator.teacher_cache import CacheKey, TeacherCacheError, ensure_teacher_cache
 
+        key = CacheKey.for_config(cfg, teacher_sha256) if teacher_sha256 else None
         try:
             train_cache = ensure_teacher_cache(
                 data_dir,
                 cfg.data.train_split,
-                variant=cfg.model.variant,
+                key,
                 checkpoint=teacher_checkpoint(cfg),
-                teacher_sha256=teacher_sha256,
-                image_size=size,
-                channel_order=cfg.data.channel_order,
                 use_gpu=sc.use_gpu,
                 quiet=quiet,
             )

@@ -24,7 +24,7 @@ from orchestrator.config import Config, ConfigError, apply_overrides, flatten, l
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import resolve_tracking_uri, start_run
 
-__all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_overrides"]
+__all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
 TRIAL_TAG = "infosam.trial_id"
 
@@ -102,47 +102,53 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def trial_overrides(sampled: dict[str, Any]) -> list[str]:
-    """Sampled Tune config -> `key=value` overrides (a switched-off term gets weight 0)."""
-    out = []
+def trial_values(sampled: dict[str, Any]) -> dict[str, Any]:
+    """Sampled Tune config -> typed `section.key` values (a switched-off term gets weight 0)."""
+    out = {}
     for key, value in sampled.items():
         if key.endswith("__off"):
             continue
-        if sampled.get(f"{key}__off"):
-            value = 0.0
-        out.append(f"{key}={json.dumps(value)}")
+        out[key] = 0.0 if sampled.get(f"{key}__off") else _py(value)
     return out
 
 
-def _trial(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep needs besides its sampled values (`tune.with_parameters`)."""
+
+    base: Config
+    name: str
+    parent_run_id: str
+    uri: str
+    artifact_root: str | None
+
+
+def _trial(config: dict[str, Any], context: SweepContext) -> None:
     """One Tune trial: a TorchTrainer fit of the base config with the sampled values."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.trainer import fit
 
-    base = config.pop("__base")
-    sweep = config.pop("__sweep")
     trial_id = tune.get_context().get_trial_id()
-    cfg = Config.from_dict(apply_overrides(base, trial_overrides(config)))
+    cfg = context.base.with_values(trial_values(config))
     logger = start_run(
-        sweep["uri"],
+        context.uri,
         cfg.tracking.experiment,
         f"trial-{trial_id}",
-        artifact_root=sweep["artifact_root"],
-        tags={TRIAL_TAG: trial_id, "infosam.sweep": sweep["name"]},
-        parent_run_id=sweep["parent_run_id"],
+        artifact_root=context.artifact_root,
+        tags={TRIAL_TAG: trial_id, "infosam.sweep": context.name},
+        parent_run_id=context.parent_run_id,
     )
     logger.log_params({f"sampled.{k}": v for k, v in config.items()})
     # Errors and Tune's own stops (ASHA, max_t) surface here as exceptions that look alike;
     # the driver-side callback knows which happened and closes the run as FAILED or FINISHED.
-    cfg.validate()
     fit(
         cfg,
         logger=logger,
         quiet=True,
         callbacks=[TuneReportCallback()],
-        storage_name=f"{sweep['name']}/trial-{trial_id}",
+        storage_name=f"{context.name}/trial-{trial_id}",
     )
     logger.finish("FINISHED")
 
@@ -261,13 +267,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     )
     parent.log_text(base.to_yaml(), "base_config.yaml")
     space = search_space(tcfg.space)
-    space["__base"] = base.to_dict()
-    space["__sweep"] = {
-        "parent_run_id": parent.run_id,
-        "uri": uri,
-        "name": tcfg.name,
-        "artifact_root": artifact_root,
-    }
+    context = SweepContext(base, tcfg.name, parent.run_id, uri, artifact_root)
     scheduler = None
     if tcfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -280,7 +280,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         )
     started = time.perf_counter()
     tuner = tune.Tuner(
-        tune.with_resources(_trial, _trial_resources(base)),
+        tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(base)),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=tcfg.metric,
@@ -304,7 +304,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         raise
     rows = []
     for result in grid:
-        sampled = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+        sampled = dict(result.config or {})
         metrics = result.metrics or {}
         rows.append(
             {
@@ -326,11 +326,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     best_sampled = {
         k: best_row[k] for k in table.columns if k not in ("trial", "status", "epochs", tcfg.metric)
     }
-    best_cfg = Config.from_dict(
-        apply_overrides(
-            base.to_dict(), trial_overrides({k: _py(v) for k, v in best_sampled.items()})
-        )
-    )
+    best_cfg = base.with_values(trial_values(best_sampled))
     best_yaml = out_dir / "best.yaml"
     best_yaml.write_text(
         f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"

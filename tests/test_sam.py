@@ -10,22 +10,16 @@ from infosam.sam import (
 )
 
 
-def test_tiny_forward_shapes_and_speed(tiny_sam, batch, box_prompts):
-    import time
-
+def test_tiny_forward_shapes(tiny_sam, batch, box_prompts):
     model = PromptableSam(tiny_sam)
     images = batch["image"].repeat(2, 1, 1, 1)
     boxes = box_prompts.boxes.repeat(2, 1)
     with torch.no_grad():
-        model(images, boxes=boxes)
-        start = time.perf_counter()
         out = model(images, boxes=boxes)
-        elapsed = time.perf_counter() - start
     assert out.image_embeddings.shape == (8, 128, 16, 16)
     assert out.low_res_logits.shape == (8, 1, 64, 64)
     assert out.iou_predictions.shape == (8, 1)
     assert out.mask_tokens.shape == (8, 1, 128)
-    assert elapsed < 1.0, f"tiny forward of batch 8 took {elapsed:.2f}s"
 
 
 def test_batched_decoder_equals_stock_per_image_decoder(tiny_sam, batch, box_prompts):
@@ -113,7 +107,8 @@ def test_checkpoint_round_trip_and_strict_errors(tiny_sam, tmp_path):
     assert "mask_decoder.iou_token.weight" in str(err.value)
     assert "image_encoder.extra.weight" in str(err.value)
     model = build_sam("tiny", tmp_path / "broken.pth", partial=True)
-    assert model is not None
+    key = "image_encoder.patch_embed.proj.weight"  # present: loaded from the file
+    assert torch.equal(model.state_dict()[key], broken[key])
     missing, unexpected = load_sam_state_dict(build_sam("tiny"), broken, partial=True)
     assert missing == ["mask_decoder.iou_token.weight"] and unexpected == [
         "image_encoder.extra.weight"

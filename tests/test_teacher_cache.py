@@ -15,13 +15,14 @@ from infosam.transforms import random_hflip
 from orchestrator.config import BUILTIN_TEACHER, ConfigError
 from orchestrator.pipeline import read_split, to_torch
 from orchestrator.teacher_cache import (
+    CacheKey,
     TeacherCacheError,
     build_teacher_cache,
     ensure_teacher_cache,
     open_teacher_cache,
 )
 from orchestrator.trainer import fit
-from tests.conftest import train_config
+from tests.helpers import train_config
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -36,23 +37,25 @@ def dataset(tmp_path, synthetic_root):
     return root
 
 
-def _keys(**extra):
-    return {
-        "variant": "tiny",
-        "image_size": 256,
-        "channel_order": "rgb",
-        "teacher_sha256": checkpoint_sha256(TEACHER),
-        **extra,
-    }
+def _key(**extra):
+    return CacheKey(
+        **{
+            "variant": "tiny",
+            "image_size": 256,
+            "channel_order": "rgb",
+            "teacher_sha256": checkpoint_sha256(TEACHER),
+            **extra,
+        }
+    )
 
 
 def test_cached_embeddings_equal_the_teacher_and_give_the_same_losses(ray_local, dataset):
     meta = build_teacher_cache(
-        dataset / "camouflage", ["train"], checkpoint=TEACHER, quiet=True, **_keys()
+        dataset / "camouflage", ["train"], _key(), checkpoint=TEACHER, quiet=True
     )
     assert meta["splits"]["train"]["rows"] == 32 and meta["dtype"] == "bfloat16"
     assert meta["embedding_shape"] == [128, 16, 16]
-    cache = open_teacher_cache(dataset / "camouflage", "train", **_keys())
+    cache = open_teacher_cache(dataset / "camouflage", "train", _key())
     ds = read_split(dataset / "camouflage", "train", image_size=256, teacher_cache=cache)
     rows = ds.take_batch(8, batch_format="numpy")
     batch = to_torch(rows)
@@ -90,19 +93,19 @@ def test_cached_embeddings_equal_the_teacher_and_give_the_same_losses(ray_local,
 
 def test_cache_is_refused_when_it_was_computed_from_something_else(ray_local, dataset):
     root = dataset / "camouflage"
-    build_teacher_cache(root, ["train"], checkpoint=TEACHER, quiet=True, **_keys())
-    open_teacher_cache(root, "train", **_keys())  # valid as built
+    build_teacher_cache(root, ["train"], _key(), checkpoint=TEACHER, quiet=True)
+    open_teacher_cache(root, "train", _key())  # valid as built
     with pytest.raises(TeacherCacheError, match="no teacher cache"):
-        open_teacher_cache(root, "train", **_keys(teacher_sha256="0" * 64))
+        open_teacher_cache(root, "train", _key(teacher_sha256="0" * 64))
     with pytest.raises(TeacherCacheError, match="no split 'val'"):
-        open_teacher_cache(root, "val", **_keys())
+        open_teacher_cache(root, "val", _key())
     (cache_json,) = root.glob("teacher_cache/*/cache.json")
     meta = json.loads(cache_json.read_text())
     # Same folder, other teacher recorded inside: refused, naming both hashes' key.
     tampered = {**meta, "teacher_sha256": "f" * 64}
     cache_json.write_text(json.dumps(tampered))
     with pytest.raises(TeacherCacheError, match="teacher_sha256"):
-        open_teacher_cache(root, "train", **_keys())
+        open_teacher_cache(root, "train", _key())
     cache_json.write_text(json.dumps(meta))
     # The dataset re-ingested (a shard's checksum changed): the cache no longer describes it.
     manifest_path = root / "manifest.json"
@@ -110,9 +113,9 @@ def test_cache_is_refused_when_it_was_computed_from_something_else(ray_local, da
     next(s for s in manifest["shards"] if s["split"] == "train")["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(TeacherCacheError, match="other shards"):
-        open_teacher_cache(root, "train", **_keys())
+        open_teacher_cache(root, "train", _key())
     with pytest.raises(TeacherCacheError, match="random teacher"):
-        ensure_teacher_cache(root, "train", checkpoint=None, **_keys(teacher_sha256=None))
+        ensure_teacher_cache(root, "train", None, checkpoint=None)
 
 
 def test_config_refuses_cache_with_augmentation_and_bf16_teacher_without_bf16(tmp_path):
@@ -230,7 +233,7 @@ def test_concurrent_runs_build_the_cache_once(ray_local, dataset):
         try:
             results.append(
                 ensure_teacher_cache(
-                    dataset / "camouflage", "val", checkpoint=TEACHER, quiet=True, **_keys()
+                    dataset / "camouflage", "val", _key(), checkpoint=TEACHER, quiet=True
                 )
             )
         except Exception as exc:  # surfaced below

@@ -6,14 +6,13 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli
 from orchestrator.evaluation import evaluate_checkpoint
 from orchestrator.trainer import fit
-from tests.conftest import train_config
+from tests.helpers import train_config
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -149,7 +148,6 @@ def test_killed_worker_resumes_from_checkpoint_with_continuous_history(
     for key in ("train/loss", "val/iou"):
         steps = [x.step for x in client.get_metric_history(result.run_id, key)]
         assert sorted(steps) == [0, 1, 2, 3], (key, steps)
-    assert psutil.pid_exists(killed[0]) is False or psutil.Process(killed[0]).status() == "zombie"
 
 
 def test_crashed_run_is_marked_failed(ray_local, tmp_path, synthetic_root):

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.trainer import fit
-from orchestrator.tuner import load_tune, run_sweep, trial_overrides
+from orchestrator.tuner import load_tune, run_sweep, trial_values
 
 pytestmark = pytest.mark.timeout(480)
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tune_smoke.yaml"
@@ -30,10 +30,12 @@ def _sweep(tmp_path, data_root, *extra, space=None):
 
 
 def test_off_switch_sets_weight_zero():
-    out = trial_overrides(
+    out = trial_values(
         {"loss.weight_compression": 0.3, "loss.weight_compression__off": True, "optim.lr": 0.001}
     )
-    assert out == ["loss.weight_compression=0.0", "optim.lr=0.001"]
+    assert out == {"loss.weight_compression": 0.0, "optim.lr": 0.001}
+    cfg = load_config(None, []).with_values(out)
+    assert cfg.loss.weight_compression == 0.0 and cfg.optim.lr == 0.001
 
 
 def test_three_trial_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):

@@ -9,6 +9,7 @@ from segment_anything.modeling import Sam
 from infosam.engine import LossConfig, compute_losses
 from infosam.sam import SAM_VARIANTS, PromptableSam, _build_from_spec, build_sam
 from infosam.tuning import (
+    TUNING_METHODS,
     TuningConfig,
     apply_tuning,
     load_trainable_state_dict,
@@ -40,7 +41,73 @@ ENCODER_MARK = {
     "adapter": "Adapter_Series",
     "full": "qkv.weight",
 }
-METHODS = ["decoder", "bitfit", "lora", "adapter", "full"]
+METHODS = sorted(TUNING_METHODS)  # the registry, so a new method cannot skip the checks
+
+
+def test_every_registered_method_has_a_row_in_the_table():
+    for method in METHODS:
+        assert callable(_intended(method)), method
+
+
+# (method, options, check on the tuned model): options of each method, one table.
+OPTION_CASES = [
+    (
+        "lora",
+        {"lora_rank": 8},
+        lambda sam: sam.image_encoder.blocks[0].attn.qkv.lora_A["default"].weight.shape[0] == 8,
+    ),
+    (
+        "lora",
+        {"train_decoder": False},
+        lambda sam: not any(p.requires_grad for p in sam.mask_decoder.parameters()),
+    ),
+    (
+        "bitfit",
+        {"train_decoder": False},
+        lambda sam: not any(p.requires_grad for p in sam.mask_decoder.parameters()),
+    ),
+    (
+        "adapter",
+        {"train_decoder": False},
+        lambda sam: not any(p.requires_grad for p in sam.mask_decoder.parameters()),
+    ),
+    (
+        "adapter",
+        {"adapter_blocks": [3]},
+        lambda sam: (
+            [
+                i
+                for i, b in enumerate(sam.image_encoder.blocks)
+                if hasattr(b, "Space_Adapter_Series")
+            ]
+            == [3]
+        ),
+    ),
+    (
+        "adapter",
+        {"adapter_ratio": 0.5},
+        lambda sam: (
+            sam.image_encoder.blocks[2].Space_Adapter_Series.D_fc1.weight.shape == (64, 128)
+        ),
+    ),
+    ("decoder", {}, lambda sam: not any(p.requires_grad for p in sam.image_encoder.parameters())),
+]
+
+
+@pytest.mark.parametrize(("method", "options", "check"), OPTION_CASES)
+def test_method_options(method, options, check):
+    sam = build_sam("tiny")
+    apply_tuning(sam, TuningConfig(method=method, **options))
+    assert check(sam)
+    assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
+
+
+def test_speed_switches_before_tuning_are_refused():
+    from infosam.speed import checkpoint_blocks
+
+    sam = checkpoint_blocks(build_sam("tiny"))
+    with pytest.raises(ValueError, match="apply tuning first"):
+        apply_tuning(sam, TuningConfig(method="adapter"))
 
 
 def _trained(method, batch, prompts, steps=6, **kw):

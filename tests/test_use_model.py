@@ -26,7 +26,7 @@ from orchestrator.checkpoints import save_checkpoint
 from orchestrator.cli import main as cli
 from orchestrator.models import build_models
 from orchestrator.trainer import make_optimizer
-from tests.conftest import train_config
+from tests.helpers import train_config
 
 
 def _checkpoint(tmp_path, data_root, method):
