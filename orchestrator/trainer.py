@@ -109,9 +109,50 @@ def epoch_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
     return seed * 100_003 + epoch * 101 + rank, seed * 7919 + epoch * 31 + rank
 
 
+@dataclass
+class _Worker:
+    """One Train worker's state across the phases of `train_loop_per_worker`."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    teacher: Any
+    student: Any
+    relation: Any
+    opt: Any
+    sched: Any
+    report: Any  # infosam.tuning.TuningReport of the student
+    local_batch: int
+    teacher_sha256: str | None
+    local_dir: str | None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+    logger: RunLogger | None = None
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (also callable in Train local mode)."""
+    """The function every Ray Train worker runs (also callable in Train local mode).
+
+    Phases: set up (models, DDP, optimiser), restore (the latest registered checkpoint), open
+    logging (rank 0), then per epoch: train, evaluate (rank 0), report (checkpoint + metrics).
+    """
     import ray.train
+
+    w = _setup(loop_config)
+    _restore(w)
+    _open_logging(w, loop_config)
+    zero_shot = _zero_shot_val(w)
+    train_shard = ray.train.get_dataset_shard("train")
+    gen = torch.Generator()
+    for epoch in range(w.start_epoch, w.cfg.optim.epochs):
+        metrics = _train_epoch(w, epoch, train_shard, gen)
+        overlay_rows = _evaluate_epoch(w, epoch, metrics, zero_shot) if w.rank == 0 else []
+        _report(w, epoch, metrics, overlay_rows)
+
+
+def _setup(loop_config: dict[str, Any]) -> _Worker:
     import ray.train.torch
 
     cfg = Config.from_dict(loop_config["config"])
@@ -136,171 +177,216 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "(drop_last): lower optim.batch_size or add data"
         )
     opt, sched = make_optimizer(cfg, params, steps_per_epoch * cfg.optim.epochs)
-    start_epoch, history, resumed_from = 0, [], None
+    w = _Worker(
+        cfg,
+        rank,
+        world,
+        device,
+        teacher,
+        student,
+        relation,
+        opt,
+        sched,
+        report,
+        local_bs,
+        loop_config.get("teacher_sha256"),
+        loop_config.get("local_checkpoint_root"),
+    )
+    return w
+
+
+def _restore(w: _Worker) -> None:
+    """Load the latest checkpoint Ray Train registered (local mode: the run's own folder)."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    local_dir = loop_config.get("local_checkpoint_root")
-    if ckpt is None and local_dir:  # Train local mode keeps no checkpoints of its own
-        found = sorted(Path(local_dir).glob("checkpoint_epoch_*/" + STATE_FILE))
+    if ckpt is None and w.local_dir:  # Train local mode keeps no checkpoints of its own
+        found = sorted(Path(w.local_dir).glob("checkpoint_epoch_*/" + STATE_FILE))
         ckpt = ray.train.Checkpoint.from_directory(str(found[-1].parent)) if found else None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state(d, device)
-        load_trainable_state_dict(unwrap(student).sam, state["student"])
-        if relation is not None:
-            unwrap(relation).load_state_dict(state["relation"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
-        if rank == 0:
-            print(f"[infosam] resumed from checkpoint of epoch {start_epoch - 1}", flush=True)
-            resumed_from = start_epoch - 1
-    logger = RunLogger(*loop_config["mlflow"]) if loop_config.get("mlflow") and rank == 0 else None
-    if logger is not None:
-        _backfill(logger, history)
-        if resumed_from is not None:
-            previous = logger.client.get_run(logger.run_id).data.tags.get(
-                "infosam.resumed_from_epochs"
-            )
-            logger.set_tags(
-                {
-                    "infosam.resumed_from_epochs": ",".join(
-                        filter(None, [previous, str(resumed_from)])
-                    )
-                }
-            )
-        if start_epoch == 0:
-            logger.log_params(
-                {"trainable_params": report.trainable_params, "total_params": report.total_params}
-            )
-    gather = _gather_fn(world) if cfg.scaling.all_gather_relations else None
-    autocast = autocast_dtype(cfg)
-    train_shard = ray.train.get_dataset_shard("train")
-    gen = torch.Generator()
-    zero_shot: dict[str, float] = {}
-    if start_epoch == 0 and rank == 0 and teacher is not None and cfg.optim.zero_shot_eval:
-        sums, count, _ = evaluate_split(
-            {"teacher": teacher}, ray.train.get_dataset_shard("val"), cfg, device
-        )
-        zero_shot = mean_metrics(sums["teacher"], count, "val/zero_shot_")
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        state = load_state(d, w.device)
+    load_trainable_state_dict(unwrap(w.student).sam, state["student"])
+    if w.relation is not None:
+        unwrap(w.relation).load_state_dict(state["relation"])
+    w.opt.load_state_dict(state["optimizer"])
+    w.sched.load_state_dict(state["scheduler"])
+    w.start_epoch = int(state["epoch"]) + 1
+    w.history = json.loads(state["history"])
+    if w.rank == 0:
+        print(f"[infosam] resumed from checkpoint of epoch {w.start_epoch - 1}", flush=True)
+        w.resumed_from = w.start_epoch - 1
 
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        prompt_seed, torch_seed = epoch_seeds(cfg.seed, epoch, rank)
-        gen.manual_seed(prompt_seed)
-        torch.manual_seed(torch_seed)
-        sums: dict[str, float] = {}
-        steps, t0 = 0, time.perf_counter()
-        batches = train_shard.iter_batches(
-            batch_size=local_bs,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed + epoch) if cfg.data.shuffle_buffer else None,
-        )
-        for np_batch in batches:
-            batch = to_torch(np_batch, device)
-            if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
-                random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
-            prompts = sample_prompts(
-                batch["mask"].cpu(),
-                cfg.data.prompt,
-                max_shift=cfg.data.box_jitter,
-                num_positive=cfg.data.num_positive_points,
-                num_negative=cfg.data.num_negative_points,
-                generator=gen,
-            ).to(device)
-            losses = train_step(
-                student,
-                opt,
-                batch,
-                prompts,
-                cfg.loss,
-                teacher=teacher,
-                relation=relation,
-                scheduler=sched,
-                autocast_dtype=autocast,
-                grad_clip=cfg.optim.grad_clip,
-                gather=gather,
-            )
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        train_time = time.perf_counter() - t0
-        sums["__steps"] = float(steps)
-        sums["__images"] = float(steps * local_bs)
-        sums = _all_reduce_sum(sums, device)
-        total_steps = max(sums.pop("__steps"), 1)
-        images = sums.pop("__images")
-        metrics: dict[str, float] = {
-            f"train/{k}": v / total_steps for k, v in sums.items() if k != "empty_prompts"
-        }
-        metrics["train/empty_prompts"] = sums.get("empty_prompts", 0.0)
-        metrics["train/images_per_s"] = images / max(train_time, 1e-9)
-        metrics["train/lr"] = opt.param_groups[0]["lr"]
-        metrics["epoch"] = epoch
-        last = epoch == cfg.optim.epochs - 1
-        overlay_rows: list = []
-        if rank == 0:
-            t_eval = time.perf_counter()
-            # Unwrapped: a DDP forward on one rank alone would wait for the others (buffer sync).
-            models = {"student": unwrap(student)}
-            sums_v, count, _ = evaluate_split(
-                models, ray.train.get_dataset_shard("val"), cfg, device
-            )
-            metrics.update(mean_metrics(sums_v["student"], count, "val/"))
-            metrics.update(zero_shot)
-            if last:
-                if teacher is not None and cfg.optim.zero_shot_eval:
-                    models = {**models, "teacher": teacher}  # one pass over the test split
-                sums_t, count_t, _ = evaluate_split(
-                    models, ray.train.get_dataset_shard("test"), cfg, device
-                )
-                metrics.update(mean_metrics(sums_t["student"], count_t, "test/"))
-                if "teacher" in sums_t:
-                    metrics.update(mean_metrics(sums_t["teacher"], count_t, "test/zero_shot_"))
-                if logger is not None and cfg.tracking.overlays > 0:
-                    both = {"student": unwrap(student)}
-                    if teacher is not None:
-                        both = {"teacher": teacher, **both}
-                    _, _, overlay_rows = evaluate_split(
-                        both,
-                        ray.train.get_dataset_shard("val"),
-                        cfg,
-                        device,
-                        overlays=cfg.tracking.overlays,
-                    )
-            metrics["time/eval_s"] = time.perf_counter() - t_eval
-        metrics["time/train_s"] = train_time
-        metrics["eval_protocol"] = cfg.optim.eval_protocol  # type: ignore[assignment]
-        history.append({k: v for k, v in metrics.items()})
-        with _checkpoint_dir(local_dir, epoch) as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp,
-                    student=student,
-                    relation=relation,
-                    opt=opt,
-                    sched=sched,
-                    epoch=epoch,
-                    history=history,
-                    cfg=cfg,
-                    teacher_sha=loop_config.get("teacher_sha256"),
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}"
-            )
-        if rank == 0:
-            _print_epoch(epoch, cfg.optim.epochs, metrics, train_time)
-            if logger is not None:
-                _log_epoch(logger, metrics, epoch)
-                if overlay_rows:
-                    from orchestrator.visualize import overlay_grid
 
-                    logger.log_image_file(
-                        overlay_grid(overlay_rows), "overlays/val_teacher_student_gt.png"
-                    )
+def _open_logging(w: _Worker, loop_config: dict[str, Any]) -> None:
+    """Rank 0: back-fill checkpointed epochs not yet logged, tag resumes, log model size."""
+    if not loop_config.get("mlflow") or w.rank != 0:
+        return
+    logger = w.logger = RunLogger(*loop_config["mlflow"])
+    _backfill(logger, w.history)
+    if w.resumed_from is not None:
+        previous = logger.client.get_run(logger.run_id).data.tags.get("infosam.resumed_from_epochs")
+        resumed = ",".join(filter(None, [previous, str(w.resumed_from)]))
+        logger.set_tags({"infosam.resumed_from_epochs": resumed})
+    if w.start_epoch == 0:
+        logger.log_params(
+            {
+                "trainable_params": w.report.trainable_params,
+                "total_params": w.report.total_params,
+            }
+        )
+
+
+def _zero_shot_val(w: _Worker) -> dict[str, float]:
+    """The frozen teacher on the validation split, once (when `optim.zero_shot_eval`)."""
+    import ray.train
+
+    if w.start_epoch or w.rank or w.teacher is None or not w.cfg.optim.zero_shot_eval:
+        return {}
+    sums, count, _ = evaluate_split(
+        {"teacher": w.teacher}, ray.train.get_dataset_shard("val"), w.cfg, w.device
+    )
+    return mean_metrics(sums["teacher"], count, "val/zero_shot_")
+
+
+def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> dict[str, Any]:
+    """One pass over this worker's shard; losses averaged over all workers' steps."""
+    cfg, device = w.cfg, w.device
+    prompt_seed, torch_seed = epoch_seeds(cfg.seed, epoch, w.rank)
+    gen.manual_seed(prompt_seed)
+    torch.manual_seed(torch_seed)
+    gather = _gather_fn(w.world) if cfg.scaling.all_gather_relations else None
+    sums: dict[str, float] = {}
+    steps, t0 = 0, time.perf_counter()
+    batches = shard.iter_batches(
+        batch_size=w.local_batch,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        local_shuffle_seed=(cfg.seed + epoch) if cfg.data.shuffle_buffer else None,
+    )
+    for np_batch in batches:
+        batch = to_torch(np_batch, device)
+        if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
+            random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
+        prompts = sample_prompts(
+            batch["mask"].cpu(),
+            cfg.data.prompt,
+            max_shift=cfg.data.box_jitter,
+            num_positive=cfg.data.num_positive_points,
+            num_negative=cfg.data.num_negative_points,
+            generator=gen,
+        ).to(device)
+        losses = train_step(
+            w.student,
+            w.opt,
+            batch,
+            prompts,
+            cfg.loss,
+            teacher=w.teacher,
+            relation=w.relation,
+            scheduler=w.sched,
+            autocast_dtype=autocast_dtype(cfg),
+            grad_clip=cfg.optim.grad_clip,
+            gather=gather,
+        )
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+    train_time = time.perf_counter() - t0
+    sums["__steps"] = float(steps)
+    sums["__images"] = float(steps * w.local_batch)
+    sums = _all_reduce_sum(sums, device)
+    total_steps = max(sums.pop("__steps"), 1)
+    images = sums.pop("__images")
+    metrics: dict[str, Any] = {
+        f"train/{k}": v / total_steps for k, v in sums.items() if k != "empty_prompts"
+    }
+    metrics["train/empty_prompts"] = sums.get("empty_prompts", 0.0)
+    metrics["train/images_per_s"] = images / max(train_time, 1e-9)
+    metrics["train/lr"] = w.opt.param_groups[0]["lr"]
+    metrics["epoch"] = epoch
+    metrics["time/train_s"] = train_time
+    return metrics
+
+
+def _evaluate_epoch(
+    w: _Worker, epoch: int, metrics: dict[str, Any], zero_shot: dict[str, float]
+) -> list[dict[str, np.ndarray]]:
+    """Rank 0: validation every epoch; test (and the overlay PNG's rows) after the last."""
+    import ray.train
+
+    cfg, device = w.cfg, w.device
+    t_eval = time.perf_counter()
+    overlay_rows: list[dict[str, np.ndarray]] = []
+    # Unwrapped: a DDP forward on one rank alone would wait for the others (buffer sync).
+    models = {"student": unwrap(w.student)}
+    sums_v, count, _ = evaluate_split(models, ray.train.get_dataset_shard("val"), cfg, device)
+    metrics.update(mean_metrics(sums_v["student"], count, "val/"))
+    metrics.update(zero_shot)
+    if epoch == cfg.optim.epochs - 1:
+        if w.teacher is not None and cfg.optim.zero_shot_eval:
+            models = {**models, "teacher": w.teacher}  # one pass over the test split
+        sums_t, count_t, _ = evaluate_split(
+            models, ray.train.get_dataset_shard("test"), cfg, device
+        )
+        metrics.update(mean_metrics(sums_t["student"], count_t, "test/"))
+        if "teacher" in sums_t:
+            metrics.update(mean_metrics(sums_t["teacher"], count_t, "test/zero_shot_"))
+        if w.logger is not None and cfg.tracking.overlays > 0:
+            both = {"student": unwrap(w.student)}
+            if w.teacher is not None:
+                both = {"teacher": w.teacher, **both}
+            _, _, overlay_rows = evaluate_split(
+                both,
+                ray.train.get_dataset_shard("val"),
+                cfg,
+                device,
+                overlays=cfg.tracking.overlays,
+            )
+    metrics["time/eval_s"] = time.perf_counter() - t_eval
+    return overlay_rows
+
+
+def _report(
+    w: _Worker, epoch: int, metrics: dict[str, Any], overlay_rows: list[dict[str, np.ndarray]]
+) -> None:
+    """Checkpoint (rank 0) + `ray.train.report`, then, once it returned, MLflow (rank 0)."""
+    import ray.train
+
+    cfg = w.cfg
+    metrics["eval_protocol"] = cfg.optim.eval_protocol
+    w.history.append(dict(metrics))
+    with _checkpoint_dir(w.local_dir, epoch) as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            save_checkpoint(
+                tmp,
+                student=w.student,
+                relation=w.relation,
+                opt=w.opt,
+                sched=w.sched,
+                epoch=epoch,
+                history=w.history,
+                cfg=cfg,
+                teacher_sha=w.teacher_sha256,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}"
+        )
+    if w.rank != 0:
+        return
+    _print_epoch(epoch, cfg.optim.epochs, metrics, metrics["time/train_s"])
+    if w.logger is not None:
+        _log_epoch(w.logger, metrics, epoch)
+        if overlay_rows:
+            from orchestrator.visualize import overlay_grid
+
+            w.logger.log_image_file(
+                overlay_grid(overlay_rows), "overlays/val_teacher_student_gt.png"
+            )
 
 
 @contextlib.contextmanager
