@@ -20,12 +20,28 @@ from orchestrator.config import Config
 from orchestrator.models import autocast_dtype, build_teacher
 
 __all__ = [
+    "draw_prompts",
     "evaluate_checkpoint",
     "evaluate_model",
     "evaluate_split",
     "mean_metrics",
     "zero_shot",
 ]
+
+
+def draw_prompts(
+    cfg: Config, masks: torch.Tensor, generator: torch.Generator, device: Any, *, train: bool
+) -> Any:
+    """Prompts for a batch of masks with the run's training or evaluation prompt settings."""
+    d = cfg.data
+    return sample_prompts(
+        masks.cpu(),
+        d.prompt if train else d.eval_prompt,
+        max_shift=d.box_jitter if train else d.eval_box_jitter,
+        num_positive=d.num_positive_points,
+        num_negative=d.num_negative_points,
+        generator=generator,
+    ).to(device)
 
 
 def mean_metrics(sums: dict[str, float], count: int, prefix: str = "") -> dict[str, float]:
@@ -52,14 +68,7 @@ def evaluate_split(
     ):
         batch = to_torch(np_batch, device)
         masks = batch["mask"]
-        prompts = sample_prompts(
-            masks.cpu(),
-            cfg.data.eval_prompt,
-            max_shift=cfg.data.eval_box_jitter,
-            num_positive=cfg.data.num_positive_points,
-            num_negative=cfg.data.num_negative_points,
-            generator=gen,
-        ).to(device)
+        prompts = draw_prompts(cfg, masks, gen, device, train=False)
         gts = [torch.from_numpy(np.array(m)) for m in batch["mask_original"]]
         preds: dict[str, list[torch.Tensor]] = {}
         for name, model in models.items():

@@ -23,14 +23,13 @@ import numpy as np
 import torch
 
 from infosam.engine import train_step
-from infosam.prompts import sample_prompts
 from infosam.sam import SAM_VARIANTS
 from infosam.transforms import random_hflip
 from infosam.tuning import load_trainable_state_dict
 from orchestrator.checkpoints import STATE_FILE, load_state, read_history, save_checkpoint
 from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
-from orchestrator.evaluation import evaluate_split, mean_metrics
+from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
 from orchestrator.runtime import ensure_data, init_ray, teacher_hash
@@ -270,14 +269,7 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
         batch = to_torch(np_batch, device)
         if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
             random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
-        prompts = sample_prompts(
-            batch["mask"].cpu(),
-            cfg.data.prompt,
-            max_shift=cfg.data.box_jitter,
-            num_positive=cfg.data.num_positive_points,
-            num_negative=cfg.data.num_negative_points,
-            generator=gen,
-        ).to(device)
+        prompts = draw_prompts(cfg, batch["mask"], gen, device, train=True)
         losses = train_step(
             w.student,
             w.opt,
