@@ -41,8 +41,8 @@ from orchestrator.cells import (
 )
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
-from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
 from orchestrator.tracking import artifact_root as tracking_artifact_root
+from orchestrator.tracking import open_run, resolve_tracking_uri
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
 
@@ -228,17 +228,15 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
         provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
     prep_s = time.perf_counter() - t_prep
-    if state.get("parent_run_id"):
-        parent = RunLogger(uri, state["parent_run_id"])
-        parent.client.update_run(parent.run_id, status="RUNNING")
-    else:
-        parent = start_run(
-            uri,
-            base.tracking.experiment,
-            f"benchmark:{bench.name}",
-            artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
-            tags={"infosam.benchmark": bench.name},
-        )
+    parent, resumed = open_run(
+        uri,
+        base.tracking.experiment,
+        f"benchmark:{bench.name}",
+        resume_run_id=state.get("parent_run_id"),
+        artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
+        tags={"infosam.benchmark": bench.name},
+    )
+    if not resumed:
         parent.log_params(
             {
                 **provenance,

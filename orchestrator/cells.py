@@ -127,11 +127,11 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
 
 def _zero_shot_cell(job: CellJob) -> tuple[dict[str, float], str, dict[str, float]]:
     from orchestrator.evaluation import zero_shot
-    from orchestrator.tracking import start_run
+    from orchestrator.tracking import open_run
 
     t0 = time.perf_counter()
     cfg = job.cfg
-    child = start_run(
+    child, _ = open_run(
         job.tracking_uri,
         cfg.tracking.experiment,
         job.cell.key,

@@ -21,6 +21,7 @@ __all__ = [
     "artifact_root",
     "default_tracking_uri",
     "ensure_experiment",
+    "open_run",
     "start_run",
 ]
 
@@ -90,6 +91,39 @@ def start_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return RunLogger(uri, run.info.run_id)
+
+
+def open_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None,
+    *,
+    resume_run_id: str | None = None,
+    artifact_root: str | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[RunLogger, bool]:
+    """The one way runs are opened: (logger, resumed).
+
+    With `resume_run_id` (a resumed training run, benchmark or cell) that run is RUNNING again
+    and gets `tags`; otherwise a new run is created. Used by `fit`, the benchmark, its cells and
+    the sweeps, so a resumed run never becomes a second run.
+    """
+    if resume_run_id:
+        logger = RunLogger(uri, resume_run_id)
+        logger.client.update_run(resume_run_id, status="RUNNING")
+        if tags:
+            logger.set_tags(tags)
+        return logger, True
+    logger = start_run(
+        uri,
+        experiment,
+        run_name,
+        artifact_root=artifact_root,
+        tags=tags,
+        parent_run_id=parent_run_id,
+    )
+    return logger, False
 
 
 class RunLogger:

@@ -33,8 +33,9 @@ from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
 from orchestrator.runtime import ensure_data, init_ray, teacher_hash
-from orchestrator.tracking import RunLogger, resolve_tracking_uri, start_run
+from orchestrator.tracking import RunLogger, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
+from orchestrator.tracking import open_run as tracking_open_run
 
 __all__ = [
     "FitResult",
@@ -536,7 +537,7 @@ def _run_dir(storage: str, name: str) -> Path | None:
     return None if "://" in storage else Path(storage) / name
 
 
-def open_run(
+def open_training_run(
     cfg: Config,
     *,
     run_name: str,
@@ -550,17 +551,16 @@ def open_run(
         cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
     )
     run_id_file = run_dir / "mlflow_run_id" if run_dir else None
-    if run_id_file is not None and run_id_file.is_file():
-        logger = RunLogger(uri, run_id_file.read_text().strip())
-        logger.client.update_run(logger.run_id, status="RUNNING")
-        logger.set_tags(tags)
-        return logger
-    logger = start_run(
+    previous = run_id_file.read_text().strip() if run_id_file and run_id_file.is_file() else None
+    logger, resumed = tracking_open_run(
         uri,
         cfg.tracking.experiment,
         run_name,
+        resume_run_id=previous,
         artifact_root=tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment),
-        tags={
+        tags=tags
+        if previous
+        else {
             "infosam.eval_protocol": cfg.optim.eval_protocol,
             "infosam.dataset": cfg.data.dataset,
             "infosam.tuning": cfg.tuning.method,
@@ -568,6 +568,8 @@ def open_run(
         },
         parent_run_id=parent_run_id,
     )
+    if resumed:
+        return logger
     if run_id_file is not None:
         run_id_file.parent.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(logger.run_id)
@@ -640,7 +642,7 @@ def fit(
     timings["data_s"] = time.perf_counter() - t_data
     t_log = time.perf_counter()
     if logger is None:
-        logger = open_run(
+        logger = open_training_run(
             cfg,
             run_name=run_name or name,
             run_dir=run_dir,

@@ -22,7 +22,7 @@ import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
 from orchestrator.tracking import artifact_root as tracking_artifact_root
-from orchestrator.tracking import resolve_tracking_uri, start_run
+from orchestrator.tracking import open_run, resolve_tracking_uri
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
@@ -132,7 +132,7 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = context.base.with_values(trial_values(config))
-    logger = start_run(
+    logger, _ = open_run(
         context.uri,
         cfg.tracking.experiment,
         f"trial-{trial_id}",
@@ -249,7 +249,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
     artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
-    parent = start_run(
+    parent, _ = open_run(
         uri,
         base.tracking.experiment,
         f"sweep:{tcfg.name}",
