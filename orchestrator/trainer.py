@@ -43,6 +43,7 @@ __all__ = [
     "epoch_seeds",
     "fit",
     "make_optimizer",
+    "make_trainer",
     "prepare_data",
     "train_loop_per_worker",
 ]
@@ -609,10 +610,6 @@ def fit(
     evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
     checkpoints) and logging (curves, closing the run).
     """
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cfg.validate()
@@ -653,33 +650,14 @@ def fit(
     if shared.train_cache is not None:
         logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
     timings["startup_s"] += time.perf_counter() - t_log
-    sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **sc.worker_resources}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "mlflow": (logger.uri, logger.run_id) if logger else None,
-            "n_train": shared.n_train,
-            "teacher_sha256": teacher_sha,
-            "local_checkpoint_root": str(run_dir) if sc.num_workers == 0 and run_dir else None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=resources if sc.num_workers else None,
-        ),
-        datasets=shared.datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
-        ),
+    trainer = make_trainer(
+        cfg,
+        shared,
+        name=name,
+        storage=storage,
+        run_dir=run_dir,
+        mlflow_run=(logger.uri, logger.run_id),
+        callbacks=callbacks,
     )
     t_fit = time.perf_counter()
     try:
@@ -713,6 +691,51 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         history=history,
         timings=timings,
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    shared: SharedData,
+    *,
+    name: str,
+    storage: str,
+    run_dir: Path | None,
+    mlflow_run: tuple[str, str] | None,
+    callbacks: list | None = None,
+) -> Any:
+    """The `TorchTrainer` of one run: worker loop, scaling, datasets, checkpoints, failures."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.worker_resources}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow": mlflow_run,
+            "n_train": shared.n_train,
+            "teacher_sha256": shared.teacher_sha256,
+            "local_checkpoint_root": str(run_dir) if sc.num_workers == 0 and run_dir else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources if sc.num_workers else None,
+        ),
+        datasets=shared.datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
     )
 
 
