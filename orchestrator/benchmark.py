@@ -149,10 +149,16 @@ def cell_config(
 ) -> Config:
     """The typed config of one cell: base + dataset overrides + the method's overrides."""
     values: dict[str, Any] = {"data.dataset": dataset, "seed": seed, **(extra or {})}
-    values.update(METHODS[method] or METHODS["adapter"] or {})
+    values.update(METHODS[method] or METHODS["adapter"])  # zero_shot: adapter row's settings
     if metrics is not None:
         values["optim.metrics"] = list(metrics)
     return base.with_values(values)
+
+
+def _shared_key(cell: Cell, cfg: Config) -> tuple[str, bool]:
+    """Cells of one dataset share prepared data; those streaming the teacher cache their own."""
+    cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
+    return cell.dataset, bool(cached)
 
 
 def _metrics_for(bench: BenchmarkConfig, dataset: str) -> list[str]:
@@ -178,7 +184,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -> dict[str, Any]:
     """Run (or resume) every cell; returns the table, files written and the parent run id."""
-    from orchestrator.datasets import load_manifest
     from orchestrator.trainer import prepare_data
 
     started = time.perf_counter()
@@ -219,21 +224,21 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
     t_prep = time.perf_counter()
     for cell in cells:  # the work cells of one dataset share, done once per dataset
         cfg = configs[cell.key]
-        cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
-        key = (cell.dataset, bool(cached))
+        key = _shared_key(cell, cfg)
         if key in shared:
             continue
         shared[key] = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
-        m = load_manifest(shared[key].data_dir)
+        m = shared[key].manifest
         digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
         provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
     prep_s = time.perf_counter() - t_prep
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
     parent, resumed = open_run(
         uri,
         base.tracking.experiment,
         f"benchmark:{bench.name}",
         resume_run_id=state.get("parent_run_id"),
-        artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
+        artifact_root=artifact_root,
         tags={"infosam.benchmark": bench.name},
     )
     if not resumed:
@@ -254,7 +259,6 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             print(f"[benchmark] {i}/{len(cells)} {cell.key}: done earlier, skipped", flush=True)
             continue
         cfg = configs[cell.key]
-        cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
         todo.append(
             CellJob(
                 cell=cell,
@@ -268,8 +272,8 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
                     "infosam.method": cell.method,
                     CELL_TAG: cell.key,
                 },
-                shared=shared[(cell.dataset, bool(cached))],
-                artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
+                shared=shared[_shared_key(cell, cfg)],
+                artifact_root=artifact_root,
             )
         )
     cap = _default_cap(bench, [j.cfg for j in todo], laptop)

@@ -60,8 +60,13 @@ class CellJob:
     artifact_root: str | None = None
 
 
-def task_options(cfg: Config, *, zero_shot: bool = False) -> dict[str, Any]:
-    """Ray task options reserving what a cell needs (see the module docstring)."""
+def task_options(
+    cfg: Config, *, zero_shot: bool = False, driver_slots: bool | None = None
+) -> dict[str, Any]:
+    """Ray task options reserving what a cell needs (see the module docstring).
+
+    `driver_slots`: whether the cluster advertises a `driver` resource (asked of Ray if None).
+    """
     import ray
 
     sc = cfg.scaling
@@ -71,7 +76,9 @@ def task_options(cfg: Config, *, zero_shot: bool = False) -> dict[str, Any]:
             "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0,
             "resources": dict(sc.worker_resources),
         }
-    if ray.cluster_resources().get("driver", 0) > 0:
+    if driver_slots is None:
+        driver_slots = ray.cluster_resources().get("driver", 0) > 0
+    if driver_slots:
         return {"num_cpus": 0, "resources": {"driver": 0.1}}  # drivers on the head (cluster.yaml)
     return {"num_cpus": 0.25}
 
@@ -263,6 +270,7 @@ def run_cells(
         .remote()
     )
     remote = ray.remote(_run_cell)
+    drivers = ray.cluster_resources().get("driver", 0) > 0  # asked once, not per cell
     todo = list(jobs)
     inflight: dict[Any, CellJob] = {}
     outcomes: list[CellOutcome] = []
@@ -274,7 +282,7 @@ def run_cells(
             while todo and (max_concurrent is None or len(inflight) < max_concurrent):
                 job = todo.pop(0)
                 ref = remote.options(
-                    **task_options(job.cfg, zero_shot=job.zero_shot),
+                    **task_options(job.cfg, zero_shot=job.zero_shot, driver_slots=drivers),
                     max_retries=retries,
                     retry_exceptions=True,
                     name=f"cell:{job.cell.key}",

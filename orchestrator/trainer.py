@@ -32,7 +32,7 @@ from orchestrator.datasets import load_manifest
 from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
-from orchestrator.runtime import ensure_data, init_ray, teacher_hash
+from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint, teacher_hash
 from orchestrator.tracking import RunLogger, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import open_run as tracking_open_run
@@ -481,7 +481,6 @@ def prepare_data(
     size = SAM_VARIANTS[cfg.model.variant].image_size
     train_cache = None
     if cfg.speed.teacher_cache and cfg.loss.needs_teacher:
-        from orchestrator.runtime import teacher_checkpoint
         from orchestrator.teacher_cache import CacheKey, TeacherCacheError, ensure_teacher_cache
 
         key = CacheKey.for_config(cfg, teacher_sha256) if teacher_sha256 else None
