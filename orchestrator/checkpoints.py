@@ -2,8 +2,9 @@
 
 `state.pt` holds only the trained tensors (student's trainable part, relation module), the
 optimiser/scheduler state, the epoch, the RNG state, the metric history, the config and the
-teacher's sha256; `config.yaml` and `metrics.json` are the same for people. Loaded with
-`torch.load(..., weights_only=True)`.
+teacher's sha256; `config.yaml` and `metrics.json` are the same for people, and
+`history.json` (the metric history) is what the MLflow back-fill reads without loading tensors.
+Loaded with `torch.load(..., weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from orchestrator.config import Config, ConfigError
 from orchestrator.models import unwrap
 from orchestrator.runtime import teacher_checkpoint
 
-__all__ = ["STATE_FILE", "load_state", "load_trained", "read_history", "save_checkpoint"]
+__all__ = [
+    "HISTORY_FILE",
+    "STATE_FILE",
+    "load_state",
+    "load_trained",
+    "read_history",
+    "save_checkpoint",
+]
 
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
 
 
 def save_checkpoint(
@@ -44,6 +53,7 @@ def save_checkpoint(
     torch.save(state, Path(directory) / STATE_FILE)
     (Path(directory) / "config.yaml").write_text(cfg.to_yaml())
     (Path(directory) / "metrics.json").write_text(json.dumps(history[-1], indent=2))
+    (Path(directory) / HISTORY_FILE).write_text(json.dumps(history))
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
@@ -53,7 +63,10 @@ def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[s
 
 def read_history(checkpoint_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Per-epoch metrics recorded up to this checkpoint."""
-    return json.loads(load_state(checkpoint_dir)["history"])
+    path = Path(checkpoint_dir) / HISTORY_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return json.loads(load_state(checkpoint_dir)["history"])  # checkpoints without history.json
 
 
 def load_trained(

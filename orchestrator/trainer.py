@@ -3,9 +3,10 @@
 Driver (`fit`): prepares data, creates the MLflow run, builds Ray datasets and the TorchTrainer,
 marks the run FINISHED or FAILED. Workers (`train_loop_per_worker`): teacher + student + relation
 module, DDP over the trainable parts, the `infosam.engine` step, validation, `ray.train.report`
-with a checkpoint every epoch, and (rank 0 only) MLflow logging after each report, so a metric
-is only logged once its epoch's checkpoint is safe; on resume, epochs that were checkpointed but
-not yet logged are back-filled from the checkpoint, so the history stays continuous.
+with a checkpoint every epoch. Epoch metrics are logged to MLflow by the controller once it has
+registered the report (`orchestrator.epoch_log.EpochLogger`), so each step is logged exactly once
+whatever the timing of a failure; rank 0 logs only the run's params and images. Train local
+mode has no controller: there rank 0 logs each epoch after its checkpoint is written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,10 @@ from infosam.engine import train_step
 from infosam.sam import SAM_VARIANTS
 from infosam.transforms import random_hflip
 from infosam.tuning import load_trainable_state_dict
-from orchestrator.checkpoints import STATE_FILE, load_state, read_history, save_checkpoint
+from orchestrator.checkpoints import STATE_FILE, load_state, save_checkpoint
 from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
+from orchestrator.epoch_log import checkpoint_history, log_epochs
 from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
@@ -131,6 +134,7 @@ class _Worker:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
     logger: RunLogger | None = None
+    logs_epochs: bool = False  # Train local mode: no controller callback, rank 0 logs epochs
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -221,12 +225,14 @@ def _restore(w: _Worker) -> None:
 
 
 def _open_logging(w: _Worker, loop_config: dict[str, Any]) -> None:
-    """Rank 0: back-fill checkpointed epochs not yet logged, tag resumes, log model size."""
+    """Rank 0: log model size; local mode: back-fill checkpointed epochs, tag the resume."""
     if not loop_config.get("mlflow") or w.rank != 0:
         return
     logger = w.logger = RunLogger(*loop_config["mlflow"])
-    _backfill(logger, w.history)
-    if w.resumed_from is not None:
+    w.logs_epochs = w.cfg.scaling.num_workers == 0
+    if w.logs_epochs:
+        log_epochs(logger, w.history)
+    if w.logs_epochs and w.resumed_from is not None:
         previous = logger.client.get_run(logger.run_id).data.tags.get("infosam.resumed_from_epochs")
         resumed = ",".join(filter(None, [previous, str(w.resumed_from)]))
         logger.set_tags({"infosam.resumed_from_epochs": resumed})
@@ -346,7 +352,7 @@ def _evaluate_epoch(
 def _report(
     w: _Worker, epoch: int, metrics: dict[str, Any], overlay_rows: list[dict[str, np.ndarray]]
 ) -> None:
-    """Checkpoint (rank 0) + `ray.train.report`, then, once it returned, MLflow (rank 0)."""
+    """Checkpoint (rank 0) + `ray.train.report`; the controller logs the epoch once registered."""
     import ray.train
 
     cfg = w.cfg
@@ -374,7 +380,8 @@ def _report(
         return
     _print_epoch(epoch, cfg.optim.epochs, metrics, metrics["time/train_s"])
     if w.logger is not None:
-        _log_epoch(w.logger, metrics, epoch)
+        if w.logs_epochs:
+            log_epochs(w.logger, [metrics])
         if overlay_rows:
             from orchestrator.visualize import overlay_grid
 
@@ -398,25 +405,6 @@ def _checkpoint_dir(local_root: str | None, epoch: int):
 
     for old in sorted(root.glob("checkpoint_epoch_*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
-
-
-def _log_epoch(logger: RunLogger, metrics: dict[str, Any], epoch: int) -> None:
-    logger.log_metrics(_numeric(metrics), step=epoch)
-
-
-def _backfill(logger: RunLogger, history: list[dict[str, Any]]) -> None:
-    """Log checkpointed epochs the previous attempt did not get to log (killed in between)."""
-    if not history:
-        return
-    logged = set(logger.logged_steps("train/loss"))
-    for entry in history:
-        epoch = int(entry["epoch"])
-        if epoch not in logged:
-            _log_epoch(logger, entry, epoch)
 
 
 def _print_epoch(epoch: int, epochs: int, m: dict[str, Any], seconds: float) -> None:
@@ -598,6 +586,7 @@ def fit(
     storage_name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
 ) -> FitResult:
     """Train one configuration on Ray Train; returns final metrics and the last checkpoint.
 
@@ -657,6 +646,7 @@ def fit(
         run_dir=run_dir,
         mlflow_run=(logger.uri, logger.run_id),
         callbacks=callbacks,
+        train_loop=train_loop,
     )
     t_fit = time.perf_counter()
     try:
@@ -669,8 +659,10 @@ def fit(
     t_log = time.perf_counter()
     checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
     history: list[dict[str, Any]] = []
-    if checkpoint_dir and "://" not in checkpoint_dir:
-        history = read_history(checkpoint_dir)
+    if result.checkpoint is not None:
+        history = checkpoint_history(result.checkpoint)
+        # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
+        log_epochs(logger, history)
     if logger is not None:
         with contextlib.suppress(Exception):
             _log_curves(logger, cfg)
@@ -702,18 +694,29 @@ def make_trainer(
     run_dir: Path | None,
     mlflow_run: tuple[str, str] | None,
     callbacks: list | None = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
 ) -> Any:
-    """The `TorchTrainer` of one run: worker loop, scaling, datasets, checkpoints, failures."""
+    """The `TorchTrainer` of one run: worker loop, scaling, datasets, checkpoints, failures.
+
+    With Train workers and an MLflow run, `EpochLogger` goes first among the controller
+    callbacks, so an epoch is in MLflow before Tune's report callback may stop the trial.
+    `train_loop` wraps or replaces the worker loop (fault injection, profiling).
+    """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
+
+    from orchestrator.epoch_log import EpochLogger
 
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **sc.worker_resources}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    callbacks = list(callbacks or [])
+    if mlflow_run is not None and sc.num_workers > 0:
+        callbacks.insert(0, EpochLogger(*mlflow_run, max_failures=sc.max_failures))
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={
             "config": cfg.to_dict(),
             "mlflow": mlflow_run,
@@ -733,7 +736,7 @@ def make_trainer(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
+            callbacks=callbacks,
         ),
     )
 

@@ -165,3 +165,106 @@ def test_crashed_run_is_marked_failed(ray_local, tmp_path, synthetic_root):
     exp = client.get_experiment_by_name("test")
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+class _Faults:
+    """Worker-loop wrapper that SIGKILLs a worker at chosen moments of `ray.train.report`.
+
+    `plan` is a sequence of (moment, rank, epoch), fired in order, each once (marker files in
+    `marker_dir` survive the restart). Moments: "after_report": the checkpoint has been
+    persisted to storage and the report queued, the controller has not registered it yet (the
+    window of the issue); "before_report": the epoch's training is done, nothing of it reported
+    (waits until the previous epoch is registered, so the restart has a checkpoint).
+    Each marker records what Ray Train's snapshot held when the worker died.
+    """
+
+    def __init__(self, marker_dir: str, plan: list[tuple[str, int, int]]) -> None:
+        self.marker_dir, self.plan = marker_dir, plan
+
+    def __call__(self, loop_config: dict) -> None:
+        import ray.train
+
+        from orchestrator.trainer import train_loop_per_worker
+
+        rank = ray.train.get_context().get_world_rank()
+        snapshot = os.path.join(
+            ray.train.get_context().get_storage().experiment_fs_path,
+            "checkpoint_manager_snapshot.json",
+        )
+        real = ray.train.report
+
+        def report(metrics, checkpoint=None, **kwargs):
+            self._maybe_kill("before_report", rank, metrics["epoch"], snapshot)
+            real(metrics, checkpoint=checkpoint, **kwargs)
+            self._maybe_kill("after_report", rank, metrics["epoch"], snapshot)
+
+        ray.train.report = report
+        train_loop_per_worker(loop_config)
+
+    def _maybe_kill(self, moment: str, rank: int, epoch: int, snapshot: str) -> None:
+        from pathlib import Path
+
+        def registered(e: int) -> bool:
+            path = Path(snapshot)
+            return path.exists() and f"checkpoint_epoch_{e:04d}" in path.read_text("latin-1")
+
+        for i, step in enumerate(self.plan):
+            marker = Path(self.marker_dir) / f"fault{i}.json"
+            if marker.exists():
+                continue
+            if tuple(step) != (moment, rank, epoch):
+                return  # the next fault to fire is another one
+            if moment == "before_report" and epoch > 0:
+                deadline = time.time() + 120
+                while not registered(epoch - 1) and time.time() < deadline:
+                    time.sleep(0.1)
+            persisted = (Path(snapshot).parent / f"checkpoint_epoch_{epoch:04d}").is_dir()
+            record = {
+                "registered": registered(epoch),
+                "persisted": persisted,
+                "previous_registered": epoch > 0 and registered(epoch - 1),
+            }
+            marker.write_text(json.dumps(record))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_metric_steps_logged_exactly_once_when_workers_die_around_reports(
+    ray_local, tmp_path, synthetic_root
+):
+    """Issue 18: a worker killed after its checkpoint was persisted but before the controller
+    registered it, then one killed before reporting an epoch: every step is in MLflow once."""
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = train_config(
+        tmp_path,
+        synthetic_root,
+        "optim.epochs=3",
+        "scaling.num_workers=2",
+        "scaling.max_failures=2",
+        "tracking.overlays=0",
+    )
+    markers = tmp_path / "faults"
+    markers.mkdir()
+    plan = [("after_report", 0, 0), ("before_report", 1, 1)]
+    result = fit(cfg, quiet=True, train_loop=_Faults(str(markers), plan))
+    window = json.loads((markers / "fault0.json").read_text())
+    before = json.loads((markers / "fault1.json").read_text())
+    # The first kill landed in the window: persisted, not registered; the second after epoch 0.
+    assert window == {"registered": False, "persisted": True, "previous_registered": False}
+    assert before["registered"] is False and before["previous_registered"] is True, before
+    assert [int(h["epoch"]) for h in result.history] == [0, 1, 2]
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["infosam.restarts"] == "2" and tags["infosam.worker_failures"] == "2", tags
+    assert tags["infosam.resumed_from_epochs"] == "none,0", tags
+    for key in ("train/loss", "train/segmentation", "val/iou", "time/train_s"):
+        points = client.get_metric_history(result.run_id, key)
+        assert sorted(p.step for p in points) == [0, 1, 2], (key, points)
+    # The value kept for a re-run epoch is the one of the attempt that counts (the checkpoint's).
+    logged = {p.step: p.value for p in client.get_metric_history(result.run_id, "train/loss")}
+    assert logged == pytest.approx({int(h["epoch"]): h["train/loss"] for h in result.history})
