@@ -35,9 +35,15 @@ def run(
     *,
     data_root: Path | None = None,
     add_node_after: int | None = None,
+    lose_node_after: int | None = None,
     epochs: int = 1,
 ) -> dict[str, Any]:
-    """Run the matrix on a fresh simulated cluster; returns the benchmark's result + node ids."""
+    """Run the matrix on a fresh simulated cluster; returns the benchmark's result + node ids.
+
+    `lose_node_after N`: once N cells have finished and a running cell has checkpointed an
+    epoch, the node running it is removed without grace (a spot reclaim) and a replacement
+    node joins; Ray re-runs the cell elsewhere and it resumes from its checkpoint.
+    """
     import ray
     from ray.cluster_utils import Cluster
 
@@ -91,6 +97,18 @@ def run(
                     print(f"[concurrency] added node {node.node_id[:6]}", flush=True)
                     break
             time.sleep(0.5)
+        while lose_node_after is not None and thread.is_alive():
+            victim = _cell_to_lose(workdir / "runs", cells_json, lose_node_after)
+            if victim is not None:
+                cell, node_id = victim
+                node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+                cluster.remove_node(node, allow_graceful=False)
+                result["lost"] = {"cell": cell, "node_id": node_id, "at": time.time()}
+                print(f"[concurrency] removed node {node_id[:6]} running {cell}", flush=True)
+                node = cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
+                added.append(node.node_id)
+                break
+            time.sleep(0.3)
         thread.join()
         if errors:
             raise errors[0]
@@ -104,6 +122,24 @@ def run(
         cluster.shutdown()
 
 
+def _cell_to_lose(runs: Path, cells_json: Path, after: int) -> tuple[str, str] | None:
+    """(cell, node id) of a running training cell with a checkpointed epoch, once `after` are done."""
+    from ray.util.state import list_tasks
+
+    if not cells_json.is_file() or len(json.loads(cells_json.read_text()).get("cells", {})) < after:
+        return None
+    running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True)
+    for task in running:
+        name = task.name or ""
+        if not name.startswith("cell:") or "zero_shot" in name or not task.node_id:
+            continue
+        cell = name.split(":", 1)[1]
+        folder = cell.replace("/", "-")  # method/dataset/seedN -> the cell's run directory
+        if any(runs.glob(f"*/{folder}/checkpoint_epoch_0000/history.json")):
+            return cell, task.node_id
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--cells-per-slot", type=int, default=4)
     p.add_argument("--add-node-after", type=int, default=None)
+    p.add_argument("--lose-node-after", type=int, default=None)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -120,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cells_per_slot,
         workdir,
         add_node_after=args.add_node_after,
+        lose_node_after=args.lose_node_after,
         epochs=args.epochs,
     )
     s = result["stats"]

@@ -70,7 +70,7 @@ def task_options(
     import ray
 
     sc = cfg.scaling
-    if sc.num_workers == 0 or zero_shot:  # the cell computes in its own process
+    if sc.max_workers == 0 or zero_shot:  # the cell computes in its own process
         return {
             "num_cpus": sc.cpus_per_worker,
             "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0,
@@ -86,7 +86,7 @@ def task_options(
 def cell_cpus(cfg: Config, *, zero_shot: bool = False) -> float:
     """CPUs a cell holds while it runs: its task plus its Train workers."""
     opts = task_options(cfg, zero_shot=zero_shot)
-    workers = 0 if zero_shot else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    workers = 0 if zero_shot else cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     return float(opts.get("num_cpus", 0)) + workers
 
 

@@ -36,9 +36,25 @@ HISTORY_FILE = "history.json"
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, *, student, relation, opt, sched, epoch, history, cfg, teacher_sha
+    directory: str | os.PathLike,
+    *,
+    student,
+    relation,
+    opt,
+    sched,
+    epoch,
+    history,
+    cfg,
+    teacher_sha,
+    partial: dict[str, Any] | None = None,
 ) -> None:
-    """Write one epoch's checkpoint into `directory` (rank 0 only)."""
+    """Write one checkpoint into `directory` (rank 0 only).
+
+    `epoch` is the last completed epoch (-1: none); `partial` is the progress into the next one
+    (steps done, loss sums) of a checkpoint taken mid-epoch on a preemption notice. Files are
+    written so that a process killed mid-write leaves no `history.json`: readers that look for
+    complete checkpoints (Train local mode) skip such a directory.
+    """
     state = {
         "student": trainable_state_dict(unwrap(student).sam),
         "relation": None if relation is None else unwrap(relation).state_dict(),
@@ -49,11 +65,16 @@ def save_checkpoint(
         "history": json.dumps(history),
         "config": json.dumps(cfg.to_dict()),
         "teacher_sha256": teacher_sha,
+        "partial": partial,
     }
-    torch.save(state, Path(directory) / STATE_FILE)
-    (Path(directory) / "config.yaml").write_text(cfg.to_yaml())
-    (Path(directory) / "metrics.json").write_text(json.dumps(history[-1], indent=2))
-    (Path(directory) / HISTORY_FILE).write_text(json.dumps(history))
+    directory = Path(directory)
+    (directory / HISTORY_FILE).unlink(missing_ok=True)
+    torch.save(state, directory / f"{STATE_FILE}.tmp")
+    os.replace(directory / f"{STATE_FILE}.tmp", directory / STATE_FILE)
+    (directory / "config.yaml").write_text(cfg.to_yaml())
+    if history:
+        (directory / "metrics.json").write_text(json.dumps(history[-1], indent=2))
+    (directory / HISTORY_FILE).write_text(json.dumps(history))  # last: marks it complete
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:

@@ -97,11 +97,18 @@ class OptimConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2  # 0 = Train local mode (in-process)
+    # 0 = Train local mode (in-process); [min, max] = elastic: start with what the cluster
+    # holds (at least min), shrink when a node is lost, grow back when capacity returns.
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data keeps CPUs
     gpus_per_worker: float = 1.0
-    max_failures: int = 1
+    max_failures: int = 1  # worker/node failures recovered from (-1: always)
+    max_preemption_failures: int = -1  # announced node reclaims recovered from (-1: always)
+    # Every this many training steps the workers ask Ray Train whether a node of theirs is being
+    # reclaimed (a barrier); on a notice they checkpoint mid-epoch. 0 disables the check.
+    preemption_check_steps: int = 10
+    elastic_resize_interval_s: float = 60.0  # how often an elastic run looks for more capacity
     # Extra Ray resources per Train worker (or per local-mode run): e.g. {accelerator_type:A10G:
     # 0.001} to pin a GPU kind, or a custom slot resource that nodes advertise.
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -109,6 +116,19 @@ class ScalingConfig:
     # Build InfoSAM's Grams over the global batch (all workers). Default on: the method's
     # mutual information is a batch statistic, and per-worker batches can be as small as 1.
     all_gather_relations: bool = True
+
+    @property
+    def max_workers(self) -> int:
+        """Workers reserved (fixed size) or the most an elastic run grows to."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
 
 
 @dataclass
@@ -210,12 +230,23 @@ class Config:
                 "speed.teacher_bf16=true needs optim.precision=bf16 (bf16 weights under fp32 "
                 "inputs would not run); set both or neither"
             )
-        workers = max(self.scaling.num_workers, 1)
-        if self.optim.batch_size % workers:
+        sc = self.scaling
+        if sc.elastic and (
+            len(sc.num_workers) != 2 or not 1 <= sc.num_workers[0] <= sc.num_workers[1]
+        ):
+            raise ConfigError(
+                f"scaling.num_workers={sc.num_workers}: an elastic range is [min, max] with "
+                "1 <= min <= max (a number for a fixed size, 0 for Train local mode)"
+            )
+        sizes = range(sc.min_workers, sc.max_workers + 1) if sc.elastic else [sc.num_workers]
+        uneven = [w for w in sizes if self.optim.batch_size % max(w, 1)]
+        if uneven:
             raise ConfigError(
                 f"optim.batch_size={self.optim.batch_size} is the global batch and must divide "
-                f"evenly over scaling.num_workers={self.scaling.num_workers}"
+                f"evenly over scaling.num_workers={sc.num_workers} (not over {uneven}): every "
+                "worker takes an equal share; pick a batch size that all world sizes divide"
             )
+        workers = max(sc.max_workers, 1)
         if self.loss.infosam and self.optim.batch_size < 2:
             raise ConfigError(
                 "loss.infosam needs optim.batch_size >= 2: with one sample every Gram matrix is "

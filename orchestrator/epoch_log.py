@@ -3,9 +3,9 @@
 A Train worker that logs its own metrics after `ray.train.report` can die between persisting a
 checkpoint and Ray Train's controller registering it. The restarted group then resumes from the
 previous registered checkpoint and runs that epoch again, and the run's history holds the step
-twice. So with Train workers nothing is logged by a worker: `EpochLogger` is a Ray Train
-`UserCallback`, called on the controller (on the node that called `fit`) after the controller
-registered a report. An epoch is logged when, and only when, its checkpoint is the one a restart
+twice. So with Train workers no worker logs epoch metrics: `EpochLogger` is a Ray Train
+controller callback (on the node that called `fit`), called after the controller registered a
+report. An epoch is logged when, and only when, its checkpoint is the one a restart
 would resume from; an epoch run again after a failure was never registered, so its first
 attempt was never logged, and the value kept is the re-run's.
 
@@ -14,23 +14,34 @@ paths are safe: the controller fills in earlier epochs from the registered check
 `history.json` (a driver that died between registering and logging), `fit` reconciles the final
 history after training, and Train local mode (no controller) logs from the one process.
 
-The callback also records the run's failures on the run: tags `infosam.worker_failures`,
-`infosam.restarts` and `infosam.resumed_from_epochs` (one entry per restart: the epoch of the
-checkpoint it resumed from, `none` when it started over).
+The callback also records every attempt on the run (tags, visible in the MLflow UI):
+`infosam.restarts`; per restart `infosam.resumed_from_epochs` (the epoch of the checkpoint it
+resumed from, `E@S` for a checkpoint taken at step S of epoch E on a preemption notice, `none`
+when it started over) and `infosam.restart_reasons` (failure, preemption, resize, resumed);
+`infosam.world_sizes` per attempt (elastic runs shrink and grow); `infosam.worker_failures` and
+`infosam.last_failure`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-import ray.train
+from ray.train.v2._internal.execution.callback import (
+    ControllerCallback,
+    ReportCallback,
+    WorkerGroupCallback,
+)
 
 from orchestrator.checkpoints import HISTORY_FILE, read_history
 from orchestrator.tracking import RunLogger
 
-__all__ = ["HISTORY_FILE", "MARKER_KEY", "EpochLogger", "checkpoint_history", "log_epochs"]
+__all__ = ["MARKER_KEY", "PARTIAL_KEY", "EpochLogger", "checkpoint_history", "log_epochs"]
 
+# Present in the report of a checkpoint taken mid-epoch on a preemption notice: its value is the
+# number of the epoch's steps done. Such a report is not an epoch and is never logged as one.
+PARTIAL_KEY = "partial_epoch_steps"
 # Every epoch logs this key in the same batch as all its other metrics, so its steps are the
 # epochs MLflow already holds.
 MARKER_KEY = "train/loss"
@@ -79,61 +90,130 @@ def checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
             return read_history(d)
 
 
-class EpochLogger(ray.train.UserCallback):
-    """Controller-side MLflow logging of registered reports and of the run's restarts."""
+class EpochLogger(ReportCallback, WorkerGroupCallback, ControllerCallback):
+    """Controller-side MLflow logging of registered reports and of the run's restarts.
 
-    def __init__(self, uri: str, run_id: str, max_failures: int) -> None:
+    Built on Ray Train's developer callback hooks (pinned Ray 2.60): `after_report` runs after
+    the checkpoint manager registered the report; `after_worker_group_start` marks each attempt
+    (its world size, the checkpoint it resumed from); `after_controller_state_update` tells why
+    the next attempt happens (a failure, a preemption, an elastic resize).
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
         self.logger = RunLogger(uri, run_id)
-        self.max_failures = max_failures
-        self.failures = 0  # over the run's life (a resumed run continues the count)
-        self.here = 0  # in this `fit`: what Ray Train's max_failures counts
-        self.last_registered: int | None = None
-        self.resumes: list[str] | None = None
+        self.last_registered: str | None = None  # "3", or "3@12" (mid-epoch, on a notice)
+        self.reason: str | None = None  # why the next worker group starts
+        self.attempts: dict[str, list[str]] | None = None
+        self.failures = 0
 
-    def after_report(
-        self,
-        run_context: Any,
-        metrics: list[dict[str, Any]],
-        checkpoint: ray.train.Checkpoint | None,
-    ) -> None:
+    # ----------------------------------------------------------------- reports
+
+    def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
         entry = metrics[0]  # rank 0's report carries the evaluation
+        checkpoint = training_report.checkpoint
         if "epoch" not in entry:
             return
         epoch = int(entry["epoch"])
+        if PARTIAL_KEY in entry:  # a checkpoint taken on a preemption notice, mid-epoch
+            if checkpoint is not None:
+                self.last_registered = f"{epoch}@{int(entry[PARTIAL_KEY])}"
+                self.logger.set_tags(
+                    {
+                        "infosam.preemption_checkpoint": self.last_registered,
+                        "infosam.preemption_checkpoint_time": entry.get("saved_at", ""),
+                    }
+                )
+            return
         logged = set(self.logger.logged_steps(MARKER_KEY))
         entries = [entry]
         if checkpoint is not None and any(e not in logged for e in range(epoch)):
             entries = checkpoint_history(checkpoint)
         log_epochs(self.logger, entries)
         if checkpoint is not None:
-            self.last_registered = epoch
+            self.last_registered = str(epoch)
 
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        if self.resumes is None:  # first failure seen by this controller: continue the tags
+    # ----------------------------------------------------------------- attempts
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        from ray.train.v2._internal.execution.controller.state import (
+            ErroredState,
+            PreemptingState,
+            ResizingState,
+            RestartingState,
+        )
+
+        if isinstance(current_state, RestartingState):
+            self.reason = _failure_kind(current_state.training_failed_error)
+            self._count_failure(current_state.training_failed_error)
+        elif isinstance(current_state, ErroredState):
+            self._count_failure(current_state.training_failed_error)
+        elif isinstance(current_state, ResizingState):
+            self.reason = "resize"
+        elif isinstance(current_state, PreemptingState):
+            info = current_state.preemption_info
+            self.logger.set_tags(
+                {
+                    "infosam.preemption_notice": time.strftime(
+                        "%Y-%m-%dT%H:%M:%S", time.gmtime(current_state.detected_at_s)
+                    ),
+                    "infosam.preempted_ranks": ",".join(map(str, info.preempted_ranks)),
+                }
+            )
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        size = len(worker_group.get_workers())
+        if self.attempts is None:  # this controller's first group: continue a resumed run's tags
             tags = self.logger.client.get_run(self.logger.run_id).data.tags
             self.failures = int(tags.get("infosam.worker_failures", 0))
-            self.resumes = [x for x in tags.get("infosam.resumed_from_epochs", "").split(",") if x]
-            if self.last_registered is None:  # a resumed run that has not reported yet
+            self.attempts = {
+                key: [x for x in tags.get(f"infosam.{key}", "").split(",") if x]
+                for key in ("world_sizes", "resumed_from_epochs", "restart_reasons")
+            }
+            if self.attempts["world_sizes"]:  # a run resumed by calling `fit` again
                 logged = self.logger.logged_steps(MARKER_KEY)
-                self.last_registered = max(logged) if logged else None
-        self.failures += 1
-        self.here += 1
-        tags = {
-            "infosam.worker_failures": self.failures,
-            "infosam.last_failure": _describe(worker_exceptions),
-        }
-        if self.max_failures < 0 or self.here <= self.max_failures:
-            # Ray Train restarts the worker group from the latest registered checkpoint.
-            start = "none" if self.last_registered is None else str(self.last_registered)
-            self.resumes.append(start)
-            tags["infosam.restarts"] = len(self.resumes)
-            tags["infosam.resumed_from_epochs"] = ",".join(self.resumes)
+                self.last_registered = str(max(logged)) if logged else None
+                self.reason = "resumed"
+        self.attempts["world_sizes"].append(str(size))
+        tags: dict[str, Any] = {"infosam.world_sizes": ",".join(self.attempts["world_sizes"])}
+        if len(self.attempts["world_sizes"]) > 1:
+            self.attempts["resumed_from_epochs"].append(self.last_registered or "none")
+            self.attempts["restart_reasons"].append(self.reason or "unknown")
+            tags["infosam.restarts"] = len(self.attempts["world_sizes"]) - 1
+            for key in ("resumed_from_epochs", "restart_reasons"):
+                tags[f"infosam.{key}"] = ",".join(self.attempts[key])
+        self.reason = None
         self.logger.set_tags(tags)
 
+    def _count_failure(self, error: Exception) -> None:
+        self.failures += 1
+        self.logger.set_tags(
+            {
+                "infosam.worker_failures": self.failures,
+                "infosam.last_failure": _describe(error),
+            }
+        )
 
-def _describe(worker_exceptions: dict[int, Exception]) -> str:
+
+def _failure_kind(error: Exception) -> str:
+    from ray.train.v2._internal.execution.worker_group.poll import _is_preempted_actor
+    from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
+
+    if isinstance(error, PreemptionError):
+        return "preemption"
+    if isinstance(error, WorkerGroupError) and any(
+        _is_preempted_actor(e) for e in error.worker_failures.values()
+    ):
+        return "preemption"
+    return "failure"
+
+
+def _describe(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0][:300] if text else ''}"
     parts = []
-    for rank, exc in sorted(worker_exceptions.items()):
+    for rank, exc in sorted(failures.items()):
         text = str(exc).strip().splitlines()
         parts.append(f"rank {rank}: {type(exc).__name__}: {text[0][:200] if text else ''}")
     return "; ".join(parts)[:1000]

@@ -28,7 +28,7 @@ from infosam.engine import train_step
 from infosam.sam import SAM_VARIANTS
 from infosam.transforms import random_hflip
 from infosam.tuning import load_trainable_state_dict
-from orchestrator.checkpoints import STATE_FILE, load_state, save_checkpoint
+from orchestrator.checkpoints import HISTORY_FILE, load_state, save_checkpoint
 from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
 from orchestrator.epoch_log import checkpoint_history, log_epochs
@@ -135,6 +135,9 @@ class _Worker:
     resumed_from: int | None = None
     logger: RunLogger | None = None
     logs_epochs: bool = False  # Train local mode: no controller callback, rank 0 logs epochs
+    resume_steps: int = 0  # steps of `start_epoch` done before a preemption checkpoint
+    resume_sums: dict[str, float] = field(default_factory=dict)  # their loss sums (all ranks)
+    notice_checkpointed: bool = False  # this attempt took its preemption checkpoint
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -206,7 +209,7 @@ def _restore(w: _Worker) -> None:
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and w.local_dir:  # Train local mode keeps no checkpoints of its own
-        found = sorted(Path(w.local_dir).glob("checkpoint_epoch_*/" + STATE_FILE))
+        found = sorted(Path(w.local_dir).glob("checkpoint_epoch_*/" + HISTORY_FILE))  # complete
         ckpt = ray.train.Checkpoint.from_directory(str(found[-1].parent)) if found else None
     if ckpt is None:
         return
@@ -219,8 +222,15 @@ def _restore(w: _Worker) -> None:
     w.sched.load_state_dict(state["scheduler"])
     w.start_epoch = int(state["epoch"]) + 1
     w.history = json.loads(state["history"])
+    partial = state.get("partial")
+    where = f"epoch {w.start_epoch - 1}"
+    if partial:  # taken mid-epoch on a preemption notice: continue that epoch at its step
+        w.resume_steps = int(partial["steps"])
+        if w.rank == 0:  # the sums are over all ranks: counted once in the final all-reduce
+            w.resume_sums = {k: float(v) for k, v in partial["sums"].items()}
+        where = f"epoch {w.start_epoch} step {w.resume_steps} (preemption checkpoint)"
     if w.rank == 0:
-        print(f"[infosam] resumed from checkpoint of epoch {w.start_epoch - 1}", flush=True)
+        print(f"[infosam] resumed from checkpoint of {where}", flush=True)
         w.resumed_from = w.start_epoch - 1
 
 
@@ -229,7 +239,7 @@ def _open_logging(w: _Worker, loop_config: dict[str, Any]) -> None:
     if not loop_config.get("mlflow") or w.rank != 0:
         return
     logger = w.logger = RunLogger(*loop_config["mlflow"])
-    w.logs_epochs = w.cfg.scaling.num_workers == 0
+    w.logs_epochs = w.cfg.scaling.max_workers == 0
     if w.logs_epochs:
         log_epochs(logger, w.history)
     if w.logs_epochs and w.resumed_from is not None:
@@ -264,7 +274,11 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
     gen.manual_seed(prompt_seed)
     torch.manual_seed(torch_seed)
     gather = _gather_fn(w.world) if cfg.scaling.all_gather_relations else None
-    sums: dict[str, float] = {}
+    # Resuming a preemption checkpoint: replay the skipped batches' random draws (flips,
+    # prompts) without training, so the rest of the epoch draws what it would have.
+    skip = w.resume_steps if epoch == w.start_epoch else 0
+    sums: dict[str, float] = dict(w.resume_sums) if skip else {}
+    check_every = cfg.scaling.preemption_check_steps if cfg.scaling.max_workers > 0 else 0
     steps, t0 = 0, time.perf_counter()
     batches = shard.iter_batches(
         batch_size=w.local_batch,
@@ -278,6 +292,9 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
         if cfg.data.augment == "hflip":  # before prompts, so boxes/points follow the flip
             random_hflip(batch["image"], batch["mask"], batch["input_size"], generator=gen)
         prompts = draw_prompts(cfg, batch["mask"], gen, device, train=True)
+        steps += 1
+        if steps <= skip:
+            continue
         losses = train_step(
             w.student,
             w.opt,
@@ -293,10 +310,15 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
         )
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
-        steps += 1
+        if check_every and steps % check_every == 0 and not w.notice_checkpointed:
+            import ray.train
+
+            if ray.train.get_preemption_info() is not None:  # a barrier: every rank asks
+                _checkpoint_on_notice(w, epoch, steps, sums, skip)
+    steps = max(steps - skip, 0)  # skipped steps are in the carried-over sums
     train_time = time.perf_counter() - t0
-    sums["__steps"] = float(steps)
-    sums["__images"] = float(steps * w.local_batch)
+    sums["__steps"] = sums.get("__steps", 0.0) + steps
+    sums["__images"] = float(steps * w.local_batch)  # throughput of this attempt
     sums = _all_reduce_sum(sums, device)
     total_steps = max(sums.pop("__steps"), 1)
     images = sums.pop("__images")
@@ -308,7 +330,60 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
     metrics["train/lr"] = w.opt.param_groups[0]["lr"]
     metrics["epoch"] = epoch
     metrics["time/train_s"] = train_time
+    metrics["scaling/world_size"] = w.world
     return metrics
+
+
+def _checkpoint_on_notice(
+    w: _Worker, epoch: int, steps: int, sums: dict[str, float], skipped: int
+) -> None:
+    """A node of this run is being reclaimed: checkpoint mid-epoch now (all ranks call this).
+
+    The checkpoint holds the last completed epoch's state plus `partial` (steps done in this
+    epoch, the loss sums over all ranks so far); the controller registers it as the one to
+    resume from and logs no epoch for it. Training then continues until Ray Train stops the
+    group at the reclaim deadline.
+    """
+    import ray.train
+
+    from orchestrator.epoch_log import PARTIAL_KEY
+
+    own = dict(sums)  # on rank 0 these include what earlier attempts summed over all ranks
+    own["__steps"] = own.get("__steps", 0.0) + (steps - skipped)
+    total = _all_reduce_sum(own, w.device)
+    name = f"checkpoint_epoch_{epoch:04d}_step_{steps:05d}"
+    saved_at = time.time()
+    with _checkpoint_dir(w.local_dir, epoch, name) as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            save_checkpoint(
+                tmp,
+                student=w.student,
+                relation=w.relation,
+                opt=w.opt,
+                sched=w.sched,
+                epoch=epoch - 1,
+                history=w.history,
+                cfg=w.cfg,
+                teacher_sha=w.teacher_sha256,
+                partial={"epoch": epoch, "steps": steps, "sums": total, "saved_at": saved_at},
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            {
+                "epoch": epoch,
+                PARTIAL_KEY: steps,
+                "saved_at": saved_at,
+                "scaling/world_size": w.world,
+            },
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+        )
+    w.notice_checkpointed = True
+    if w.rank == 0:
+        print(
+            f"[infosam] preemption notice: checkpointed epoch {epoch} at step {steps}", flush=True
+        )
 
 
 def _evaluate_epoch(
@@ -391,14 +466,14 @@ def _report(
 
 
 @contextlib.contextmanager
-def _checkpoint_dir(local_root: str | None, epoch: int):
+def _checkpoint_dir(local_root: str | None, epoch: int, name: str | None = None):
     """A temp dir Ray Train uploads; in local mode a kept dir under the run (last two kept)."""
     if not local_root:
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
         return
     root = Path(local_root)
-    path = root / f"checkpoint_epoch_{epoch:04d}"
+    path = root / (name or f"checkpoint_epoch_{epoch:04d}")
     path.mkdir(parents=True, exist_ok=True)
     yield str(path)
     import shutil
@@ -698,9 +773,8 @@ def make_trainer(
 ) -> Any:
     """The `TorchTrainer` of one run: worker loop, scaling, datasets, checkpoints, failures.
 
-    With Train workers and an MLflow run, `EpochLogger` goes first among the controller
-    callbacks, so an epoch is in MLflow before Tune's report callback may stop the trial.
-    `train_loop` wraps or replaces the worker loop (fault injection, profiling).
+    With Train workers and an MLflow run, `EpochLogger` logs each registered epoch from the
+    controller. `train_loop` wraps or replaces the worker loop (fault injection, profiling).
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -713,8 +787,8 @@ def make_trainer(
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     callbacks = list(callbacks or [])
-    if mlflow_run is not None and sc.num_workers > 0:
-        callbacks.insert(0, EpochLogger(*mlflow_run, max_failures=sc.max_failures))
+    if mlflow_run is not None and sc.max_workers > 0:
+        callbacks.append(EpochLogger(*mlflow_run))
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -722,19 +796,22 @@ def make_trainer(
             "mlflow": mlflow_run,
             "n_train": shared.n_train,
             "teacher_sha256": shared.teacher_sha256,
-            "local_checkpoint_root": str(run_dir) if sc.num_workers == 0 and run_dir else None,
+            "local_checkpoint_root": str(run_dir) if sc.max_workers == 0 and run_dir else None,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers,
+            num_workers=tuple(sc.num_workers) if sc.elastic else sc.num_workers,
             use_gpu=sc.use_gpu,
-            resources_per_worker=resources if sc.num_workers else None,
+            resources_per_worker=resources if sc.max_workers else None,
+            elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s,
         ),
         datasets=shared.datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=sc.max_failures),
+            failure_config=FailureConfig(
+                max_failures=sc.max_failures, max_preemption_failures=sc.max_preemption_failures
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),

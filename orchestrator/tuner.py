@@ -68,7 +68,7 @@ def load_tune(
             raise ConfigError(
                 f"tune.space key {key!r} is not a config key (e.g. loss.weight_distillation)"
             )
-    if base.scaling.num_workers < 1:
+    if base.scaling.max_workers < 1:
         raise ConfigError(
             "scaling.num_workers=0 (Train local mode) cannot run inside a Tune trial: Ray Train's "
             "API is not available there; use scaling.num_workers >= 1"
@@ -204,7 +204,7 @@ def _max_concurrent(tcfg: TuneConfig, base: Config, laptop: bool) -> int | None:
     if not laptop:
         return None
     sc = base.scaling
-    per_trial = _trial_resources(base).get("CPU", 0) + sc.num_workers * sc.cpus_per_worker
+    per_trial = _trial_resources(base).get("CPU", 0) + sc.max_workers * sc.cpus_per_worker
     per_trial += sc.data_cpus  # Ray Data needs a CPU of its own or the run hangs (2-CPU fact)
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 

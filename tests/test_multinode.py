@@ -43,3 +43,31 @@ def _overlap(rows):
         level += d
         out.append(level)
     return out
+
+
+def test_a_cell_on_a_lost_node_reruns_elsewhere_and_resumes(_ray_session, tmp_path, synthetic_root):
+    """Issue 14: a node running a cell is reclaimed; Ray re-runs the cell on another node, the
+    cell resumes from its checkpoint into the same MLflow run, every step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    result = bench_concurrency.run(
+        2, 2, tmp_path, data_root=synthetic_root, lose_node_after=0, epochs=3
+    )
+    lost = result["lost"]
+    rows = {r["cell"]: r for r in result["timeline"]}
+    assert not result["failed"] and all(r["status"] == "FINISHED" for r in rows.values())
+    # The rerun finished on a node that is still alive (not the one removed).
+    assert rows[lost["cell"]]["attempts"] == 2
+    assert not rows[lost["cell"]]["node"].endswith(lost["node_id"][:6])
+    client = MlflowClient(result["tracking_uri"])
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id], f"tags.`infosam.cell` = '{lost['cell']}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # resumed, not a second run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("infosam.resumed_from_epochs"), run.data.tags
+    for key in ("train/loss", "val/iou"):
+        steps = [p.step for p in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [0, 1, 2], (key, steps)
+    every = client.search_runs([exp.experiment_id])
+    assert not [r for r in every if r.info.status == "RUNNING"]

@@ -262,6 +262,8 @@ def test_metric_steps_logged_exactly_once_when_workers_die_around_reports(
     tags = run.data.tags
     assert tags["infosam.restarts"] == "2" and tags["infosam.worker_failures"] == "2", tags
     assert tags["infosam.resumed_from_epochs"] == "none,0", tags
+    assert tags["infosam.restart_reasons"] == "failure,failure", tags
+    assert tags["infosam.world_sizes"] == "2,2,2", tags
     for key in ("train/loss", "train/segmentation", "val/iou", "time/train_s"):
         points = client.get_metric_history(result.run_id, key)
         assert sorted(p.step for p in points) == [0, 1, 2], (key, points)
