@@ -71,12 +71,17 @@ def registered(run_dir: Path) -> list[str]:
     return sorted(set(names))
 
 
-def wait_for(condition, timeout: float, what: str, poll: float = 0.2) -> None:
+def wait_for(
+    condition, timeout: float, what: str, *, alive: threading.Thread | None = None
+) -> None:
+    """Poll `condition`; give up after `timeout` or as soon as the training thread ended."""
     deadline = time.time() + timeout
     while not condition():
+        if alive is not None and not alive.is_alive():
+            raise RuntimeError(f"training ended while waiting for {what}")
         if time.time() > deadline:
             raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-        time.sleep(poll)
+        time.sleep(0.2)
 
 
 def worker_nodes() -> list[str]:
@@ -171,7 +176,8 @@ def run(
     *,
     data_root: Path | None = None,
     epochs: int = 4,
-    notice_s: float = 20.0,
+    notice_s: float = 3.0,
+    start_timeout_s: float = 30.0,
     overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one drill on a fresh simulated cluster; returns `_summary` plus drill specifics."""
@@ -182,6 +188,10 @@ def run(
 
     if drill not in ("node-loss", "preemption", "elastic"):
         raise ValueError(f"unknown drill {drill!r}: node-loss, preemption or elastic")
+    if __name__ != "__main__":  # imported (tests): workers cannot import experiments/
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     workdir = Path(workdir)
     if ray.is_initialized():
         ray.shutdown()
@@ -189,6 +199,7 @@ def run(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": 200 * 2**20},
     )
+    saved: dict[str, str | None] = {}  # environment to restore
     try:
         for _ in range(2):
             cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
@@ -196,6 +207,7 @@ def run(
         ray.init(address=cluster.address, log_to_driver=False)
         extra = [f"optim.epochs={epochs}", f"storage.name={drill}", *overrides]
         train_loop = None
+        env: dict[str, str] = {}  # Ray Train settings (propagated to its controller)
         out: dict[str, Any] = {}
         if drill == "elastic":
             # One batch per epoch (4 images, batch 4) and deterministic prompts: then a run's
@@ -221,11 +233,17 @@ def run(
             )
             out["reference_history"] = reference.history
             train_loop = HoldAfterEpoch()
+            # Right after a node is lost, Ray's view of free capacity can still count it: the
+            # first restart then waits for a worker that cannot start, for Ray Train's start
+            # timeout (60 s default), before shrinking. Shortened here; see the README.
+            env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout_s)
         if drill == "preemption":
             extra += ["scaling.preemption_check_steps=1"]
             # Ray Train's watcher polls the drain state every 5 s by default; the drill's
             # notice is short, so poll every second (propagated to the controller).
-            os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+            env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "1"
+        saved.update({k: os.environ.get(k) for k in env})
+        os.environ.update(env)
         cfg = config(workdir, data_root, *extra)
         run_dir = workdir / "runs" / drill
         holder: dict[str, Any] = {}
@@ -240,7 +258,13 @@ def run(
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
         events: dict[str, float] = {}
-        wait_for(lambda: "checkpoint_epoch_0000" in registered(run_dir), 600, "epoch 0")
+        try:
+            wait_for(
+                lambda: "checkpoint_epoch_0000" in registered(run_dir), 600, "epoch 0", alive=thread
+            )
+        except RuntimeError:
+            thread.join()
+            raise holder.get("error") or RuntimeError("training ended before epoch 0") from None
         time.sleep(1.0)  # into epoch 1
         victim = worker_nodes()[-1]
         if drill == "preemption":
@@ -248,7 +272,7 @@ def run(
             events["notice"] = time.time()
             print(f"[spot] drained {victim[:8]}, reclaim in {notice_s:.0f} s", flush=True)
             cluster.add_node(resources={"slot": 1}, **NODE_ARGS)  # the replacement
-            wait_for(lambda: time.time() * 1000 > deadline_ms, notice_s + 5, "the deadline")
+            time.sleep(max(deadline_ms / 1000 - time.time(), 0))
             cluster.remove_node(_find_node(cluster, victim), allow_graceful=False)
             events["reclaimed"] = time.time()
             out["deadline"] = deadline_ms / 1000
@@ -260,7 +284,12 @@ def run(
             if drill == "node-loss":
                 cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
             else:  # elastic: carry on with one worker, then capacity returns
-                wait_for(lambda: registered(run_dir)[-1:] != before[-1:], 600, "an epoch on 1")
+                wait_for(
+                    lambda: registered(run_dir)[-1:] != before[-1:],
+                    600,
+                    "an epoch on one worker",
+                    alive=thread,
+                )
                 cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
                 events["node_added"] = time.time()
                 print("[spot] added a node", flush=True)
@@ -273,6 +302,11 @@ def run(
         out["victim"] = victim
         return out
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         ray.shutdown()
         cluster.shutdown()
 
@@ -283,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("runs/spot-drill"))
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--notice-s", type=float, default=20.0)
+    p.add_argument("--notice-s", type=float, default=3.0)
     args = p.parse_args(argv)
     out = run(
         args.drill,
