@@ -128,10 +128,15 @@ def _cell_to_lose(runs: Path, cells_json: Path, after: int) -> tuple[str, str] |
 
     if not cells_json.is_file() or len(json.loads(cells_json.read_text()).get("cells", {})) < after:
         return None
+    import ray
+
+    driver_node = ray.get_runtime_context().get_node_id()  # stays up: it runs the benchmark
     running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True)
     for task in running:
         name = task.name or ""
         if not name.startswith("cell:") or "zero_shot" in name or not task.node_id:
+            continue
+        if task.node_id == driver_node:
             continue
         cell = name.split(":", 1)[1]
         folder = cell.replace("/", "-")  # method/dataset/seedN -> the cell's run directory

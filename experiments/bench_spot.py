@@ -265,7 +265,8 @@ def run(
         except RuntimeError:
             thread.join()
             raise holder.get("error") or RuntimeError("training ended before epoch 0") from None
-        time.sleep(1.0)  # into epoch 1
+        if drill != "preemption":  # a notice right at the start of epoch 1: the reclaim
+            time.sleep(1.0)  # comes before the epoch can end, else well into epoch 1
         victim = worker_nodes()[-1]
         if drill == "preemption":
             deadline_ms = drain(victim, notice_s)

@@ -11,6 +11,7 @@ whose node died (`max_retries`); a cell that still fails is recorded FAILED and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -263,9 +264,12 @@ def run_cells(
     board = (
         _board_class()
         .options(
+            # On the driver's node (num_cpus=0 always fits): it lives and dies with the driver,
+            # never with a worker node that a spot reclaim takes away.
             scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
-            )
+                ray.get_runtime_context().get_node_id(), soft=False
+            ),
+            max_restarts=-1,
         )
         .remote()
     )
@@ -289,7 +293,10 @@ def run_cells(
                 ).remote(job, board)
                 inflight[ref] = job
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            starts = ray.get(board.snapshot.remote())
+            # A blip of the board (its node under load, a node going away) must not stop the
+            # matrix: the next round asks again.
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                starts = ray.get(board.snapshot.remote(), timeout=30)
             for ref in ready:
                 job = inflight.pop(ref)
                 try:

@@ -149,7 +149,9 @@ class EpochLogger(ReportCallback, WorkerGroupCallback, ControllerCallback):
             self._count_failure(current_state.training_failed_error)
         elif isinstance(current_state, ResizingState):
             self.reason = "resize"
-        elif isinstance(current_state, PreemptingState):
+        elif isinstance(current_state, PreemptingState) and not isinstance(
+            previous_state, PreemptingState
+        ):
             info = current_state.preemption_info
             self.logger.set_tags(
                 {
