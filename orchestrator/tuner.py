@@ -42,6 +42,10 @@ class TuneConfig:
     # default: no cap on a cluster (resources and the autoscaler decide); on a Ray this process
     # started, as many trials as its CPUs hold
     max_concurrent_trials: int | None = None
+    # Times Tune re-runs a failed trial (a lost node under its driver, or an error); a re-run
+    # resumes the trial's checkpoint and MLflow run. Train workers lost on spot nodes are
+    # handled inside the trial (`scaling.max_failures`) and do not count here.
+    trial_retries: int = 1
     # key -> {type: loguniform|uniform|choice|grid, low, high, values, off: bool}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -132,14 +136,20 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = context.base.with_values(trial_values(config))
-    logger, _ = open_run(
+    # A retried trial (its driver's node lost, or an error, `tune.trial_retries`) continues its
+    # MLflow run and, through the same storage name, its Train run's last checkpoint.
+    logger, resumed = open_run(
         context.uri,
         cfg.tracking.experiment,
         f"trial-{trial_id}",
+        resume_run_id=_trial_run_id(context, trial_id),
         artifact_root=context.artifact_root,
         tags={TRIAL_TAG: trial_id, "infosam.sweep": context.name},
         parent_run_id=context.parent_run_id,
     )
+    if resumed:
+        previous = logger.client.get_run(logger.run_id).data.tags.get("infosam.trial_attempts")
+        logger.set_tags({"infosam.trial_attempts": int(previous or 1) + 1})
     logger.log_params({f"sampled.{k}": v for k, v in config.items()})
     # Errors and Tune's own stops (ASHA, max_t) surface here as exceptions that look alike;
     # the driver-side callback knows which happened and closes the run as FAILED or FINISHED.
@@ -151,6 +161,22 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
         storage_name=f"{context.name}/trial-{trial_id}",
     )
     logger.finish("FINISHED")
+
+
+def _trial_run_id(context: SweepContext, trial_id: str) -> str | None:
+    """The MLflow run an earlier attempt of this trial opened under this sweep, if any."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(context.uri)
+    exp = client.get_experiment_by_name(context.base.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = "
+        f"'{context.parent_run_id}'",
+    )
+    return runs[0].info.run_id if runs else None
 
 
 class _MlflowTrialStatus:
@@ -294,7 +320,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
             callbacks=[_MlflowTrialStatus(uri, base.tracking.experiment, base.optim.epochs)],
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=tcfg.trial_retries),
         ),
     )
     try:

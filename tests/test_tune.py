@@ -56,6 +56,9 @@ def test_three_trial_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 4 and len(children) == 3
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
+    # Tune re-ran the crashing trial once (`tune.trial_retries`), in the same MLflow run.
+    crashed = next(r for r in children if r.info.status == "FAILED")
+    assert crashed.data.tags.get("infosam.trial_attempts") == "2", crashed.data.tags
     assert parent.info.status == "FINISHED" and parent.data.metrics["failed_trials"] == 1
     assert all("sampled.loss.weight_distillation" in r.data.params for r in children)
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
