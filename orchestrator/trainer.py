@@ -43,6 +43,7 @@ from orchestrator.tracking import open_run as tracking_open_run
 __all__ = [
     "FitResult",
     "SharedData",
+    "check_full_batches",
     "epoch_seeds",
     "fit",
     "make_optimizer",
@@ -87,6 +88,22 @@ def _gather_fn(world: int):
     from torch.distributed.nn.functional import all_gather
 
     return lambda x: torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def check_full_batches(cfg: Config, n_train: int, worlds: list[int]) -> int:
+    """Steps per epoch (fewest over the world sizes); a clear error when there are none.
+
+    Each of `world` workers gets `n_train // world` samples in batches of `batch // world`,
+    last partial batch dropped. `fit` checks every size an elastic run may take before any
+    worker starts, so a run that cannot train fails in seconds, not after worker restarts.
+    """
+    steps = min((n_train // max(w, 1)) // (cfg.optim.batch_size // max(w, 1)) for w in worlds)
+    if steps == 0:
+        raise ConfigError(
+            f"{n_train} training samples give no full batch of {cfg.optim.batch_size} "
+            "(drop_last): lower optim.batch_size or add data"
+        )
+    return steps
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], steps_total: int):
@@ -177,13 +194,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     if relation is not None:
         params += list(relation.parameters())
     local_bs = cfg.optim.batch_size // world
-    n_train = loop_config["n_train"]
-    steps_per_epoch = (n_train // world) // local_bs
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{n_train} training samples give no full batch of {cfg.optim.batch_size} "
-            "(drop_last): lower optim.batch_size or add data"
-        )
+    steps_per_epoch = check_full_batches(cfg, loop_config["n_train"], [world])
     opt, sched = make_optimizer(cfg, params, steps_per_epoch * cfg.optim.epochs)
     w = _Worker(
         cfg,
@@ -712,6 +723,13 @@ def fit(
         )
     if shared.train_cache is not None:
         logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
+    sc = cfg.scaling
+    try:
+        check_full_batches(cfg, shared.n_train, list(range(sc.min_workers, sc.max_workers + 1)))
+    except ConfigError:
+        if owns_logger:
+            logger.finish("FAILED")
+        raise
     timings["startup_s"] += time.perf_counter() - t_log
     trainer = make_trainer(
         cfg,
