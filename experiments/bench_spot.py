@@ -131,6 +131,20 @@ def config(workdir: Path, data_root: Path | None, *overrides: str):
     return load_config(ROOT / "experiments" / "configs" / "smoke.yaml", [*base, *overrides])
 
 
+def _epochs_on(run_dir: Path, cfg: Any, world: int) -> bool:
+    """Whether MLflow holds an epoch trained by `world` workers (metric `scaling/world_size`)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import resolve_tracking_uri
+
+    id_file = run_dir / "mlflow_run_id"
+    if not id_file.is_file():
+        return False
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri, cfg.storage.path))
+    points = client.get_metric_history(id_file.read_text().strip(), "scaling/world_size")
+    return any(int(p.value) == world for p in points)
+
+
 def _find_node(cluster: Any, node_id: str) -> Any:
     for node in cluster.worker_nodes:
         if node.node_id == node_id:
@@ -278,18 +292,16 @@ def run(
             events["reclaimed"] = time.time()
             out["deadline"] = deadline_ms / 1000
         else:
-            before = registered(run_dir)
             cluster.remove_node(_find_node(cluster, victim), allow_graceful=False)
             events["node_lost"] = time.time()
             print(f"[spot] removed node {victim[:8]}", flush=True)
             if drill == "node-loss":
                 cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
             else:  # elastic: carry on with one worker, then capacity returns
+                # Capacity returns once an epoch was registered by the shrunk group (a
+                # registration alone could still be the two-worker group's last one).
                 wait_for(
-                    lambda: registered(run_dir)[-1:] != before[-1:],
-                    600,
-                    "an epoch on one worker",
-                    alive=thread,
+                    lambda: _epochs_on(run_dir, cfg, 1), 600, "an epoch on 1 worker", alive=thread
                 )
                 cluster.add_node(resources={"slot": 1}, **NODE_ARGS)
                 events["node_added"] = time.time()

@@ -46,6 +46,7 @@ class TuneConfig:
     # resumes the trial's checkpoint and MLflow run. Train workers lost on spot nodes are
     # handled inside the trial (`scaling.max_failures`) and do not count here.
     trial_retries: int = 1
+    seed: int = 0  # of the search: the same sweep config samples the same trials
     # key -> {type: loguniform|uniform|choice|grid, low, high, values, off: bool}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -235,31 +236,39 @@ def _max_concurrent(tcfg: TuneConfig, base: Config, laptop: bool) -> int | None:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-def _searcher(tcfg: TuneConfig):
+def _searcher(tcfg: TuneConfig, max_concurrent: int | None):
+    """Optuna TPE when asked for (or `auto` and installed, without grid axes), else Tune's
+    random/grid variant generator; both seeded with `tune.seed`, so a sweep samples the same
+    configurations when run again. The variant generator takes the trial cap itself (Tune's
+    `max_concurrent_trials` does not limit one passed in explicitly)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    basic = BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=max_concurrent or 0)
     if tcfg.search == "random":
-        return None
+        return basic
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         if tcfg.search == "optuna":
             raise ConfigError("tune.search=optuna needs `pip install optuna`") from None
-        return None
+        return basic
     has_grid = any(s.get("type") == "grid" for s in tcfg.space.values())
     if has_grid:
-        return None  # Optuna cannot expand grid_search; random/grid variant generation does
+        return basic  # Optuna cannot expand grid_search; the variant generator does
     try:
         import optuna  # noqa: F401
     except ImportError:
         if tcfg.search == "optuna":
             raise ConfigError("tune.search=optuna needs `pip install optuna`") from None
-        return None
-    return OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=0)
+        return basic
+    return OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=tcfg.seed)
 
 
 def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     """Run the sweep; returns the trials table, the best config (and its YAML path)."""
     import pandas as pd
     from ray import tune
+    from ray.tune.search import Searcher
 
     from orchestrator.runtime import ensure_data, init_ray, on_one_machine
 
@@ -305,6 +314,8 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             reduction_factor=tcfg.reduction_factor,
         )
     started = time.perf_counter()
+    cap = _max_concurrent(tcfg, base, laptop)
+    search_alg = _searcher(tcfg, cap)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(base)),
         param_space=space,
@@ -313,8 +324,9 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             mode=tcfg.mode,
             num_samples=tcfg.num_samples,
             scheduler=scheduler,
-            search_alg=_searcher(tcfg),
-            max_concurrent_trials=_max_concurrent(tcfg, base, laptop),
+            search_alg=search_alg,
+            # a Searcher (Optuna) is capped by Tune; the variant generator caps itself
+            max_concurrent_trials=cap if isinstance(search_alg, Searcher) else None,
         ),
         run_config=tune.RunConfig(
             name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",

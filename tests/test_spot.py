@@ -68,9 +68,9 @@ def test_elastic_run_shrinks_and_grows_back_on_the_same_loss_trajectory(
 
     root = tmp_path_factory.mktemp("four")
     synthesize(root, ["camouflage"], seed=1, counts={"train": 4, "val": 2, "test": 2}, sheets=False)
-    out = bench_spot.run("elastic", tmp_path_factory.mktemp("elastic"), data_root=root, epochs=4)
+    out = bench_spot.run("elastic", tmp_path_factory.mktemp("elastic"), data_root=root, epochs=5)
     print("elastic:", out["time_lost_s"], out["epoch_gaps_s"], out["tags"])
-    _exactly_once(out, 4)
+    _exactly_once(out, 5)
     tags = out["tags"]
     assert tags["infosam.world_sizes"] == "2,1,2", tags
     assert tags["infosam.restart_reasons"] == "failure,resize", tags
