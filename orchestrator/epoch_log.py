@@ -56,14 +56,17 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def log_epochs(logger: RunLogger, entries: list[dict[str, Any]]) -> list[int]:
+def log_epochs(
+    logger: RunLogger, entries: list[dict[str, Any]], logged: set[int] | None = None
+) -> list[int]:
     """Log each epoch entry whose step MLflow does not hold yet; returns the epochs written.
 
     One `log_batch` per epoch, so an epoch is either entirely in MLflow or not at all.
+    `logged` (the marker steps MLflow holds) saves a query when the caller just asked.
     """
     if not entries:
         return []
-    logged = set(logger.logged_steps(MARKER_KEY))
+    logged = set(logger.logged_steps(MARKER_KEY)) if logged is None else set(logged)
     written = []
     for entry in sorted(entries, key=lambda e: int(e["epoch"])):
         epoch = int(entry["epoch"])
@@ -128,7 +131,7 @@ class EpochLogger(ReportCallback, WorkerGroupCallback, ControllerCallback):
         entries = [entry]
         if checkpoint is not None and any(e not in logged for e in range(epoch)):
             entries = checkpoint_history(checkpoint)
-        log_epochs(self.logger, entries)
+        log_epochs(self.logger, entries, logged)
         if checkpoint is not None:
             self.last_registered = str(epoch)
 

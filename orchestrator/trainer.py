@@ -355,8 +355,6 @@ def _checkpoint_on_notice(
     resume from and logs no epoch for it. Training then continues until Ray Train stops the
     group at the reclaim deadline.
     """
-    import ray.train
-
     from orchestrator.epoch_log import PARTIAL_KEY
 
     own = dict(sums)  # on rank 0 these include what earlier attempts summed over all ranks
@@ -364,32 +362,10 @@ def _checkpoint_on_notice(
     total = _all_reduce_sum(own, w.device)
     name = f"checkpoint_epoch_{epoch:04d}_step_{steps:05d}"
     saved_at = time.time()
-    with _checkpoint_dir(w.local_dir, epoch, name) as tmp:
-        checkpoint = None
-        if w.rank == 0:
-            save_checkpoint(
-                tmp,
-                student=w.student,
-                relation=w.relation,
-                opt=w.opt,
-                sched=w.sched,
-                epoch=epoch - 1,
-                history=w.history,
-                cfg=w.cfg,
-                teacher_sha=w.teacher_sha256,
-                partial={"epoch": epoch, "steps": steps, "sums": total, "saved_at": saved_at},
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            {
-                "epoch": epoch,
-                PARTIAL_KEY: steps,
-                "saved_at": saved_at,
-                "scaling/world_size": w.world,
-            },
-            checkpoint=checkpoint,
-            checkpoint_dir_name=name,
-        )
+    report = {"epoch": epoch, PARTIAL_KEY: steps, "saved_at": saved_at}
+    report["scaling/world_size"] = w.world
+    partial = {"epoch": epoch, "steps": steps, "sums": total, "saved_at": saved_at}
+    _save_and_report(w, report, name, epoch - 1, partial=partial)
     w.notice_checkpointed = True
     if w.rank == 0:
         print(
@@ -439,29 +415,10 @@ def _report(
     w: _Worker, epoch: int, metrics: dict[str, Any], overlay_rows: list[dict[str, np.ndarray]]
 ) -> None:
     """Checkpoint (rank 0) + `ray.train.report`; the controller logs the epoch once registered."""
-    import ray.train
-
     cfg = w.cfg
     metrics["eval_protocol"] = cfg.optim.eval_protocol
     w.history.append(dict(metrics))
-    with _checkpoint_dir(w.local_dir, epoch) as tmp:
-        checkpoint = None
-        if w.rank == 0:
-            save_checkpoint(
-                tmp,
-                student=w.student,
-                relation=w.relation,
-                opt=w.opt,
-                sched=w.sched,
-                epoch=epoch,
-                history=w.history,
-                cfg=cfg,
-                teacher_sha=w.teacher_sha256,
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}"
-        )
+    _save_and_report(w, metrics, f"checkpoint_epoch_{epoch:04d}", epoch)
     if w.rank != 0:
         return
     _print_epoch(epoch, cfg.optim.epochs, metrics, metrics["time/train_s"])
@@ -476,15 +433,44 @@ def _report(
             )
 
 
+def _save_and_report(
+    w: _Worker,
+    metrics: dict[str, Any],
+    name: str,
+    epoch: int,
+    partial: dict[str, Any] | None = None,
+) -> None:
+    """Rank 0 writes the checkpoint (state after `epoch`); every rank reports `metrics` with it."""
+    import ray.train
+
+    with _checkpoint_dir(w.local_dir, name) as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            save_checkpoint(
+                tmp,
+                student=w.student,
+                relation=w.relation,
+                opt=w.opt,
+                sched=w.sched,
+                epoch=epoch,
+                history=w.history,
+                cfg=w.cfg,
+                teacher_sha=w.teacher_sha256,
+                partial=partial,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
 @contextlib.contextmanager
-def _checkpoint_dir(local_root: str | None, epoch: int, name: str | None = None):
+def _checkpoint_dir(local_root: str | None, name: str):
     """A temp dir Ray Train uploads; in local mode a kept dir under the run (last two kept)."""
     if not local_root:
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
         return
     root = Path(local_root)
-    path = root / (name or f"checkpoint_epoch_{epoch:04d}")
+    path = root / name
     path.mkdir(parents=True, exist_ok=True)
     yield str(path)
     import shutil
