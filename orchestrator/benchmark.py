@@ -18,9 +18,7 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,6 @@ from orchestrator.cells import (
     CellJob,
     CellOutcome,
     cell_cpus,
-    close_open_runs,
     run_cells,
     timeline_stats,
     write_timeline,
@@ -42,7 +39,13 @@ from orchestrator.cells import (
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.tracking import artifact_root as tracking_artifact_root
-from orchestrator.tracking import open_run, resolve_tracking_uri
+from orchestrator.tracking import (
+    close_child_runs,
+    closing_on_exit,
+    open_run,
+    resolve_tracking_uri,
+    view_hint,
+)
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
 
@@ -178,10 +181,6 @@ def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> in
     return max(1, int(cpus // max(need, 1e-6)))
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -> dict[str, Any]:
     """Run (or resume) every cell; returns the table, files written and the parent run id."""
     from orchestrator.trainer import prepare_data
@@ -302,7 +301,9 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             msg = f"{cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
             start, end, node = r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
         else:
-            close_open_runs(uri, parent.run_id, "FAILED", cell=cell.key, error=out.error)
+            close_child_runs(
+                uri, parent.run_id, "FAILED", tags={CELL_TAG: cell.key}, error=out.error
+            )
             entry.update(status="FAILED", error=out.error, metrics={})
             msg = f"{cell.key}: FAILED after {attempts} attempt(s): {out.error}"
             start = out.starts[-1][1] if out.starts else out.failed_at
@@ -327,9 +328,9 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             }
         )
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
-    try:
+    with closing_on_exit(
+        parent, label=f"[benchmark] {bench.name}", hint="re-run the same name to resume"
+    ):
         run_cells(
             todo,
             max_concurrent=cap,
@@ -338,47 +339,34 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             already_done=len(cells) - len(todo),
             total=len(cells),
         )
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        closed = close_open_runs(uri, parent.run_id, status)
-        parent.finish(status)
-        print(
-            f"\n[benchmark] {bench.name}: stopped ({type(exc).__name__}); {closed} open cell "
-            f"run(s) and the parent run marked {status}; re-run the same name to resume",
-            flush=True,
+        table, raw = results_table(state, bench)
+        files = _write_outputs(out_dir, table, raw, provenance, bench, state)
+        if timeline:
+            files.update(write_timeline(timeline, out_dir))
+        for kind, path in files.items():
+            parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
+        failed = [k for k, e in state["cells"].items() if e.get("status") == "FAILED"]
+        stats = timeline_stats(timeline)
+        parent.log_metrics(
+            {
+                "cells": sum(1 for e in state["cells"].values() if e.get("status") != "FAILED"),
+                "cells_failed": len(failed),
+                "wall_time_s": time.perf_counter() - started,
+                "shared_data_s": prep_s,
+                **{k: v for k, v in stats.items() if not math.isnan(v)},
+            },
+            step=0,
         )
-        raise
-    finally:
-        if in_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    table, raw = results_table(state, bench)
-    files = _write_outputs(out_dir, table, raw, provenance, bench, state)
-    if timeline:
-        files.update(write_timeline(timeline, out_dir))
-    for kind, path in files.items():
-        parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
-    failed = [k for k, e in state["cells"].items() if e.get("status") == "FAILED"]
-    stats = timeline_stats(timeline)
-    parent.log_metrics(
-        {
-            "cells": sum(1 for e in state["cells"].values() if e.get("status") != "FAILED"),
-            "cells_failed": len(failed),
-            "wall_time_s": time.perf_counter() - started,
-            "shared_data_s": prep_s,
-            **{k: v for k, v in stats.items() if not math.isnan(v)},
-        },
-        step=0,
-    )
-    if stats:
-        print(
-            f"[benchmark] {len(timeline)} cells in {stats['makespan_s']:.0f}s: peak concurrency "
-            f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
-            f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
-            flush=True,
-        )
-    if failed:
-        parent.set_tags({"infosam.failed_cells": ",".join(failed)})
-    parent.finish("FINISHED")
+        if stats:
+            print(
+                f"[benchmark] {len(timeline)} cells in {stats['makespan_s']:.0f}s: peak concurrency "
+                f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+                f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
+                flush=True,
+            )
+        if failed:
+            parent.set_tags({"infosam.failed_cells": ",".join(failed)})
+        parent.finish("FINISHED")
     return {
         "table": table,
         "raw": raw,
@@ -415,9 +403,7 @@ def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | N
     )
     for kind, path in result["files"].items():
         print(f"[benchmark] {kind}: {path}")
-    print(
-        f"[benchmark] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
-    )
+    print(f"[benchmark] MLflow: {view_hint(result['tracking_uri'], result['parent_run_id'])}")
     if result["failed"]:
         print(
             f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "

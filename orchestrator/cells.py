@@ -25,7 +25,6 @@ from orchestrator.config import Config
 __all__ = [
     "Cell",
     "CellJob",
-    "close_open_runs",
     "run_cells",
     "task_options",
     "timeline_stats",
@@ -337,32 +336,6 @@ def _short_error(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")[:1000]
-
-
-def close_open_runs(
-    uri: str, parent_run_id: str, status: str, *, cell: str | None = None, error: str = ""
-) -> int:
-    """Mark RUNNING child runs of a benchmark (or of one cell) `status`; returns how many.
-
-    For one cell, `error` is also tagged on its run when the run already closed itself FAILED.
-    """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    if cell is not None:
-        query += f" and tags.`{CELL_TAG}` = '{cell}' and attributes.status != 'FINISHED'"
-    else:
-        query += " and attributes.status = 'RUNNING'"
-    closed = 0
-    for run in client.search_runs([exp_id], query, max_results=10_000):
-        if error:
-            client.set_tag(run.info.run_id, "infosam.error", error[:5000])
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status)
-            closed += 1
-    return closed
 
 
 def timeline_stats(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -163,6 +163,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: the run is KILLED
+        return 130
     shown = {
         k: round(v, 4)
         for k, v in result.metrics.items()
@@ -170,9 +172,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     print(f"[infosam] finished: {json.dumps(shown)}")
     print(f"[infosam] checkpoint: {result.checkpoint_dir}")
-    print(
-        f"[infosam] MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri}"
-    )
+    from orchestrator.tracking import view_hint
+
+    print(f"[infosam] MLflow: {view_hint(result.tracking_uri, result.run_id)}")
     return 0
 
 
@@ -257,6 +259,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from orchestrator.config import ConfigError
+    from orchestrator.tracking import view_hint
     from orchestrator.tuner import load_tune, run_sweep
 
     try:
@@ -265,10 +268,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the sweep's runs are closed as KILLED
+        return 130
     print(f"[tune] best config: {result['best_yaml']}")
-    print(
-        f"[tune] MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {result['tracking_uri']}"
-    )
+    print(f"[tune] MLflow: {view_hint(result['tracking_uri'], result['parent_run_id'])}")
     return 0
 
 

@@ -71,6 +71,13 @@ def init_ray(
     return False
 
 
+def in_ray_worker() -> bool:
+    """True inside a Ray task or actor: its signals belong to Ray, not to our run closing."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def on_one_machine() -> bool:
     """A single-node Ray reached without an address: a laptop (or a test), not a cluster.
 

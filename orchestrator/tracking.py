@@ -7,9 +7,12 @@ MLflow 3.17 refuses the bare `./mlruns` file store: the local default is SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +20,25 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 __all__ = [
+    "EXPERIMENT_KIND",
+    "Interrupted",
     "RunLogger",
     "artifact_root",
+    "close_child_runs",
+    "closing_on_exit",
     "default_tracking_uri",
     "ensure_experiment",
+    "experiment_url",
     "open_run",
     "start_run",
+    "view_hint",
 ]
 
 _PARAM_MAX = 6000
+# MLflow 3.17 opens an experiment without a kind in its GenAI overview (traces, tokens); this tag
+# marks ours as model training. The 3.17 UI also keeps a per-browser GenAI / Model training
+# switch, so the links we print carry `workflowType=machine_learning` (see `experiment_url`).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(storage_path: str | os.PathLike) -> str:
@@ -67,12 +80,36 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
             artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
         )
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def experiment_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI page of an experiment's runs table (or one run); None for a local store.
+
+    `workflowType=machine_learning` opens the runs table, not 3.17's GenAI overview.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+
+
+def view_hint(uri: str, run_id: str) -> str:
+    """Where to look at a run: its UI link on a server, the `mlflow ui` command for a file."""
+    try:
+        exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the server is gone: still say which run
+        return f"run {run_id} in {uri}"
+    url = experiment_url(uri, exp_id, run_id)
+    if url:
+        return url
+    page = experiment_url("http://127.0.0.1:5000", exp_id)
+    return f"mlflow ui --backend-store-uri {uri}  then open {page}"
 
 
 def start_run(
@@ -194,3 +231,88 @@ class RunLogger:
 
 RUN_FAILED = RunStatus.to_string(RunStatus.FAILED)
 RUN_FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+RUN_KILLED = RunStatus.to_string(RunStatus.KILLED)
+
+
+def close_child_runs(
+    uri: str,
+    parent_run_id: str,
+    status: str,
+    *,
+    tags: dict[str, str] | None = None,
+    error: str = "",
+) -> int:
+    """Mark the RUNNING child runs of `parent_run_id` (those with `tags`, if given) `status`.
+
+    Returns how many it closed. With `error`, every matching child not FINISHED is tagged
+    `infosam.error` (also one that already closed itself FAILED).
+    """
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    for key, value in (tags or {}).items():
+        query += f" and tags.`{key}` = '{value}'"
+    query += (
+        " and attributes.status != 'FINISHED'" if error else " and attributes.status = 'RUNNING'"
+    )
+    closed = 0
+    for run in client.search_runs([exp_id], query, max_results=10_000):
+        if error:
+            client.set_tag(run.info.run_id, "infosam.error", error[:5000])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+            closed += 1
+    return closed
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what `ray job stop` and Kubernetes send) raised in the main thread.
+
+    A KeyboardInterrupt, so it unwinds through Ray's blocking calls like Ctrl+C does and every
+    `finally` and run-closing handler runs; the process then exits with the usual status.
+    """
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def closing_on_exit(
+    logger: RunLogger | None,
+    *,
+    children: bool = True,
+    label: str = "[infosam]",
+    hint: str = "",
+    signals: bool = True,
+) -> Iterator[None]:
+    """Leave no run RUNNING: SIGTERM/SIGINT end the run (and its RUNNING children) KILLED,
+    an exception ends them FAILED; a normal exit leaves closing to the caller.
+
+    With `signals`, SIGTERM becomes `Interrupted` while the block runs (main thread only; the
+    previous handler is restored after); pass False inside a Ray worker. Closing is best effort: a tracking server that is down must not hide
+    the original error.
+    """
+    in_main = signals and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
+    try:
+        yield
+    except BaseException as exc:
+        if logger is not None:
+            status = RUN_KILLED if isinstance(exc, KeyboardInterrupt) else RUN_FAILED
+            closed = 0
+            with contextlib.suppress(Exception):
+                if children:
+                    closed = close_child_runs(logger.uri, logger.run_id, status)
+                if logger.status() == "RUNNING":
+                    logger.finish(status)
+            extra = f" and {closed} open child run(s)" if closed else ""
+            print(
+                f"{label} stopped ({type(exc).__name__}): MLflow run {logger.run_id}{extra} "
+                f"marked {status}{'; ' + hint if hint else ''}",
+                flush=True,
+            )
+        raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -35,8 +35,14 @@ from orchestrator.epoch_log import checkpoint_history, log_epochs
 from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
-from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint, teacher_hash
-from orchestrator.tracking import RunLogger, resolve_tracking_uri
+from orchestrator.runtime import (
+    ensure_data,
+    in_ray_worker,
+    init_ray,
+    teacher_checkpoint,
+    teacher_hash,
+)
+from orchestrator.tracking import RunLogger, closing_on_exit, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import open_run as tracking_open_run
 
@@ -689,13 +695,8 @@ def fit(
     timings["startup_s"] = time.perf_counter() - t_start
     owns_logger = logger is None
     t_data = time.perf_counter()
-    try:
-        if shared is None:
-            shared = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
-    except BaseException:
-        if logger is not None and owns_logger:
-            logger.finish("FAILED")
-        raise
+    if shared is None:
+        shared = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
     timings["data_s"] = time.perf_counter() - t_data
     t_log = time.perf_counter()
     if logger is None:
@@ -707,42 +708,35 @@ def fit(
             tags={"infosam.storage_name": name, **(tags or {})},
             shared=shared,
         )
-    if shared.train_cache is not None:
-        logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
-    sc = cfg.scaling
-    try:
+    # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close
+    with closing_on_exit(
+        logger if owns_logger else None, children=False, signals=not in_ray_worker()
+    ):
+        if shared.train_cache is not None:
+            logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
+        sc = cfg.scaling
         check_full_batches(cfg, shared.n_train, list(range(sc.min_workers, sc.max_workers + 1)))
-    except ConfigError:
-        if owns_logger:
-            logger.finish("FAILED")
-        raise
-    timings["startup_s"] += time.perf_counter() - t_log
-    trainer = make_trainer(
-        cfg,
-        shared,
-        name=name,
-        storage=storage,
-        run_dir=run_dir,
-        mlflow_run=(logger.uri, logger.run_id),
-        callbacks=callbacks,
-        train_loop=train_loop,
-    )
-    t_fit = time.perf_counter()
-    try:
+        timings["startup_s"] += time.perf_counter() - t_log
+        trainer = make_trainer(
+            cfg,
+            shared,
+            name=name,
+            storage=storage,
+            run_dir=run_dir,
+            mlflow_run=(logger.uri, logger.run_id),
+            callbacks=callbacks,
+            train_loop=train_loop,
+        )
+        t_fit = time.perf_counter()
         result = trainer.fit()
-    except BaseException:
-        if logger is not None and owns_logger:
-            logger.finish("FAILED")
-        raise
-    fit_s = time.perf_counter() - t_fit
-    t_log = time.perf_counter()
-    checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
-    history: list[dict[str, Any]] = []
-    if result.checkpoint is not None:
-        history = checkpoint_history(result.checkpoint)
-        # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
-        log_epochs(logger, history)
-    if logger is not None:
+        fit_s = time.perf_counter() - t_fit
+        t_log = time.perf_counter()
+        checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
+        history: list[dict[str, Any]] = []
+        if result.checkpoint is not None:
+            history = checkpoint_history(result.checkpoint)
+            # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
+            log_epochs(logger, history)
         with contextlib.suppress(Exception):
             _log_curves(logger, cfg)
         if checkpoint_dir:

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.tracking import Interrupted, closing_on_exit, open_run, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
-from orchestrator.tracking import open_run, resolve_tracking_uri
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
@@ -335,57 +335,59 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             failure_config=tune.FailureConfig(max_failures=tcfg.trial_retries),
         ),
     )
-    try:
+    # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED
+    with closing_on_exit(parent, label=f"[tune] {tcfg.name}"):
         grid = tuner.fit()
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    rows = []
-    for result in grid:
-        sampled = dict(result.config or {})
-        metrics = result.metrics or {}
-        rows.append(
+        if grid.num_terminated + grid.num_errors < len(grid):
+            # Tune's own Ctrl-C handler stopped the loop and returned: the sweep was interrupted
+            raise Interrupted(f"sweep {tcfg.name!r} stopped before every trial ended")
+        rows = []
+        for result in grid:
+            sampled = dict(result.config or {})
+            metrics = result.metrics or {}
+            rows.append(
+                {
+                    "trial": metrics.get("trial_id", ""),
+                    "status": "ERROR" if result.error else "OK",
+                    "epochs": metrics.get("training_iteration", 0),
+                    tcfg.metric: metrics.get(tcfg.metric, math.nan),
+                    **{k: v for k, v in sampled.items()},
+                }
+            )
+        table = pd.DataFrame(rows)
+        ok = table[(table["status"] == "OK") & table[tcfg.metric].notna()]
+        if ok.empty:
+            raise RuntimeError(
+                f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
+            )
+        best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
+        best_sampled = {
+            k: best_row[k]
+            for k in table.columns
+            if k not in ("trial", "status", "epochs", tcfg.metric)
+        }
+        best_cfg = base.with_values(trial_values(best_sampled))
+        best_yaml = out_dir / "best.yaml"
+        best_yaml.write_text(
+            f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
+            + best_cfg.to_yaml()
+        )
+        (out_dir / "trials.csv").write_text(table.to_csv(index=False))
+        (out_dir / "trials.md").write_text(table.to_markdown(index=False) + "\n")
+        _scatter(table, tcfg, out_dir / "weights_vs_metric.png")
+        for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
+            parent.log_artifact(out_dir / name, "sweep")
+        parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
+        parent.log_metrics(
             {
-                "trial": metrics.get("trial_id", ""),
-                "status": "ERROR" if result.error else "OK",
-                "epochs": metrics.get("training_iteration", 0),
-                tcfg.metric: metrics.get(tcfg.metric, math.nan),
-                **{k: v for k, v in sampled.items()},
-            }
+                f"best/{tcfg.metric}": float(best_row[tcfg.metric]),
+                "trials": len(table),
+                "failed_trials": int((table["status"] == "ERROR").sum()),
+                "wall_time_s": time.perf_counter() - started,
+            },
+            step=0,
         )
-    table = pd.DataFrame(rows)
-    ok = table[(table["status"] == "OK") & table[tcfg.metric].notna()]
-    if ok.empty:
-        parent.finish("FAILED")
-        raise RuntimeError(
-            f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
-        )
-    best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
-    best_sampled = {
-        k: best_row[k] for k in table.columns if k not in ("trial", "status", "epochs", tcfg.metric)
-    }
-    best_cfg = base.with_values(trial_values(best_sampled))
-    best_yaml = out_dir / "best.yaml"
-    best_yaml.write_text(
-        f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
-        + best_cfg.to_yaml()
-    )
-    (out_dir / "trials.csv").write_text(table.to_csv(index=False))
-    (out_dir / "trials.md").write_text(table.to_markdown(index=False) + "\n")
-    _scatter(table, tcfg, out_dir / "weights_vs_metric.png")
-    for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
-        parent.log_artifact(out_dir / name, "sweep")
-    parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
-    parent.log_metrics(
-        {
-            f"best/{tcfg.metric}": float(best_row[tcfg.metric]),
-            "trials": len(table),
-            "failed_trials": int((table["status"] == "ERROR").sum()),
-            "wall_time_s": time.perf_counter() - started,
-        },
-        step=0,
-    )
-    parent.finish("FINISHED")
+        parent.finish("FINISHED")
     print(table.to_markdown(index=False), flush=True)
     return {
         "table": table,

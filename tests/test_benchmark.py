@@ -208,6 +208,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
     """`ray start --head` on loopback + `ray job submit`; only the Ray started here is stopped."""
     bin_dir = Path(sys.executable).parent

@@ -38,24 +38,24 @@ def test_off_switch_sets_weight_zero():
     assert cfg.loss.weight_compression == 0.0 and cfg.optim.lr == 0.001
 
 
-def test_three_trial_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
+def test_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
     tcfg, base = _sweep(
         tmp_path,
         synthetic_root,
         "optim.epochs=1",
         "tune.num_samples=1",
-        space={"optim.batch_size": {"type": "grid", "values": [4, 4, 1000]}},
+        space={"optim.batch_size": {"type": "grid", "values": [4, 1000]}},
     )
     result = run_sweep(tcfg, base)
     table = result["table"]
-    assert len(table) == 3 and sorted(table["status"]) == ["ERROR", "OK", "OK"]
+    assert len(table) == 2 and sorted(table["status"]) == ["ERROR", "OK"]
     client = MlflowClient(result["tracking_uri"])
     exp = client.get_experiment_by_name("tune_test")
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.info.run_id == result["parent_run_id"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 4 and len(children) == 3
-    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
+    assert len(runs) == 3 and len(children) == 2
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
     # Tune re-ran the crashing trial once (`tune.trial_retries`), in the same MLflow run.
     crashed = next(r for r in children if r.info.status == "FAILED")
     assert crashed.data.tags.get("infosam.trial_attempts") == "2", crashed.data.tags
