@@ -275,6 +275,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tracking_serve(args: argparse.Namespace) -> int:
+    from orchestrator.tracking_server import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
     _add_config_args(b)
     b.set_defaults(func=_cmd_benchmark)
+    tr = sub.add_parser("tracking", help="the team's MLflow server (PostgreSQL, basic auth)")
+    trsub = tr.add_subparsers(dest="tracking_command", required=True)
+    sv = trsub.add_parser(
+        "serve",
+        help="migrate the database once, then run `mlflow server` in the foreground",
+        description="Database URI: --backend-store-uri, else $INFOSAM_TRACKING_DB_URI, else the "
+        "file named by $INFOSAM_TRACKING_DB_URI_FILE. With --auth: the admin password from "
+        "$MLFLOW_AUTH_ADMIN_PASSWORD (or ..._FILE, >= 12 characters, no default) and "
+        "$MLFLOW_FLASK_SERVER_SECRET_KEY (or ..._FILE).",
+    )
+    sv.add_argument("--backend-store-uri", help="postgresql://user:pw@host:5432/mlflow, sqlite")
+    sv.add_argument("--artifacts-destination", required=True, help="s3://bucket/prefix or a dir")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=5000)
+    sv.add_argument("--workers", type=int, help="server workers (default 4; 1 for SQLite)")
+    sv.add_argument("--auth", action="store_true", help="MLflow's basic-auth app")
+    sv.add_argument("--auth-db-uri", help="user table (default: the tracking database)")
+    sv.set_defaults(func=_cmd_tracking_serve)
     cl = sub.add_parser("cluster", help="cluster-launcher helpers")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     cc = clsub.add_parser(

@@ -129,10 +129,24 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
         problems.append(
             "the dashboard must bind to 127.0.0.1 (reach it with `ray dashboard cluster.yaml`)"
         )
-    if "mlflow==3.17.2" not in _commands(
+    head = _commands(config, "head_setup_commands")
+    if "sqlite" in head:
+        problems.append(
+            "the MLflow server keeps runs in SQLite on the head: `ray down` deletes them; use "
+            "PostgreSQL (INFOSAM_TRACKING_DB_URI) and `infosam tracking serve`"
+        )
+    if ("mlflow server" in head or "tracking serve" in head) and not (
+        "--auth" in head or "basic-auth" in head
+    ):
+        problems.append(
+            "the MLflow server runs without authentication: anyone in the VPC can read and "
+            "write every run; add --auth (`infosam tracking serve --auth`)"
+        )
+    if "mlflow[auth,db]==3.17.2" not in _commands(
         config, "setup_commands", "head_setup_commands", "worker_setup_commands"
     ):
         problems.append(
-            "setup does not install the pinned mlflow==3.17.2 the project is tested with"
+            "setup does not install the pinned mlflow[auth,db]==3.17.2 the project is tested "
+            "with (auth: the basic-auth app; db: the PostgreSQL driver)"
         )
     return problems

@@ -9,6 +9,7 @@ closes runs of trials Tune stopped (FINISHED, tagged stopped early) or that cras
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,8 +22,8 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
-from orchestrator.tracking import Interrupted, closing_on_exit, open_run, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
+from orchestrator.tracking import closing_on_exit, open_run, resolve_tracking_uri
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
@@ -335,12 +336,11 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
             failure_config=tune.FailureConfig(max_failures=tcfg.trial_retries),
         ),
     )
-    # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED
-    with closing_on_exit(parent, label=f"[tune] {tcfg.name}"):
+    # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED. Tune's own
+    # Ctrl-C handler would stop the loop and return a partial grid that looks complete (and
+    # its best config would be written as the sweep's): off, so Ctrl-C raises like SIGTERM.
+    with closing_on_exit(parent, label=f"[tune] {tcfg.name}"), _tune_sigint_handler_off():
         grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid):
-            # Tune's own Ctrl-C handler stopped the loop and returned: the sweep was interrupted
-            raise Interrupted(f"sweep {tcfg.name!r} stopped before every trial ended")
         rows = []
         for result in grid:
             sampled = dict(result.config or {})
@@ -396,6 +396,19 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         "parent_run_id": parent.run_id,
         "tracking_uri": uri,
     }
+
+
+@contextlib.contextmanager
+def _tune_sigint_handler_off():
+    previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
 
 
 def _py(v: Any) -> Any:

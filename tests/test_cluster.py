@@ -83,8 +83,16 @@ BROKEN = {
         "token authentication",
     ),
     "public bind": (
-        _set(["head_setup_commands"], ["mlflow server --host 0.0.0.0 --port 5000 mlflow==3.17.2"]),
+        _set(["head_setup_commands"], ["mlflow server --host 0.0.0.0 --auth"]),
         "0.0.0.0",
+    ),
+    "runs on the head's disk": (
+        _set(["head_setup_commands"], ["mlflow server --backend-store-uri sqlite:///m.db --auth"]),
+        "ray down",
+    ),
+    "no tracking auth": (
+        _set(["head_setup_commands"], ["infosam tracking serve --host 10.0.0.1"]),
+        "without authentication",
     ),
     "schema violation": (_set(["max_workers"], "many"), "Ray schema"),
     "unknown head type": (_set(["head_node_type"], "nope"), "head_node_type"),

@@ -92,3 +92,58 @@ def test_asha_stops_weak_trials_early(ray_local, tmp_path, synthetic_root):
         r.data.tags.get("infosam.stopped_early") for r in client.search_runs([exp.experiment_id])
     ]
     assert "true" in tags
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_sweep_driver_ends_the_sweep_and_its_trials_killed(tmp_path, synthetic_root):
+    """Tune handles Ctrl-C itself (it stops the loop and returns): the sweep must notice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = yaml.safe_load(SMOKE.read_text())
+    data["tune"].update(num_samples=1, space={"optim.lr": {"type": "grid", "values": [0.001]}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (tmp_path / "runs").mkdir()
+    MlflowClient(uri).search_experiments()  # migrate the store once, before two processes open it
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).parent / "infosam"), "tune", "--config", str(path)]
+    for o in (
+        f"data.root={synthetic_root}",
+        "data.dataset=camouflage",
+        "data.synthesize=false",
+        f"storage.path={tmp_path / 'runs'}",
+        "tracking.experiment=tune_stopped",
+        "optim.epochs=100",
+    ):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    client = MlflowClient(uri)
+    try:
+        deadline, trial = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None and trial is None:
+            time.sleep(1)
+            exp = client.get_experiment_by_name("tune_stopped")
+            for run in client.search_runs([exp.experiment_id]) if exp else []:
+                if "mlflow.parentRunId" in run.data.tags and client.get_metric_history(
+                    run.info.run_id, "train/loss"
+                ):
+                    trial = run
+        assert trial is not None, "no trial logged an epoch"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("tune_stopped").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}, [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
