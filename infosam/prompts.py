@@ -30,6 +30,24 @@ class PromptBatch:
             k for k, v in (("box", self.boxes), ("point", self.point_coords)) if v is not None
         )
 
+    def describe(self, i: int) -> str:
+        """Image i's prompt as text (model-input pixels), e.g. `box 12,30,200,180; points 50,60+`.
+
+        Per-image score tables carry it, so paired comparisons can check that two methods were
+        scored with the same prompt on the same image.
+        """
+        parts = []
+        if self.boxes is not None:
+            parts.append("box " + ",".join(f"{float(v):.0f}" for v in self.boxes[i]))
+        if self.point_coords is not None:
+            pts = [
+                f"{float(x):.0f},{float(y):.0f}{'+' if int(lab) == 1 else '-'}"
+                for (x, y), lab in zip(self.point_coords[i], self.point_labels[i])
+                if int(lab) >= 0
+            ]
+            parts.append("points " + ";".join(pts))
+        return "; ".join(parts) or "none"
+
     def to(self, device: torch.device | str) -> PromptBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)

@@ -38,6 +38,7 @@ from orchestrator.cells import (
 )
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
+from orchestrator.stats import compare
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import (
     close_child_runs,
@@ -50,6 +51,7 @@ from orchestrator.tracking import (
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
 
 __all__ = [
+    "DEFAULT_PAIRS",
     "METHODS",
     "BenchmarkConfig",
     "cell_config",
@@ -98,6 +100,17 @@ LABELS = {
 }
 
 
+# What each method is compared with: the paper's ablations, then everything vs the teacher.
+DEFAULT_PAIRS: list[tuple[str, str]] = [
+    ("lora_infosam", "lora"),
+    ("adapter_infosam", "adapter"),
+    ("adapter_ld_only", "adapter"),
+    ("adapter_logit_kd", "adapter"),
+    ("adapter_feature_kd", "adapter"),
+    *[(m, "zero_shot") for m in METHODS if m != "zero_shot"],
+]
+
+
 @dataclass
 class BenchmarkConfig:
     name: str = "demo"
@@ -115,6 +128,18 @@ class BenchmarkConfig:
     max_concurrent_cells: int | None = None
     # Retries of a cell that raised or whose node/worker died, before it is recorded FAILED.
     cell_retries: int = 1
+    # Paired comparisons [method, base] on the same test images and seeds; null: DEFAULT_PAIRS
+    # (InfoSAM variants vs their PEFT base, the KD baselines vs adapter, all vs zero_shot).
+    pairs: list[list[str]] | None = None
+    # The two-level (seeds, images) bootstrap of each mean difference (orchestrator.stats).
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """The declared pairs (or the defaults) whose two methods are both in this benchmark."""
+        pairs = DEFAULT_PAIRS if self.pairs is None else [tuple(p) for p in self.pairs]
+        return [(a, b) for a, b in pairs if a in self.methods and b in self.methods]
 
 
 def load_benchmark(
@@ -135,6 +160,19 @@ def load_benchmark(
     bad = [m for m in bench.methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown benchmark method(s) {bad}; choose from {list(METHODS)}")
+    for pair in bench.pairs or []:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise ConfigError(f"benchmark.pairs: {pair!r} is not a [method, base] pair")
+        unknown_pair = [m for m in pair if m not in METHODS]
+        if unknown_pair:
+            raise ConfigError(
+                f"benchmark.pairs: unknown method(s) {unknown_pair} in {pair}; "
+                f"choose from {list(METHODS)}"
+            )
+    if bench.bootstrap_resamples < 100 or not 0.5 < bench.confidence < 1:
+        raise ConfigError(
+            "benchmark.bootstrap_resamples must be >= 100 and benchmark.confidence in (0.5, 1)"
+        )
     if bench.max_concurrent_cells is not None and bench.max_concurrent_cells < 1:
         raise ConfigError("benchmark.max_concurrent_cells must be >= 1 (or null: no cap)")
     base = load_config(None, [])
@@ -296,6 +334,8 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
                 seconds=round(r["end"] - r["start"], 1),
                 node=r["node_ip"],
                 timings={k: round(v, 2) for k, v in (r.get("timings") or {}).items()},
+                trainable_params=r.get("trainable_params", 0),
+                scores=_write_cell_scores(out_dir, cell, r.get("scores") or []),
             )
             shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
             msg = f"{cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
@@ -414,6 +454,35 @@ def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | N
     return 0
 
 
+def _write_cell_scores(out_dir: Path, cell: Cell, rows: list[dict[str, Any]]) -> str | None:
+    """A finished cell's per-image test scores, kept beside cells.json (a resume re-reads them)."""
+    if not rows:
+        return None
+    import pandas as pd
+
+    path = out_dir / "scores" / f"{cell.method}-{cell.dataset}-seed{cell.seed}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "seed", cell.seed)
+    frame.insert(0, "dataset", cell.dataset)
+    frame.insert(0, "method", cell.method)
+    frame.to_csv(path, index=False)
+    return str(path.relative_to(out_dir))
+
+
+def collect_scores(out_dir: Path, state: dict[str, Any]):
+    """Every finished cell's per-image scores in one table (method, dataset, seed, image_id,
+    prompt, one column per metric)."""
+    import pandas as pd
+
+    frames = [
+        pd.read_csv(out_dir / e["scores"], dtype={"image_id": str, "prompt": str})
+        for e in state["cells"].values()
+        if e.get("status") == "FINISHED" and e.get("scores") and (out_dir / e["scores"]).is_file()
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def results_table(state: dict[str, Any], bench: BenchmarkConfig):
     """(markdown-ready table of mean ± std over seeds, raw per-cell DataFrame)."""
     import pandas as pd
@@ -457,9 +526,39 @@ def results_table(state: dict[str, Any], bench: BenchmarkConfig):
         (d, m) for d in bench.datasets for m in _metrics_for(bench, d) if (d, m) in table.columns
     ]
     table = table.loc[order, cols]
-    table.index = [LABELS.get(m, m) for m in table.index]
     table.columns = [f"{d} {m}" for d, m in table.columns]
+    costs = _costs(state)
+    table["trainable params"] = [_count(costs.get(m, {}).get("params")) for m in table.index]
+    table["train s / cell"] = [
+        f"{costs[m]['train_s']:.1f}" if costs.get(m, {}).get("train_s") else "-"
+        for m in table.index
+    ]
+    table.index = [LABELS.get(m, m) for m in table.index]
     return table, raw
+
+
+def _costs(state: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per method: trainable parameters and mean training seconds per finished cell."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for e in state["cells"].values():
+        if e.get("status") != "FINISHED":
+            continue
+        m = out.setdefault(e["method"], {"params": [], "train_s": []})
+        m["params"].append(float(e.get("trainable_params", 0)))
+        if (e.get("timings") or {}).get("train_s"):
+            m["train_s"].append(float(e["timings"]["train_s"]))
+    return {
+        k: {n: (sum(v) / len(v) if v else 0.0) for n, v in vals.items()} for k, vals in out.items()
+    }
+
+
+def _count(n: float | None) -> str:
+    if not n:
+        return "0"
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
 
 
 def _write_outputs(
@@ -481,20 +580,159 @@ def _write_outputs(
             f"n=k/{seeds} average the seeds that finished); re-run the same benchmark name to "
             f"retry them:\n\n{lines}\n"
         )
-    md = (
-        f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
-        f"on each dataset's test split.\n\n{table.to_markdown()}\n{missing}"
-    )
     files = {
         "markdown": str(out_dir / "results.md"),
         "csv": str(out_dir / "results.csv"),
         "chart": str(out_dir / "results.png"),
     }
+    scores = collect_scores(out_dir, state)
+    differences = ""
+    if not scores.empty:
+        files["scores"] = str(out_dir / "scores.csv")
+        scores.to_csv(files["scores"], index=False)
+        comparisons = compare(
+            scores,
+            bench.comparison_pairs(),
+            {d: _metrics_for(bench, d) for d in bench.datasets},
+            resamples=bench.bootstrap_resamples,
+            confidence=bench.confidence,
+            rng_seed=bench.bootstrap_seed,
+        )
+        if comparisons:
+            files["differences"] = str(out_dir / "differences.csv")
+            pd_rows = [c.as_row() for c in comparisons]
+            import pandas as pd
+
+            pd.DataFrame(pd_rows).to_csv(files["differences"], index=False)
+            files["forest"] = str(out_dir / "differences.png")
+            _forest_plot(comparisons, bench, files["forest"])
+            differences = _differences_markdown(comparisons, bench)
+    md = (
+        f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
+        f"on each dataset's test split; trainable parameters and training seconds per cell "
+        f"(mean over its cells) on the right.\n\n{table.to_markdown()}\n{missing}{differences}"
+    )
     Path(files["markdown"]).write_text(md)
     raw.to_csv(files["csv"], index=False)
     _bar_chart(raw, bench, files["chart"])
     print(md, flush=True)
     return files
+
+
+def _pair_label(method: str, base: str) -> str:
+    return f"{LABELS.get(method, method)} vs {LABELS.get(base, base)}"
+
+
+def _differences_markdown(comparisons: list, bench: BenchmarkConfig) -> str:
+    """The "differences vs base" table (difference [CI], * = interval excludes 0) + verdicts."""
+    import pandas as pd
+
+    first = comparisons[0]
+    rows: dict[str, dict[str, str]] = {}
+    for c in comparisons:
+        mark = " *" if c.significant else ""
+        rows.setdefault(_pair_label(c.method, c.base), {})[f"{c.dataset} {c.metric}"] = (
+            f"{c.difference:+.1f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}]{mark}"
+        )
+    cols = [
+        f"{d} {m}"
+        for d in bench.datasets
+        for m in _metrics_for(bench, d)
+        if any(f"{d} {m}" in r for r in rows.values())
+    ]
+    frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=cols).fillna("-")
+    verdicts = []
+    for method, base in dict.fromkeys((c.method, c.base) for c in comparisons):
+        parts = []
+        for d in bench.datasets:
+            main = _metrics_for(bench, d)[0]
+            c = next(
+                (
+                    x
+                    for x in comparisons
+                    if (x.method, x.base, x.dataset, x.metric) == (method, base, d, main)
+                ),
+                None,
+            )
+            if c is not None:
+                parts.append(
+                    f"{d} {c.verdict} ({main} {c.difference:+.1f} "
+                    f"[{c.ci_low:+.1f}, {c.ci_high:+.1f}])"
+                )
+        verdicts.append(f"- **{_pair_label(method, base)}**: " + "; ".join(parts))
+    mismatched = sum(c.prompt_mismatches for c in comparisons)
+    note = (
+        f"\n{mismatched} image/seed pairs were scored with different prompts.\n"
+        if mismatched
+        else ""
+    )
+    return (
+        f"\n## Differences vs base\n\nMean paired difference (method - base) in points on the "
+        f"same test images and seeds ({first.seeds} seed(s) x {first.images} images on the first "
+        f"dataset), with a {100 * first.confidence:.0f}% interval from a two-level bootstrap "
+        f"(seeds, then images; {first.resamples} resamples, RNG seed {first.rng_seed}). "
+        f"`*`: the interval excludes 0. Intervals are per comparison, not corrected for the "
+        f"number of comparisons.\n\n{frame.to_markdown()}\n{note}\n"
+        f"Verdicts on each dataset's main metric:\n\n" + "\n".join(verdicts) + "\n"
+    )
+
+
+def _forest_plot(comparisons: list, bench: BenchmarkConfig, path: str) -> None:
+    """One row per pair, one panel per dataset (its main metric): difference and interval.
+
+    Pairs against the zero-shot teacher get their own row of panels: their differences are
+    tens of points and would flatten the ablations' intervals on a shared axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in bench.datasets if any(c.dataset == d for c in comparisons)]
+    pairs = list(dict.fromkeys((c.method, c.base) for c in comparisons))
+    groups = [
+        g
+        for g in (
+            [p for p in pairs if p[1] != "zero_shot"],
+            [p for p in pairs if p[1] == "zero_shot"],
+        )
+        if g
+    ]
+    fig, axes = plt.subplots(
+        len(groups),
+        len(datasets),
+        figsize=(4.2 * len(datasets) + 2.8, sum(0.42 * len(g) + 1.2 for g in groups)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(g) + 1 for g in groups]},
+    )
+    for row, group in zip(axes, groups):
+        for ax, dataset in zip(row, datasets):
+            main = _metrics_for(bench, dataset)[0]
+            for y, (method, base) in enumerate(group):
+                c = next(
+                    (
+                        x
+                        for x in comparisons
+                        if (x.method, x.base, x.dataset, x.metric) == (method, base, dataset, main)
+                    ),
+                    None,
+                )
+                if c is None:
+                    continue
+                colour = {"better": "#2ca02c", "worse": "#d62728"}.get(c.verdict, "#555555")
+                ax.plot([c.ci_low, c.ci_high], [y, y], color=colour, lw=2)
+                ax.plot([c.difference], [y], "o", color=colour)
+            ax.axvline(0, color="black", lw=0.8)
+            ax.set_ylim(len(group) - 0.5, -0.5)
+            ax.set_yticks(range(len(group)))
+            ax.set_yticklabels(
+                [_pair_label(m, b) for m, b in group] if ax is row[0] else [], fontsize=8
+            )
+            ax.set_title(f"{dataset}: {main} difference (points)", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _bar_chart(raw, bench: BenchmarkConfig, path: str) -> None:

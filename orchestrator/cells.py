@@ -100,7 +100,8 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
     if board is not None:
         board.started.remote(job.cell.key, node_id, start)
     if job.zero_shot:
-        metrics, run_id, timings = _zero_shot_cell(job)
+        metrics, run_id, timings, scores = _zero_shot_cell(job)
+        params = 0
     else:
         from orchestrator.trainer import fit
 
@@ -119,9 +120,13 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
             if k.startswith("test/") and "zero_shot" not in k
         }
         run_id, timings = result.run_id, result.timings
+        scores = [r for r in result.test_scores if r.get("model") == "student"]
+        params = int(result.metrics.get("model/trainable_params", 0))
     end = time.time()
     return {
         "metrics": metrics,
+        "scores": [{k: v for k, v in r.items() if k != "model"} for r in scores],
+        "trainable_params": params,
         "run_id": run_id,
         "start": start,
         "end": end,
@@ -132,7 +137,9 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
     }
 
 
-def _zero_shot_cell(job: CellJob) -> tuple[dict[str, float], str, dict[str, float]]:
+def _zero_shot_cell(
+    job: CellJob,
+) -> tuple[dict[str, float], str, dict[str, float], list[dict[str, Any]]]:
     from orchestrator.evaluation import zero_shot
     from orchestrator.tracking import open_run
 
@@ -156,15 +163,17 @@ def _zero_shot_cell(job: CellJob) -> tuple[dict[str, float], str, dict[str, floa
             }
         )
         t_eval = time.perf_counter()
-        metrics = zero_shot(cfg, job.shared.data_dir)
+        scores: list[dict[str, Any]] = []
+        metrics = zero_shot(cfg, job.shared.data_dir, scores=scores)
         eval_s = time.perf_counter() - t_eval
         child.log_metrics(metrics, step=0)
+        child.log_rows(scores, "scores/test_scores.csv")
     except BaseException:
         child.finish("FAILED")
         raise
     child.finish()
     total = time.perf_counter() - t0
-    return metrics, child.run_id, {"eval_s": eval_s, "logging_s": total - eval_s}
+    return metrics, child.run_id, {"eval_s": eval_s, "logging_s": total - eval_s}, scores
 
 
 def _board_class():

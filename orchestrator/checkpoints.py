@@ -24,15 +24,19 @@ from orchestrator.runtime import teacher_checkpoint
 
 __all__ = [
     "HISTORY_FILE",
+    "SCORES_FILE",
     "STATE_FILE",
+    "checkpoint_scores",
     "load_state",
     "load_trained",
     "read_history",
     "save_checkpoint",
+    "write_scores",
 ]
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
+SCORES_FILE = "test_scores.csv"  # the final checkpoint's per-image test scores
 
 
 def save_checkpoint(
@@ -80,6 +84,28 @@ def save_checkpoint(
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
     """The raw `state.pt` of a checkpoint directory."""
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def write_scores(scores: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    import pandas as pd
+
+    pd.DataFrame(scores).to_csv(path, index=False)
+
+
+def checkpoint_scores(checkpoint: Any) -> list[dict[str, Any]]:
+    """Per-image test scores saved with a (possibly remote) Ray Train checkpoint, else []."""
+    import io
+
+    import pandas as pd
+
+    path = f"{checkpoint.path.rstrip('/')}/{SCORES_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            data = f.read()
+    except (FileNotFoundError, OSError):
+        return []
+    frame = pd.read_csv(io.BytesIO(data), dtype={"image_id": str, "prompt": str})
+    return frame.to_dict("records")
 
 
 def read_history(checkpoint_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -55,8 +55,13 @@ def evaluate_split(
     cfg: Config,
     device: torch.device,
     overlays: int = 0,
+    scores: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], int, list[dict[str, np.ndarray]]]:
-    """Per-image metric sums per model over a full split (and overlay rows if asked)."""
+    """Per-image metric sums per model over a full split (and overlay rows if asked).
+
+    With `scores`, one row per model and image is appended to it (model, image id, prompt,
+    every metric): what a paired comparison of two methods on the same images needs.
+    """
     from orchestrator.pipeline import to_torch
 
     sums: dict[str, dict[str, float]] = {name: {} for name in models}
@@ -82,10 +87,16 @@ def evaluate_split(
                 metrics=tuple(cfg.optim.metrics),
                 autocast_dtype=autocast_dtype(cfg),
             )
-            for r in results:
-                for k, v in r.items():
-                    if k != "protocol":
-                        sums[name][k] = sums[name].get(k, 0.0) + float(v)
+            for i, r in enumerate(results):
+                values = {k: float(v) for k, v in r.items() if k != "protocol"}
+                for k, v in values.items():
+                    sums[name][k] = sums[name].get(k, 0.0) + v
+                if scores is not None:
+                    image_id = str(batch["id"][i]) if "id" in batch else str(count + i)
+                    scores.append(
+                        {"model": name, "image_id": image_id, "prompt": prompts.describe(i)}
+                        | values
+                    )
             if len(rows) < overlays:
                 preds[name] = predict_logits(
                     model,
@@ -136,8 +147,11 @@ def evaluate_model(
     split: str = "test",
     protocol: str | None = None,
     batch_size: int = 8,
+    scores: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics)."""
+    """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics).
+
+    `scores` (a list) receives one row per image, see `evaluate_split`."""
     from orchestrator.datasets import iter_rows
     from orchestrator.pipeline import decode_batch
 
@@ -167,7 +181,7 @@ def evaluate_model(
             return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
 
     device = next(model.parameters()).device
-    sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device)
+    sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device, scores=scores)
     out: dict[str, Any] = mean_metrics(sums["student"], count)
     out["count"] = count
     out["protocol"] = cfg.optim.eval_protocol
@@ -175,11 +189,19 @@ def evaluate_model(
 
 
 def zero_shot(
-    cfg: Config, data_dir: str | os.PathLike, split: str | None = None
+    cfg: Config,
+    data_dir: str | os.PathLike,
+    split: str | None = None,
+    scores: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """The frozen teacher's `test/` metrics: the benchmark's zero-shot row."""
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
     out = evaluate_model(
-        build_teacher(cfg, device), cfg, data_dir, split=split or cfg.data.test_split
+        build_teacher(cfg, device),
+        cfg,
+        data_dir,
+        split=split or cfg.data.test_split,
+        batch_size=cfg.optim.eval_batch_size,
+        scores=scores,
     )
     return {f"test/{k}": v for k, v in out.items() if isinstance(v, float)}

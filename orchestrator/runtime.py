@@ -99,7 +99,7 @@ def ensure_data(cfg: Config) -> Path | str:
         return uri
     root = Path(cfg.data.root).expanduser().resolve()
     path = root / cfg.data.dataset
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").is_file() and not _stale_synthetic(cfg, path):
         return path
     if not (cfg.data.synthesize and cfg.data.dataset in SYNTHETIC_DOMAINS):
         raise ConfigError(
@@ -108,19 +108,43 @@ def ensure_data(cfg: Config) -> Path | str:
             f"road_segmentation), unzip each, and run `infosam data ingest --format convlora "
             f"<unzipped folder> {root}`; or point data.root/data.dataset at an ingested dataset"
         )
+    import shutil
+
     from orchestrator.synthetic import synthesize
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".synth.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "manifest.json").is_file():
+        if not (path / "manifest.json").is_file() or _stale_synthetic(cfg, path):
             print(
                 f"[infosam] generating synthetic domain {cfg.data.dataset!r} in {root}", flush=True
             )
+            if path.exists():  # our own generated data, made with other settings
+                shutil.rmtree(path)
             synthesize(
-                root, [cfg.data.dataset], seed=cfg.data.synth_seed, scale=cfg.data.synth_scale
+                root,
+                [cfg.data.dataset],
+                seed=cfg.data.synth_seed,
+                scale=cfg.data.synth_scale,
+                counts=cfg.data.synth_counts,
             )
     return path
+
+
+def _stale_synthetic(cfg: Config, path: Path) -> bool:
+    """A synthetic domain this project generated with other split sizes or seed than `cfg`'s."""
+    if not (cfg.data.synthesize and cfg.data.dataset in SYNTHETIC_DOMAINS):
+        return False
+    import json
+
+    from orchestrator.synthetic import split_sizes
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    generator = manifest.get("generator") or {}
+    if manifest.get("format") != "synthetic" or not generator:
+        return False  # a user's dataset under a synthetic name: never touched
+    wanted = split_sizes(cfg.data.dataset, cfg.data.synth_scale, cfg.data.synth_counts)
+    return generator.get("splits") != wanted or generator.get("seed") != cfg.data.synth_seed
 
 
 def teacher_checkpoint(cfg: Config) -> str | None:

@@ -271,6 +271,15 @@ def _jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def split_sizes(
+    domain: str, scale: float = 1.0, counts: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Images per split: the domain's defaults times `scale`, then `counts` where given."""
+    sizes = {s: max(2, round(n * scale)) for s, n in DOMAINS[domain].splits.items()}
+    sizes.update({s: int(n) for s, n in (counts or {}).items()})
+    return sizes
+
+
 def synthesize(
     out: str | os.PathLike,
     domains: list[str] | None = None,
@@ -282,14 +291,15 @@ def synthesize(
 ) -> dict[str, dict]:
     """Write each domain as a dataset (parquet shards + manifest [+ contact_sheet.png]) under `out`.
 
-    `scale` multiplies the default split sizes; `counts` sets them explicitly (same for all domains).
+    `scale` multiplies the default split sizes; `counts` sets some or all of them explicitly
+    (the same for every domain).
     """
     manifests = {}
     for domain in domains or list(DOMAINS):
         spec = DOMAINS.get(domain)
         if spec is None:
             raise ValueError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
-        sizes = counts or {s: max(2, round(n * scale)) for s, n in spec.splits.items()}
+        sizes = split_sizes(domain, scale, counts)
         writer = DatasetWriter(
             out,
             domain,

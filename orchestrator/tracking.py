@@ -208,6 +208,16 @@ class RunLogger:
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    def log_rows(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Rows (dicts) as a CSV artifact, e.g. `scores/test_scores.csv`."""
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            pd.DataFrame(rows).to_csv(path, index=False)
+            parent = str(Path(name).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+
     def log_image_file(self, image: Any, name: str) -> None:
         """A PIL image as a PNG artifact."""
         with tempfile.TemporaryDirectory() as tmp:

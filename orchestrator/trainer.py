@@ -28,7 +28,14 @@ from infosam.engine import train_step
 from infosam.sam import SAM_VARIANTS
 from infosam.transforms import random_hflip
 from infosam.tuning import load_trainable_state_dict
-from orchestrator.checkpoints import HISTORY_FILE, load_state, save_checkpoint
+from orchestrator.checkpoints import (
+    HISTORY_FILE,
+    SCORES_FILE,
+    checkpoint_scores,
+    load_state,
+    save_checkpoint,
+    write_scores,
+)
 from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
 from orchestrator.epoch_log import checkpoint_history, log_epochs
@@ -161,6 +168,7 @@ class _Worker:
     resume_steps: int = 0  # steps of `start_epoch` done before a preemption checkpoint
     resume_sums: dict[str, float] = field(default_factory=dict)  # their loss sums (all ranks)
     notice_checkpointed: bool = False  # this attempt took its preemption checkpoint
+    test_scores: list[dict[str, Any]] = field(default_factory=list)  # last epoch, per image
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -397,7 +405,7 @@ def _evaluate_epoch(
         if w.teacher is not None and cfg.optim.zero_shot_eval:
             models = {**models, "teacher": w.teacher}  # one pass over the test split
         sums_t, count_t, _ = evaluate_split(
-            models, ray.train.get_dataset_shard("test"), cfg, device
+            models, ray.train.get_dataset_shard("test"), cfg, device, scores=w.test_scores
         )
         metrics.update(mean_metrics(sums_t["student"], count_t, "test/"))
         if "teacher" in sums_t:
@@ -414,6 +422,7 @@ def _evaluate_epoch(
                 overlays=cfg.tracking.overlays,
             )
     metrics["time/eval_s"] = time.perf_counter() - t_eval
+    metrics["model/trainable_params"] = w.report.trainable_params
     return overlay_rows
 
 
@@ -452,6 +461,8 @@ def _save_and_report(
     with _checkpoint_dir(w.local_dir, name) as tmp:
         checkpoint = None
         if w.rank == 0:
+            if w.test_scores and partial is None:  # before history.json marks it complete
+                write_scores(w.test_scores, Path(tmp) / SCORES_FILE)
             save_checkpoint(
                 tmp,
                 student=w.student,
@@ -516,6 +527,8 @@ class FitResult:
     checkpoint_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, see `fit`
+    # the last epoch's test split, one row per model and image (see `evaluate_split`)
+    test_scores: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -733,10 +746,14 @@ def fit(
         t_log = time.perf_counter()
         checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
         history: list[dict[str, Any]] = []
+        test_scores: list[dict[str, Any]] = []
         if result.checkpoint is not None:
             history = checkpoint_history(result.checkpoint)
             # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
             log_epochs(logger, history)
+            test_scores = checkpoint_scores(result.checkpoint)
+            if test_scores:
+                logger.log_rows(test_scores, "scores/test_scores.csv")
         with contextlib.suppress(Exception):
             _log_curves(logger, cfg)
         if checkpoint_dir:
@@ -755,6 +772,7 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         history=history,
         timings=timings,
+        test_scores=test_scores,
     )
 
 

@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "experiments" / "configs" / "demo.yaml"
 sys.path.insert(0, str(ROOT / "experiments"))
 import benchmark_all  # noqa: E402
 
@@ -58,6 +59,28 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
+    # Per-image scores, paired differences with intervals, the forest plot, verdicts, costs.
+    out_dir = tmp_path / "runs" / "reduced"
+    assert "## Differences vs base" in md and "2000 resamples, RNG seed 0" in md
+    assert "| Adapter + InfoSAM vs SAM zero-shot (teacher) |" in md
+    assert re.search(
+        r"\*\*Adapter \+ InfoSAM vs SAM zero-shot \(teacher\)\*\*: camouflage "
+        r"(better|worse|no detectable difference) \(s_measure [+-]\d",
+        md,
+    ), md
+    assert "trainable params" in md and "train s / cell" in md
+    scores = (out_dir / "scores.csv").read_text().splitlines()
+    assert scores[0].startswith("method,dataset,seed,image_id,prompt,") and len(scores) == 1 + 2 * 8
+    diffs = (out_dir / "differences.csv").read_text()
+    assert "resamples" in diffs and "verdict" in diffs and diffs.count("\n") == 1 + 3
+    assert (out_dir / "differences.png").stat().st_size > 5000
+    parent = parents[0].info.run_id
+    logged = {a.path for a in client.list_artifacts(parent, "results")}
+    assert {"results/differences.png", "results/scores.csv", "results/differences.csv"} <= logged
+    for child in children:
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "scores")] == [
+            "scores/test_scores.csv"
+        ]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "results")} >= {
@@ -286,3 +309,21 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_comparison_pairs_are_declared_in_the_config_with_defaults():
+    from orchestrator.benchmark import load_benchmark
+    from orchestrator.config import ConfigError
+
+    bench, _ = load_benchmark(DEMO_CONFIG, ["benchmark.methods=[zero_shot,lora,lora_infosam]"])
+    assert bench.comparison_pairs() == [
+        ("lora_infosam", "lora"),
+        ("lora", "zero_shot"),
+        ("lora_infosam", "zero_shot"),
+    ]
+    bench, _ = load_benchmark(DEMO_CONFIG, ["benchmark.pairs=[[bitfit,lora]]"])
+    assert bench.comparison_pairs() == [("bitfit", "lora")]
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['lora_plus'\]"):
+        load_benchmark(DEMO_CONFIG, ["benchmark.pairs=[[lora_plus,lora]]"])
+    with pytest.raises(ConfigError, match="not a \\[method, base\\] pair"):
+        load_benchmark(DEMO_CONFIG, ["benchmark.pairs=[[lora]]"])
