@@ -466,6 +466,7 @@ def _write_cell_scores(out_dir: Path, cell: Cell, rows: list[dict[str, Any]]) ->
     frame.insert(0, "seed", cell.seed)
     frame.insert(0, "dataset", cell.dataset)
     frame.insert(0, "method", cell.method)
+    frame.insert(0, "cell", cell.key)
     frame.to_csv(path, index=False)
     return str(path.relative_to(out_dir))
 

@@ -70,7 +70,10 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     ), md
     assert "trainable params" in md and "train s / cell" in md
     scores = (out_dir / "scores.csv").read_text().splitlines()
-    assert scores[0].startswith("method,dataset,seed,image_id,prompt,") and len(scores) == 1 + 2 * 8
+    assert (
+        scores[0].startswith("cell,method,dataset,seed,image_id,prompt,")
+        and len(scores) == 1 + 2 * 8
+    )
     diffs = (out_dir / "differences.csv").read_text()
     assert "resamples" in diffs and "verdict" in diffs and diffs.count("\n") == 1 + 3
     assert (out_dir / "differences.png").stat().st_size > 5000
