@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "experiments" / "configs" / "demo.yaml"
 sys.path.insert(0, str(ROOT / "experiments"))
 import benchmark_all  # noqa: E402
+from helpers import signal_driver_when  # noqa: E402
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -159,42 +160,27 @@ def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()
     MlflowClient(uri).search_experiments()  # migrate the store once, before two processes open it
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "benchmark_all.py"),
-            *_args(tmp_path, synthetic_root, "stopped"),
-            "--set",
-            "benchmark.methods=[adapter]",
-            "--set",
-            "optim.epochs=50",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "benchmark_all.py"),
+        *_args(tmp_path, synthetic_root, "stopped"),
+        "--set",
+        "benchmark.methods=[adapter]",
+        "--set",
+        "optim.epochs=50",
+    ]
+
+    def cell_running():
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("demo")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return [r for r in runs if r.data.tags.get("infosam.cell") and r.info.status == "RUNNING"]
+
+    # settle: inside its epochs
+    code, out, _ = signal_driver_when(
+        cmd, env, cell_running, signal.SIGTERM, wait_s=180, settle_s=2
     )
-    deadline = time.time() + 180
-    try:
-        running = []
-        while time.time() < deadline and not running and proc.poll() is None:
-            time.sleep(1)
-            client = MlflowClient(uri)
-            exp = client.get_experiment_by_name("demo")
-            if exp is not None:
-                running = [
-                    r
-                    for r in client.search_runs([exp.experiment_id])
-                    if r.data.tags.get("infosam.cell") and r.info.status == "RUNNING"
-                ]
-        assert running, "no cell run started"
-        time.sleep(2)  # inside its epochs
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-3000:]
+    assert code == 130, out[-3000:]
     assert "marked KILLED" in out
     runs = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("demo").experiment_id]

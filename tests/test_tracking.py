@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import train_config
+from helpers import signal_driver_when, train_config
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import EXPERIMENT_KIND, ensure_experiment, experiment_url, view_hint
@@ -52,27 +50,18 @@ def test_ctrl_c_to_a_training_driver_ends_its_run_killed(tmp_path, synthetic_roo
     cmd += ["--config", str(ROOT / "experiments" / "configs" / "smoke.yaml")]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        deadline = time.time() + 180
-        client, run = MlflowClient(uri), None
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-            exp = client.get_experiment_by_name("stopped")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
-                run = runs[0]
-                break
-        assert run is not None, "no epoch was logged"
-        assert run.info.status == "RUNNING"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-3000:]
+    client = MlflowClient(uri)
+
+    def epoch_logged():
+        exp = client.get_experiment_by_name("stopped")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            return runs[0]
+        return None
+
+    code, out, run = signal_driver_when(cmd, env, epoch_logged, signal.SIGINT, wait_s=180)
+    assert run.info.status == "RUNNING"
+    assert code == 130, out[-3000:]
     assert "marked KILLED" in out, out[-3000:]
     assert client.get_run(run.info.run_id).info.status == "KILLED"
 

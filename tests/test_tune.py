@@ -99,9 +99,9 @@ def test_ctrl_c_to_a_sweep_driver_ends_the_sweep_and_its_trials_killed(tmp_path,
     """Tune handles Ctrl-C itself (it stops the loop and returns): the sweep must notice."""
     import os
     import signal
-    import subprocess
     import sys
-    import time
+
+    from helpers import signal_driver_when
 
     data = yaml.safe_load(SMOKE.read_text())
     data["tune"].update(num_samples=1, space={"optim.lr": {"type": "grid", "values": [0.001]}})
@@ -122,27 +122,19 @@ def test_ctrl_c_to_a_sweep_driver_ends_the_sweep_and_its_trials_killed(tmp_path,
         "optim.epochs=100",
     ):
         cmd += ["--set", o]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     client = MlflowClient(uri)
-    try:
-        deadline, trial = time.time() + 240, None
-        while time.time() < deadline and proc.poll() is None and trial is None:
-            time.sleep(1)
-            exp = client.get_experiment_by_name("tune_stopped")
-            for run in client.search_runs([exp.experiment_id]) if exp else []:
-                if "mlflow.parentRunId" in run.data.tags and client.get_metric_history(
-                    run.info.run_id, "train/loss"
-                ):
-                    trial = run
-        assert trial is not None, "no trial logged an epoch"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-3000:]
+
+    def trial_epoch_logged():
+        exp = client.get_experiment_by_name("tune_stopped")
+        for run in client.search_runs([exp.experiment_id]) if exp else []:
+            if "mlflow.parentRunId" in run.data.tags and client.get_metric_history(
+                run.info.run_id, "train/loss"
+            ):
+                return run
+        return None
+
+    code, out, _ = signal_driver_when(cmd, env, trial_epoch_logged, signal.SIGINT)
+    assert code == 130, out[-3000:]
     runs = client.search_runs([client.get_experiment_by_name("tune_stopped").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}, [
         (r.info.run_name, r.info.status) for r in runs
