@@ -462,12 +462,8 @@ def _write_cell_scores(out_dir: Path, cell: Cell, rows: list[dict[str, Any]]) ->
 
     path = out_dir / "scores" / f"{cell.method}-{cell.dataset}-seed{cell.seed}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "seed", cell.seed)
-    frame.insert(0, "dataset", cell.dataset)
-    frame.insert(0, "method", cell.method)
-    frame.insert(0, "cell", cell.key)
-    frame.to_csv(path, index=False)
+    where = {"cell": cell.key, "method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
+    pd.DataFrame([where | r for r in rows]).to_csv(path, index=False)
     return str(path.relative_to(out_dir))
 
 
@@ -600,11 +596,12 @@ def _write_outputs(
             rng_seed=bench.bootstrap_seed,
         )
         if comparisons:
-            files["differences"] = str(out_dir / "differences.csv")
-            pd_rows = [c.as_row() for c in comparisons]
             import pandas as pd
 
-            pd.DataFrame(pd_rows).to_csv(files["differences"], index=False)
+            files["differences"] = str(out_dir / "differences.csv")
+            pd.DataFrame([c.as_row() for c in comparisons]).to_csv(
+                files["differences"], index=False
+            )
             files["forest"] = str(out_dir / "differences.png")
             _forest_plot(comparisons, bench, files["forest"])
             differences = _differences_markdown(comparisons, bench)

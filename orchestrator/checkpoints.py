@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_scores",
     "load_state",
     "load_trained",
+    "read_checkpoint_file",
     "read_history",
     "save_checkpoint",
     "write_scores",
@@ -92,17 +93,24 @@ def write_scores(scores: list[dict[str, Any]], path: str | os.PathLike) -> None:
     pd.DataFrame(scores).to_csv(path, index=False)
 
 
+def read_checkpoint_file(checkpoint: Any, name: str) -> bytes | None:
+    """One small file of a (possibly remote) Ray Train checkpoint, read through the checkpoint's
+    own filesystem (no download of the model state); None when it has no such file."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 def checkpoint_scores(checkpoint: Any) -> list[dict[str, Any]]:
-    """Per-image test scores saved with a (possibly remote) Ray Train checkpoint, else []."""
+    """Per-image test scores saved with a Ray Train checkpoint, else []."""
     import io
 
     import pandas as pd
 
-    path = f"{checkpoint.path.rstrip('/')}/{SCORES_FILE}"
-    try:
-        with checkpoint.filesystem.open_input_stream(path) as f:
-            data = f.read()
-    except (FileNotFoundError, OSError):
+    data = read_checkpoint_file(checkpoint, SCORES_FILE)
+    if data is None:
         return []
     frame = pd.read_csv(io.BytesIO(data), dtype={"image_id": str, "prompt": str})
     return frame.to_dict("records")

@@ -44,7 +44,7 @@ from ray.train.v2._internal.execution.callback import (
     WorkerGroupCallback,
 )
 
-from orchestrator.checkpoints import HISTORY_FILE, read_history
+from orchestrator.checkpoints import HISTORY_FILE, read_checkpoint_file, read_history
 from orchestrator.tracking import RunLogger
 
 __all__ = [
@@ -101,13 +101,11 @@ def checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
     Reads only the small `history.json` through the checkpoint's own filesystem, so the
     controller never downloads model state from S3/GCS to back-fill a few numbers.
     """
-    path = f"{checkpoint.path.rstrip('/')}/{HISTORY_FILE}"
-    try:
-        with checkpoint.filesystem.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-    except FileNotFoundError:  # written before checkpoints carried history.json
-        with checkpoint.as_directory() as d:
-            return read_history(d)
+    data = read_checkpoint_file(checkpoint, HISTORY_FILE)
+    if data is not None:
+        return json.loads(data.decode())
+    with checkpoint.as_directory() as d:  # written before checkpoints carried history.json
+        return read_history(d)
 
 
 class Outbox:
@@ -119,7 +117,7 @@ class Outbox:
 
     def __init__(self, name: str = "mlflow-outbox", max_backoff_s: float = 10.0) -> None:
         self.name, self.max_backoff_s = name, max_backoff_s
-        self._queue: queue.Queue[tuple[str, Callable[[], Any]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Callable[[], Any]]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.retries = 0
         self.last_error: str | None = None
@@ -142,11 +140,7 @@ class Outbox:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            what, write = item
+            what, write = self._queue.get()
             backoff = 0.5
             while True:
                 try:

@@ -92,9 +92,12 @@ def evaluate_split(
                 for k, v in values.items():
                     sums[name][k] = sums[name].get(k, 0.0) + v
                 if scores is not None:
-                    image_id = str(batch["id"][i]) if "id" in batch else str(count + i)
                     scores.append(
-                        {"model": name, "image_id": image_id, "prompt": prompts.describe(i)}
+                        {
+                            "model": name,
+                            "image_id": str(batch["id"][i]),
+                            "prompt": prompts.describe(i),
+                        }
                         | values
                     )
             if len(rows) < overlays:

@@ -139,7 +139,7 @@ def _stale_synthetic(cfg: Config, path: Path) -> bool:
 
     from orchestrator.synthetic import split_sizes
 
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / "manifest.json").read_text())  # no shard checks: just sizes
     generator = manifest.get("generator") or {}
     if manifest.get("format") != "synthetic" or not generator:
         return False  # a user's dataset under a synthetic name: never touched

@@ -300,8 +300,8 @@ def closing_on_exit(
     an exception ends them FAILED; a normal exit leaves closing to the caller.
 
     With `signals`, SIGTERM becomes `Interrupted` while the block runs (main thread only; the
-    previous handler is restored after); pass False inside a Ray worker. Closing is best effort: a tracking server that is down must not hide
-    the original error.
+    previous handler is restored after); pass False inside a Ray worker. Closing is best
+    effort: a tracking server that is down must not hide the original error.
     """
     in_main = signals and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
