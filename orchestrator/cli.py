@@ -20,18 +20,32 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import IngestError, ingest, summarise
+    from orchestrator.datasets import IngestError, ingest, parse_holdout, summarise
 
     kwargs: dict = {"name": args.name, "shard_bytes": int(args.shard_mb * (1 << 20))}
-    if args.format == "folders" and args.split:
-        kwargs["split"] = args.split
     try:
-        manifest = ingest(args.format, args.src, args.out, **kwargs)
+        if args.format == "coco":
+            if len(args.rest) != 2:
+                raise IngestError("--format coco takes SRC.json IMAGES_DIR OUT")
+            kwargs["images_dir"], out = args.rest
+        elif len(args.rest) != 1:
+            raise IngestError(f"--format {args.format} takes SRC OUT")
+        else:
+            out = args.rest[0]
+        if args.format != "convlora":
+            kwargs["split"] = args.split
+            kwargs["holdout"] = parse_holdout(args.holdout)
+        if args.format in ("folders", "labels"):
+            for key in ("preset", "images", "masks", "mask_name", "image_glob"):
+                kwargs[key] = getattr(args, key)
+        if args.format in ("coco", "labels"):
+            kwargs["min_area"] = args.min_area
+        manifest = ingest(args.format, args.src, out, **kwargs)
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summarise(manifest))
-    print(f"  written to {args.out}/{manifest['dataset']}/ (manifest.json lists every reject)")
+    print(f"  written to {out}/{manifest['dataset']}/ (manifest.json lists every reject)")
     return 0
 
 
@@ -109,11 +123,33 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scale", type=float, default=1.0, help="multiply the default split sizes")
     s.set_defaults(func=_cmd_data_synth)
     i = dsub.add_parser("ingest", help="image/mask pairs -> parquet shards + manifest")
-    i.add_argument("--format", choices=["convlora", "folders"], required=True)
-    i.add_argument("src")
-    i.add_argument("out")
-    i.add_argument("--name", help="dataset name (default: the source folder's name)")
-    i.add_argument("--split", help="folders format with SRC/images + SRC/masks: split name")
+    i.add_argument(
+        "--format",
+        choices=["convlora", "folders", "coco", "labels"],
+        required=True,
+        help="binary masks: convlora, folders; instances: coco (JSON), labels (label images)",
+    )
+    i.add_argument("src", help="source folder, or the COCO .json file")
+    i.add_argument("rest", nargs="+", metavar="[IMAGES_DIR] OUT", help="coco: IMAGES_DIR OUT")
+    i.add_argument("--name", help="dataset name (default: the source folder's or file's name)")
+    i.add_argument("--split", help="the split of a one-split source (default train)")
+    i.add_argument(
+        "--preset",
+        help="a benchmark's raw layout: folders: kvasir, isic2017, camo, cod10k; labels: cod10k",
+    )
+    i.add_argument("--images", help="images folder, relative to SRC (with --masks)")
+    i.add_argument("--masks", help="masks or label-images folder, relative to SRC")
+    i.add_argument("--mask-name", help="a mask's file name from its image's stem: '{stem}_gt.png'")
+    i.add_argument("--image-glob", help="which files are images, e.g. '*.jpg' (default: all)")
+    i.add_argument(
+        "--holdout",
+        action="append",
+        help="SPLIT=FRACTION or SPLIT=COUNT of images moved out of a one-split source "
+        "(repeatable: --holdout val=0.1 --holdout test=0.2)",
+    )
+    i.add_argument(
+        "--min-area", type=int, default=16, help="instances below this many pixels are flagged"
+    )
     i.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
     i.set_defaults(func=_cmd_data_ingest)
     n = dsub.add_parser("inspect", help="summarise a dataset's manifest")

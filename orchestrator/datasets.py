@@ -35,10 +35,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 __all__ = [
+    "INSTANCE_COLUMNS",
+    "INSTANCE_SCHEMA",
     "MASK_RULE",
     "PARQUET_SCHEMA",
     "SCHEMA_VERSION",
     "DatasetWriter",
+    "FolderLayout",
     "IngestError",
     "Rejected",
     "decode_image",
@@ -67,6 +70,17 @@ PARQUET_SCHEMA = pa.schema(
         ("source", pa.string()),  # original path (or generator spec)
         ("flags", pa.list_(pa.string())),  # e.g. empty_mask, converted_RGBA, mask_thresholded
     ]
+)
+# Instance datasets (COCO, label images): one row per IMAGE, its bytes stored once, and parallel
+# lists with one entry per instance; `mask` stays null. Readers explode rows into one sample per
+# instance (`orchestrator.pipeline.decode_batch`). Manifests of such datasets say
+# `"kind": "instances"`; `counts` are instances per split and `images` images per split.
+INSTANCE_COLUMNS = ["instance_ids", "instance_masks", "instance_categories"]
+INSTANCE_SCHEMA = PARQUET_SCHEMA.append(pa.field("instance_ids", pa.list_(pa.string())))
+INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(pa.field("instance_masks", pa.list_(pa.binary())))
+INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(pa.field("instance_categories", pa.list_(pa.string())))
+INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(
+    pa.field("instance_flags", pa.list_(pa.list_(pa.string())))
 )
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_SHARD_BYTES = 64 << 20
@@ -112,8 +126,42 @@ def _open(data: bytes, what: str) -> Image.Image:
     return img
 
 
+def is_tiff(data: bytes) -> bool:
+    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def read_tiff(data: bytes, what: str) -> np.ndarray:
+    """A TIFF (microscopy: 16-bit, float, BigTIFF) as an array through `tifffile`."""
+    import tifffile
+
+    try:
+        arr = tifffile.imread(io.BytesIO(data))
+    except Exception as exc:
+        raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
+    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar RGB(A)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise Rejected(
+            f"{what} is a TIFF of shape {arr.shape} (a stack or volume); save one 2-D plane per file"
+        )
+    return arr
+
+
 def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
     """Encoded image -> (H, W, 3) uint8, bytes to store, conversion flags."""
+    if is_tiff(data):
+        arr = read_tiff(data, "image")
+        flags = ["reencoded_TIFF"]
+        if arr.dtype != np.uint8:
+            flags.append(f"converted_{arr.dtype}")
+            a = arr.astype(np.float64)
+            lo, hi = (0.0, 255.0) if a.max() <= 255 and a.min() >= 0 else (a.min(), a.max())
+            arr = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        arr = np.ascontiguousarray(arr[..., :3])
+        return arr, encode_png(arr), flags
     img = _open(data, "image")
     flags: list[str] = []
     fmt = img.format
@@ -216,6 +264,7 @@ class DatasetWriter:
         source: str = "",
         fmt: str = "",
         extra: dict | None = None,
+        instances: bool = False,
     ) -> None:
         self.final = Path(out) / name
         self.tmp = Path(out) / f"{name}.partial"
@@ -224,6 +273,9 @@ class DatasetWriter:
         self.tmp.mkdir(parents=True)
         self.name, self.shard_bytes = name, shard_bytes
         self.meta = {"source": source, "format": fmt, **(extra or {})}
+        self.instances = instances
+        self.schema = INSTANCE_SCHEMA if instances else PARQUET_SCHEMA
+        self.image_counts: Counter[str] = Counter()
         self.open: dict[str, _Shard] = {}
         self.shards: list[dict] = []
         self.counts: Counter[str] = Counter()
@@ -280,6 +332,58 @@ class DatasetWriter:
             self._flush(split)
         return True
 
+    def add_image(
+        self,
+        split: str,
+        image_id: str,
+        image: bytes,
+        height: int,
+        width: int,
+        source: str,
+        flags: list[str],
+        instances: list[dict],
+    ) -> bool:
+        """Add one image of an instance dataset with its instances (dicts with `id`, `mask` PNG
+        bytes, `category`, `flags`); each instance becomes a sample `<image_id>#<id>`."""
+        assert self.instances, "add_image needs DatasetWriter(..., instances=True)"
+        if image_id in self.ids:
+            for inst in instances:
+                self.reject(
+                    f"{source}#{inst['id']}",
+                    f"duplicate image id {image_id!r} (first seen in split {self.ids[image_id]!r})",
+                    split,
+                )
+            return False
+        self.ids[image_id] = split
+        shard = self.open.setdefault(split, _Shard(split))
+        shard.rows.append(
+            {
+                "id": image_id,
+                "dataset": self.name,
+                "split": split,
+                "image": image,
+                "mask": None,
+                "height": int(height),
+                "width": int(width),
+                "source": source,
+                "flags": sorted(set(flags)),
+                "instance_ids": [str(i["id"]) for i in instances],
+                "instance_masks": [i["mask"] for i in instances],
+                "instance_categories": [str(i["category"]) for i in instances],
+                "instance_flags": [sorted(set(i["flags"])) for i in instances],
+            }
+        )
+        shard.nbytes += len(image) + sum(len(i["mask"]) for i in instances)
+        self.counts[split] += len(instances)
+        self.image_counts[split] += 1
+        fc = self.flag_counts.setdefault(split, Counter())
+        fc.update(set(flags))
+        for inst in instances:
+            fc.update(set(inst["flags"]))
+        if shard.nbytes >= self.shard_bytes:
+            self._flush(split)
+        return True
+
     def _flush(self, split: str) -> None:
         shard = self.open.pop(split, None)
         if shard is None or not shard.rows:
@@ -287,7 +391,7 @@ class DatasetWriter:
         k = self.shard_index[split]
         self.shard_index[split] += 1
         rel = f"{split}-{k:05d}.parquet"
-        table = pa.Table.from_pylist(shard.rows, schema=PARQUET_SCHEMA)
+        table = pa.Table.from_pylist(shard.rows, schema=self.schema)
         pq.write_table(table, self.tmp / rel, compression="zstd", row_group_size=256)
         data = (self.tmp / rel).read_bytes()
         self.shards.append(
@@ -309,6 +413,11 @@ class DatasetWriter:
             **self.meta,
             "mask_rule": MASK_RULE,
             "counts": dict(sorted(self.counts.items())),
+            **(
+                {"kind": "instances", "images": dict(sorted(self.image_counts.items()))}
+                if self.instances
+                else {}
+            ),
             "flags": {s: dict(sorted(c.items())) for s, c in sorted(self.flag_counts.items()) if c},
             "shards": sorted(self.shards, key=lambda s: s["path"]),
             "rejected": self.rejected,
@@ -421,16 +530,75 @@ def ingest_convlora(
 # ----------------------------------------------------------------------------- folders layout
 
 
-def _files_by_stem(folder: Path) -> tuple[dict[str, Path], list[Path]]:
+@dataclass(frozen=True)
+class FolderLayout:
+    """Where a source keeps its images and masks, and how a mask's name follows from its image's.
+
+    `splits`: (split, images folder, masks folder), relative to SRC; several splits may share a
+    masks folder (CAMO keeps all ground truth in GT/). `image_glob` picks the images (ISIC keeps
+    `*_superpixels.png` next to its JPEGs). `mask_name` builds a mask's file name from its image's
+    stem, e.g. "{stem}_segmentation.png"; None matches by stem (`x.jpg` <-> `x.png`, `x_mask.png`).
+    """
+
+    splits: tuple[tuple[str, str, str], ...]
+    image_glob: str = "*"
+    mask_name: str | None = None
+
+    def describe(self) -> str:
+        names = ", ".join(f"{s}: {i}/ + {m}/" for s, i, m in self.splits)
+        return f"{names} (images {self.image_glob}, masks {self.mask_name or 'by stem'})"
+
+
+# The paper's benchmarks as their archives unpack (the folder you pass is the one shown).
+PRESETS: dict[str, FolderLayout] = {
+    # Kvasir-SEG/: images/*.jpg, masks/*.jpg (JPEG masks: the near-binary rule thresholds them)
+    "kvasir": FolderLayout((("train", "images", "masks"),), "*.jpg", "{stem}.jpg"),
+    # ISIC 2017 part 1: ISIC-2017_<Set>_Data/ISIC_0000000.jpg and
+    # ISIC-2017_<Set>_Part1_GroundTruth/ISIC_0000000_segmentation.png
+    "isic2017": FolderLayout(
+        (
+            ("train", "ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+            ("val", "ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+            ("test", "ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
+        ),
+        "ISIC_*.jpg",
+        "{stem}_segmentation.png",
+    ),
+    # CAMO-V.1.0-CVPR19/: Images/Train/*.jpg, Images/Test/*.jpg, GT/*.png (one GT folder)
+    "camo": FolderLayout(
+        (("train", "Images/Train", "GT"), ("test", "Images/Test", "GT")), "*.jpg", "{stem}.png"
+    ),
+    # COD10K-v3/: Train|Test/Image/*.jpg, Train|Test/GT_Object/*.png; the camouflaged images only
+    # (COD10K-CAM-*; the NonCAM images have no object to segment)
+    "cod10k": FolderLayout(
+        (("train", "Train/Image", "Train/GT_Object"), ("test", "Test/Image", "Test/GT_Object")),
+        "COD10K-CAM-*.jpg",
+        "{stem}.png",
+    ),
+}
+# Instance label images of the same benchmarks (`--format labels --preset ...`).
+LABEL_PRESETS: dict[str, FolderLayout] = {
+    "cod10k": FolderLayout(
+        (
+            ("train", "Train/Image", "Train/GT_Instance"),
+            ("test", "Test/Image", "Test/GT_Instance"),
+        ),
+        "COD10K-CAM-*.jpg",
+        "{stem}.png",
+    ),
+}
+
+
+def _files_by_stem(folder: Path, glob: str = "*") -> tuple[dict[str, Path], list[Path]]:
     by_stem: dict[str, Path] = {}
     clashes: list[Path] = []
-    for p in sorted(folder.iterdir(), key=lambda q: os.fsencode(q.name)):
+    for p in sorted(folder.glob(glob), key=lambda q: os.fsencode(q.name)):
         if p.name.startswith(".") or not p.is_file():
             continue
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         stem = p.stem
-        if stem.endswith(("_mask", "_label", "_gt", "_segmentation")):
+        if glob == "*" and stem.endswith(("_mask", "_label", "_gt", "_segmentation")):
             stem = stem.rsplit("_", 1)[0]
         if stem in by_stem:
             clashes.append(p)
@@ -439,20 +607,159 @@ def _files_by_stem(folder: Path) -> tuple[dict[str, Path], list[Path]]:
     return by_stem, clashes
 
 
-def _folder_splits(src: Path) -> list[tuple[str, Path, Path]]:
-    if (src / "images").is_dir() and (src / "masks").is_dir():
-        return [("train", src / "images", src / "masks")]
-    splits = [
-        (d.name, d / "images", d / "masks")
-        for d in sorted(src.iterdir())
-        if d.is_dir() and (d / "images").is_dir() and (d / "masks").is_dir()
-    ]
+def default_layout(src: Path, masks: tuple[str, ...] = ("masks",)) -> FolderLayout:
+    """SRC/images + SRC/<masks> (one split), or SRC/<split>/images + SRC/<split>/<masks>."""
+    for m in masks:
+        if (src / "images").is_dir() and (src / m).is_dir():
+            return FolderLayout((("train", "images", m),))
+    splits = []
+    for d in sorted(src.iterdir()):
+        found = [m for m in masks if d.is_dir() and (d / "images").is_dir() and (d / m).is_dir()]
+        if found:
+            splits.append((d.name, f"{d.name}/images", f"{d.name}/{found[0]}"))
     if not splits:
+        want = "/".join(masks)
         raise IngestError(
-            f"{printable(src)} has no images/ + masks/ folders: expected SRC/images and SRC/masks, "
-            "or SRC/<split>/images and SRC/<split>/masks (masks matched to images by file stem)"
+            f"{printable(src)} has no images/ + {want}/ folders: expected SRC/images and "
+            f"SRC/{masks[0]}, or SRC/<split>/images and SRC/<split>/{masks[0]} (matched by file "
+            "stem); for other layouts use --preset, or --images/--masks/--mask-name"
         )
-    return splits
+    return FolderLayout(tuple(splits))
+
+
+def resolve_layout(
+    src: Path,
+    *,
+    preset: str | None = None,
+    images: str | None = None,
+    masks: str | None = None,
+    mask_name: str | None = None,
+    image_glob: str | None = None,
+    split: str | None = None,
+    presets: dict[str, FolderLayout] = PRESETS,
+    default_masks: tuple[str, ...] = ("masks",),
+) -> FolderLayout:
+    """The layout a user asked for: a preset, explicit folders/patterns, or the default; only
+    the splits whose folders exist (an error names what was expected when none do)."""
+    if preset:
+        if preset not in presets:
+            raise IngestError(f"unknown preset {preset!r}: choose from {sorted(presets)}")
+        layout = presets[preset]
+    elif images or masks:
+        if not (images and masks):
+            raise IngestError("--images and --masks go together (folders relative to SRC)")
+        layout = FolderLayout(((split or "train", images, masks),))
+    else:
+        layout = default_layout(src, default_masks)
+    if mask_name is not None or image_glob is not None:
+        layout = FolderLayout(
+            layout.splits, image_glob or layout.image_glob, mask_name or layout.mask_name
+        )
+    if layout.mask_name is not None:
+        try:
+            layout.mask_name.format(stem="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise IngestError(
+                f"--mask-name {layout.mask_name!r} is not a pattern with {{stem}} ({exc}); "
+                "e.g. '{stem}_segmentation.png'"
+            ) from None
+    present = tuple(s for s in layout.splits if (src / s[1]).is_dir() and (src / s[2]).is_dir())
+    if not present:
+        raise IngestError(
+            f"{printable(src)} does not match the layout {layout.describe()}: none of these "
+            "folder pairs exists"
+        )
+    if split and len(present) == 1:
+        present = ((split, present[0][1], present[0][2]),)
+    return FolderLayout(present, layout.image_glob, layout.mask_name)
+
+
+def layout_pairs(writer: DatasetWriter, src: Path, layout: FolderLayout) -> list[tuple]:
+    """(split, id, image path, mask path) for every image with a mask; every image without one,
+    clashing name or unused mask goes to the manifest's `rejected` list."""
+    pairs: list[tuple[str, str, Path, Path]] = []
+    claimed: set[Path] = set()
+    mask_dirs: dict[Path, str] = {}
+    for split, images_rel, masks_rel in layout.splits:
+        images_dir, masks_dir = src / images_rel, src / masks_rel
+        mask_dirs.setdefault(masks_dir, split)
+        images, image_clashes = _files_by_stem(images_dir, layout.image_glob)
+        for p in image_clashes:
+            writer.reject(
+                printable(p),
+                f"duplicate id {p.stem!r}: another image in the folder has the same stem",
+                split,
+            )
+        by_stem: dict[str, Path] = {}
+        if layout.mask_name is None:
+            by_stem, mask_clashes = _files_by_stem(masks_dir)
+            for p in mask_clashes:
+                writer.reject(
+                    printable(p), f"mask stem {p.stem!r} matches more than one mask file", split
+                )
+                claimed.add(p)
+        for stem, image_path in images.items():
+            if layout.mask_name is None:
+                mask_path = by_stem.get(stem)
+                want = f"with stem {printable(stem)!r}"
+            else:
+                name = layout.mask_name.format(stem=stem)
+                mask_path = masks_dir / name if (masks_dir / name).is_file() else None
+                want = f"named {printable(name)!r}"
+            if mask_path is None:
+                writer.reject(
+                    printable(image_path), f"no mask {want} in {printable(masks_dir)}", split
+                )
+                continue
+            claimed.add(mask_path)
+            pairs.append((split, printable(stem), image_path, mask_path))
+    orphan = (
+        "mask without an image of the same stem"
+        if layout.mask_name is None
+        else f"mask without an image (masks are named {layout.mask_name} after their image)"
+    )
+    for masks_dir, split in mask_dirs.items():
+        for p in sorted(masks_dir.iterdir(), key=lambda q: os.fsencode(q.name)):
+            usable = p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            if usable and p not in claimed and not p.name.startswith("."):
+                writer.reject(printable(p), orphan, split)
+    return pairs
+
+
+def parse_holdout(specs: list[str] | None) -> dict[str, float]:
+    """["val=0.1", "test=50"] -> {"val": 0.1, "test": 50.0} (a fraction below 1, else a count)."""
+    out: dict[str, float] = {}
+    for spec in specs or []:
+        name, _, value = spec.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not name or number <= 0 or (number >= 1 and not number.is_integer()):
+            raise IngestError(
+                f"--holdout {spec!r}: expected SPLIT=FRACTION (0 < f < 1) or SPLIT=COUNT, "
+                "e.g. val=0.1 or test=50"
+            )
+        out[name] = number
+    return out
+
+
+def assign_holdout(ids: list[str], holdout: dict[str, float]) -> dict[str, str]:
+    """Deterministic held-out splits by IMAGE (an image's instances never straddle splits):
+    images ordered by the sha256 of their id, the first ones go to the holdout splits in order."""
+    order = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+    out: dict[str, str] = {}
+    start = 0
+    for split, value in holdout.items():
+        n = int(value) if value >= 1 else round(value * len(order))
+        for image_id in order[start : start + n]:
+            out[image_id] = split
+        start += n
+    if start >= len(order) and order:
+        raise IngestError(
+            f"--holdout takes {start} of {len(order)} images and leaves none for training"
+        )
+    return out
 
 
 def ingest_folders(
@@ -462,50 +769,56 @@ def ingest_folders(
     *,
     split: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    preset: str | None = None,
+    images: str | None = None,
+    masks: str | None = None,
+    mask_name: str | None = None,
+    image_glob: str | None = None,
+    holdout: dict[str, float] | None = None,
 ) -> dict:
-    """Folder(s) of images with folder(s) of masks matched by file stem (`x.jpg` <-> `x.png`,
-    also `x_mask.png`). `SRC/images` + `SRC/masks` is one split (`split`, default train);
-    `SRC/<split>/images` + `SRC/<split>/masks` gives one split per sub-folder."""
+    """Folder(s) of images with folder(s) of binary masks. Default layout: `SRC/images` +
+    `SRC/masks` is one split (`split`, default train), `SRC/<split>/images` + `SRC/<split>/masks`
+    one split per sub-folder, masks matched by stem; `preset` or `images`/`masks`/`mask_name`/
+    `image_glob` for other layouts (see `PRESETS`); `holdout` carves splits out of one split."""
     src = Path(src)
     if not src.is_dir():
         raise IngestError(f"source folder not found: {printable(src)}")
-    splits = _folder_splits(src)
-    if split and len(splits) == 1:
-        splits = [(split, splits[0][1], splits[0][2])]
+    layout = resolve_layout(
+        src,
+        preset=preset,
+        images=images,
+        masks=masks,
+        mask_name=mask_name,
+        image_glob=image_glob,
+        split=split,
+    )
+    extra = {"layout": layout.describe()}
+    if holdout:
+        extra["holdout"] = holdout
     writer = DatasetWriter(
         out,
         name or src.name,
         shard_bytes=shard_bytes,
         source=printable(src.resolve()),
         fmt="folders",
+        extra=extra,
     )
-    for split_name, images_dir, masks_dir in splits:
-        images, image_clashes = _files_by_stem(images_dir)
-        masks, mask_clashes = _files_by_stem(masks_dir)
-        for p in image_clashes:
-            writer.reject(
-                printable(p),
-                f"duplicate id {p.stem!r}: another image in the folder has the same stem",
-                split_name,
-            )
-        for p in mask_clashes:
-            writer.reject(
-                printable(p), f"mask stem {p.stem!r} matches more than one mask file", split_name
-            )
-        for stem, image_path in images.items():
-            if stem not in masks:
-                writer.reject(
-                    printable(image_path),
-                    f"no mask with stem {printable(stem)!r} in {printable(masks_dir)}",
-                    split_name,
-                )
-                continue
-            _add_pair(writer, split_name, printable(stem), image_path, masks[stem], None)
-        for stem in sorted(set(masks) - set(images)):
-            writer.reject(
-                printable(masks[stem]), "mask without an image of the same stem", split_name
-            )
+    pairs = layout_pairs(writer, src, layout)
+    moved = _holdout(pairs, layout, holdout)
+    for split_name, stem, image_path, mask_path in pairs:
+        _add_pair(writer, moved.get(stem, split_name), stem, image_path, mask_path, None)
     return writer.close()
+
+
+def _holdout(pairs: list[tuple], layout: FolderLayout, holdout: dict | None) -> dict[str, str]:
+    if not holdout:
+        return {}
+    if len(layout.splits) > 1:
+        raise IngestError(
+            f"--holdout splits one split, but the source already has {len(layout.splits)} "
+            f"({', '.join(s[0] for s in layout.splits)}); drop --holdout"
+        )
+    return assign_holdout([p[1] for p in pairs], holdout)
 
 
 def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: object) -> dict:
@@ -513,7 +826,13 @@ def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: o
         return ingest_convlora(src, out, **kwargs)
     if fmt == "folders":
         return ingest_folders(src, out, **kwargs)
-    raise IngestError(f"unknown format {fmt!r}: use convlora or folders")
+    if fmt in ("coco", "labels"):
+        from orchestrator import instances
+
+        return (instances.ingest_coco if fmt == "coco" else instances.ingest_labels)(
+            src, out, **kwargs
+        )
+    raise IngestError(f"unknown format {fmt!r}: use convlora, folders, coco or labels")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -589,10 +908,28 @@ def iter_rows(dataset_dir: str | os.PathLike, split: str) -> Iterator[dict]:
 
 
 def summarise(manifest: dict) -> str:
-    lines = [
-        f"dataset {manifest['dataset']}: "
-        + ", ".join(f"{s}={n}" for s, n in manifest["counts"].items())
-    ]
+    if manifest.get("kind") == "instances":
+        images = manifest["images"]
+        lines = [
+            f"dataset {manifest['dataset']} (instances): "
+            + ", ".join(
+                f"{s}={n} instances in {images.get(s, 0)} images"
+                for s, n in manifest["counts"].items()
+            )
+        ]
+        if manifest.get("categories"):
+            lines.append(
+                "  categories: " + ", ".join(f"{k}={v}" for k, v in manifest["categories"].items())
+            )
+        if manifest.get("skipped"):
+            lines.append(f"  skipped (iscrowd): {len(manifest['skipped'])}")
+        if manifest.get("unannotated_images"):
+            lines.append(f"  images without annotations: {manifest['unannotated_images']}")
+    else:
+        lines = [
+            f"dataset {manifest['dataset']}: "
+            + ", ".join(f"{s}={n}" for s, n in manifest["counts"].items())
+        ]
     for split, flags in manifest.get("flags", {}).items():
         lines.append(f"  flagged in {split}: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
     lines.append(

@@ -155,7 +155,7 @@ def evaluate_model(
     """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics).
 
     `scores` (a list) receives one row per image, see `evaluate_split`."""
-    from orchestrator.datasets import iter_rows
+    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows
     from orchestrator.pipeline import decode_batch
 
     optim = dataclasses.replace(
@@ -177,10 +177,12 @@ def evaluate_model(
 
         @staticmethod
         def _decode(chunk: list[dict]) -> dict[str, np.ndarray]:
-            cols = {
-                k: np.asarray([r[k] for r in chunk], dtype=object)
-                for k in ("id", "image", "mask", "source")
-            }
+            cols = {}
+            for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
+                if k in chunk[0]:
+                    cols[k] = np.empty(len(chunk), dtype=object)
+                    for i, r in enumerate(chunk):  # one object per row, lists included
+                        cols[k][i] = r[k]
             return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
 
     device = next(model.parameters()).device

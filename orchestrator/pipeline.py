@@ -16,15 +16,17 @@ import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from infosam.transforms import prepare_pair
-from orchestrator.datasets import binarise_mask, load_manifest, shard_paths
+from infosam.transforms import pad_to_square, preprocess_shape, resize_longest_side
+from orchestrator.datasets import INSTANCE_COLUMNS, binarise_mask, load_manifest, shard_paths
 
 __all__ = [
     "COLUMNS",
     "Collate",
     "SampleDecodeError",
     "collate",
+    "columns",
     "decode_batch",
+    "decode_images",
     "read_split",
     "to_torch",
 ]
@@ -32,18 +34,55 @@ __all__ = [
 COLUMNS = ["id", "dataset", "split", "image", "mask", "height", "width", "source"]
 
 
+def columns(manifest: dict) -> list[str]:
+    """The parquet columns a reader needs: instance datasets add their instance lists."""
+    return [*COLUMNS, *INSTANCE_COLUMNS] if manifest.get("kind") == "instances" else COLUMNS
+
+
 class SampleDecodeError(RuntimeError):
     """A stored sample no longer decodes (the shard changed after ingest)."""
 
 
-def _decode_row(image: bytes, mask: bytes, channel_order: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode_image(image: bytes, channel_order: str) -> np.ndarray:
     img = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
     if channel_order == "bgr":  # the reference reads BGR with OpenCV and never converts
         img = img[..., ::-1]
+    return img
+
+
+def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
     m, _ = binarise_mask(np.asarray(Image.open(io.BytesIO(mask))))
-    if m.shape != img.shape[:2]:
-        raise ValueError(f"mask {m.shape} and image {img.shape[:2]} sizes differ")
-    return img, m
+    if m.shape != shape[:2]:
+        raise ValueError(f"mask {m.shape} and image {shape[:2]} sizes differ")
+    return m
+
+
+def _prepare_image(img: np.ndarray, image_size: int) -> np.ndarray:
+    padded = pad_to_square(resize_longest_side(img, image_size), image_size)
+    return np.ascontiguousarray(padded.transpose(2, 0, 1))
+
+
+def decode_images(
+    encoded: np.ndarray, image_size: int, channel_order: str = "rgb"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images alone -> (B,3,S,S) uint8 and input sizes: one per ROW (per image), what the
+    teacher's embedding needs, also for instance datasets."""
+    images = np.zeros((len(encoded), 3, image_size, image_size), np.uint8)
+    sizes = np.zeros((len(encoded), 2), np.int64)
+    for i, data in enumerate(encoded):
+        img = _decode_image(data, channel_order)
+        images[i] = _prepare_image(img, image_size)
+        sizes[i] = preprocess_shape(*img.shape[:2], image_size)
+    return images, sizes
+
+
+def _samples(batch: dict[str, np.ndarray], i: int) -> list[tuple[str, bytes]]:
+    """(sample id, mask bytes) of row i: the row itself, or one per instance of an image row."""
+    masks = batch.get("instance_masks")
+    if masks is None or masks[i] is None:
+        return [(batch["id"][i], batch["mask"][i])]
+    ids = batch["instance_ids"][i]
+    return [(f"{batch['id'][i]}#{k}", m) for k, m in zip(ids, masks[i], strict=True)]
 
 
 def decode_batch(
@@ -55,19 +94,28 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
 
+    Rows of an instance dataset (one image, a list of instance masks) become one sample per
+    instance, id `<image id>#<instance id>`, the image decoded and resized once.
     `keep_original_mask` adds `mask_original`, an object array of (H, W) uint8 masks, for
     evaluation at original resolution. Rows of a teacher cache (`teacher_embedding` bf16 bytes)
     also yield `teacher_embedding` (B, *embedding_shape) as uint16 bit patterns of bf16.
     """
     n = len(batch["id"])
-    images = np.zeros((n, 3, image_size, image_size), np.uint8)
-    masks = np.zeros((n, image_size, image_size), np.uint8)
-    input_size = np.zeros((n, 2), np.int64)
-    original_size = np.zeros((n, 2), np.int64)
-    originals = np.empty(n, dtype=object)
+    per_row = [_samples(batch, i) for i in range(n)]
+    total = sum(len(s) for s in per_row)
+    images = np.zeros((total, 3, image_size, image_size), np.uint8)
+    masks = np.zeros((total, image_size, image_size), np.uint8)
+    input_size = np.zeros((total, 2), np.int64)
+    original_size = np.zeros((total, 2), np.int64)
+    originals = np.empty(total, dtype=object)
+    ids = np.empty(total, dtype=object)
+    image_ids = np.empty(total, dtype=object)
+    rows = np.zeros(total, np.int64)
+    j = 0
     for i in range(n):
         try:
-            img, m = _decode_row(batch["image"][i], batch["mask"][i], channel_order)
+            img = _decode_image(batch["image"][i], channel_order)
+            decoded = [(sid, _decode_mask(m, img.shape)) for sid, m in per_row[i]]
         except Exception as exc:
             source = batch["source"][i] if "source" in batch else "?"
             raise SampleDecodeError(
@@ -75,11 +123,18 @@ def decode_batch(
                 f"{type(exc).__name__}: {exc}. The shard changed after ingest: run "
                 "`infosam data inspect --verify DIR` and re-run `infosam data ingest`."
             ) from None
-        images[i], masks[i], input_size[i] = prepare_pair(img, m, image_size)
-        original_size[i] = m.shape
-        originals[i] = m
+        image = _prepare_image(img, image_size)
+        h, w = preprocess_shape(*img.shape[:2], image_size)
+        for sid, m in decoded:
+            images[j] = image
+            masks[j] = pad_to_square(resize_longest_side(m, image_size, is_mask=True), image_size)
+            input_size[j] = (h, w)
+            original_size[j] = m.shape
+            originals[j], ids[j], image_ids[j], rows[j] = m, sid, batch["id"][i], i
+            j += 1
     out = {
-        "id": np.asarray(batch["id"], dtype=object),
+        "id": ids,
+        "image_id": image_ids,
         "image": images,
         "mask": masks,
         "input_size": input_size,
@@ -98,7 +153,7 @@ def decode_batch(
                     "(`infosam data teacher-cache`)"
                 )
             emb[i] = np.frombuffer(raw, np.uint16).reshape(embedding_shape)
-        out["teacher_embedding"] = emb
+        out["teacher_embedding"] = emb[rows]  # one per image, shared by its instances
     return out
 
 
@@ -151,12 +206,16 @@ def read_split(
     """
     import ray.data
 
+    manifest = load_manifest(dataset_dir, verify=verify and teacher_cache is None)
     if teacher_cache is not None:
-        ds = ray.data.read_parquet(teacher_cache["files"], columns=[*COLUMNS, "teacher_embedding"])
+        ds = ray.data.read_parquet(
+            teacher_cache["files"], columns=[*columns(manifest), "teacher_embedding"]
+        )
         shape = tuple(teacher_cache["embedding_shape"])
     else:
-        manifest = load_manifest(dataset_dir, verify=verify)
-        ds = ray.data.read_parquet(shard_paths(dataset_dir, split, manifest), columns=COLUMNS)
+        ds = ray.data.read_parquet(
+            shard_paths(dataset_dir, split, manifest), columns=columns(manifest)
+        )
         shape = None
     return ds.map_batches(
         decode_batch,

@@ -32,7 +32,7 @@ import torch
 
 from infosam.sam import SAM_VARIANTS
 from orchestrator.datasets import _fs, _join, load_manifest, printable, shard_paths
-from orchestrator.pipeline import COLUMNS, decode_batch
+from orchestrator.pipeline import columns, decode_images
 
 __all__ = [
     "CACHE_VERSION",
@@ -107,6 +107,11 @@ def _write_json(location: str, data: dict) -> None:
     fs.move(tmp, path)  # atomic on local disks; the last write wins on object stores
 
 
+def image_rows(manifest: dict, split: str) -> int:
+    """Parquet rows of a split: images (one embedding each), also for instance datasets."""
+    return int(manifest.get("images", manifest["counts"]).get(split, 0))
+
+
 def _source_shards(manifest: dict, split: str) -> list[str]:
     return [s["sha256"] for s in manifest["shards"] if s["split"] == split]
 
@@ -141,10 +146,10 @@ def open_teacher_cache(
             f"teacher cache {printable(location)} split {split!r} was computed from other shards "
             "(the dataset was re-ingested since)"
         )
-    if entry["rows"] != manifest["counts"].get(split, 0):
+    if entry["rows"] != image_rows(manifest, split):
         raise TeacherCacheError(
             f"teacher cache {printable(location)} split {split!r} holds {entry['rows']} rows, "
-            f"the dataset {manifest['counts'].get(split, 0)}"
+            f"the dataset {image_rows(manifest, split)}"
         )
     fs, root = _fs(location)
     infos = fs.get_file_info([_join(root, f) for f in entry["files"]])
@@ -184,16 +189,16 @@ class TeacherEncoder:
         self.channel_order = channel_order
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = decode_batch(batch, self.image_size, self.channel_order)
-        images = torch.from_numpy(decoded["image"]).to(self.device)
-        sizes = torch.from_numpy(decoded["input_size"]).to(self.device)
+        decoded = decode_images(batch["image"], self.image_size, self.channel_order)
+        images = torch.from_numpy(decoded[0]).to(self.device)
+        sizes = torch.from_numpy(decoded[1]).to(self.device)
         with (
             torch.no_grad(),
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"),
         ):
             emb = self.model.encode(images, sizes)
         raw = emb.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
-        out = {k: batch[k] for k in COLUMNS}
+        out = {k: batch[k] for k in batch if k != EMBEDDING_COLUMN}
         out[EMBEDDING_COLUMN] = np.array([r.tobytes() for r in raw], dtype=object)
         return out
 
@@ -252,7 +257,9 @@ def build_teacher_cache(
         t0 = time.perf_counter()
         name = f"{split}-{uuid.uuid4().hex[:8]}"
         out_dir = _join(location, name)
-        ds = ray.data.read_parquet(shard_paths(dataset_dir, split, manifest), columns=COLUMNS)
+        ds = ray.data.read_parquet(
+            shard_paths(dataset_dir, split, manifest), columns=columns(manifest)
+        )
         ds = ds.map_batches(
             TeacherEncoder,
             fn_constructor_kwargs={
@@ -275,7 +282,7 @@ def build_teacher_cache(
         rows = sum(
             pq.ParquetFile(_join(out_local, f), filesystem=fs).metadata.num_rows for f in files
         )
-        expected = manifest["counts"].get(split, 0)
+        expected = image_rows(manifest, split)
         if rows != expected:
             raise TeacherCacheError(
                 f"teacher cache of split {split!r} wrote {rows} rows, the dataset has {expected}"

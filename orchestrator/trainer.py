@@ -616,6 +616,23 @@ def _run_dir(storage: str, name: str) -> Path | None:
     return None if "://" in storage else Path(storage) / name
 
 
+def eval_unit(manifest: dict) -> str:
+    """What a metric is a mean over: images, or instances for instance datasets (COCO, labels)."""
+    return "instance" if manifest.get("kind") == "instances" else "image"
+
+
+def data_counts(cfg: Config, manifest: dict) -> dict[str, int]:
+    """Samples (and for instance datasets, images) of the run's splits, for the run's params."""
+    unit = eval_unit(manifest)
+    out = {}
+    for role in ("train", "val", "test"):
+        split = getattr(cfg.data, f"{role}_split")
+        out[f"data.{role}_{unit}s"] = int(manifest["counts"].get(split, 0))
+        if unit == "instance":
+            out[f"data.{role}_images"] = int(manifest["images"].get(split, 0))
+    return out
+
+
 def open_training_run(
     cfg: Config,
     *,
@@ -643,6 +660,7 @@ def open_training_run(
             "infosam.eval_protocol": cfg.optim.eval_protocol,
             "infosam.dataset": cfg.data.dataset,
             "infosam.tuning": cfg.tuning.method,
+            "infosam.eval_unit": eval_unit(shared.manifest),
             **tags,
         },
         parent_run_id=parent_run_id,
@@ -658,6 +676,7 @@ def open_training_run(
             "teacher_sha256": shared.teacher_sha256 or "random-init",
             "data.manifest_shards": len(shared.manifest["shards"]),
             "all_gather_relations": cfg.scaling.all_gather_relations,
+            **data_counts(cfg, shared.manifest),
         }
     )
     logger.log_text(cfg.to_yaml(), "config.yaml")

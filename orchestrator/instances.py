@@ -1,0 +1,373 @@
+"""Instance datasets: COCO JSON (polygons, RLE) and instance label images, one sample per object.
+
+SAM is prompted per object, so an instance dataset trains and evaluates per instance: each
+annotation (COCO) or non-zero label (label image) becomes one sample whose prompts come from its
+own mask. The image's bytes are stored once per image: a parquet row is an image with parallel
+lists of its instances (`datasets.INSTANCE_SCHEMA`), exploded into samples when read.
+
+Nothing is lost silently: every annotation or label becomes an instance, or appears in the
+manifest's `rejected` list with its reason (unknown image id, missing or unreadable image,
+degenerate polygon, RLE or label image of another size than its image, duplicate annotation id,
+empty label image), or, for COCO crowd regions, in `skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.datasets import (
+    DEFAULT_SHARD_BYTES,
+    LABEL_PRESETS,
+    DatasetWriter,
+    IngestError,
+    Rejected,
+    _open,
+    assign_holdout,
+    decode_image,
+    encode_mask,
+    is_tiff,
+    layout_pairs,
+    printable,
+    read_tiff,
+    resolve_layout,
+)
+
+__all__ = ["DEFAULT_MIN_AREA", "coco_mask", "decode_labels", "ingest_coco", "ingest_labels"]
+
+DEFAULT_MIN_AREA = 16  # pixels; smaller instances are kept and flagged `small_instance`
+
+
+def _instance(instance_id: object, mask: np.ndarray, category: str, min_area: int) -> dict:
+    area = int(mask.sum())
+    return {
+        "id": str(instance_id),
+        "mask": encode_mask(mask),
+        "category": category,
+        "flags": ["small_instance"] if area < min_area else [],
+    }
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
+    """A COCO `segmentation` (polygons, compressed or uncompressed RLE) -> (H, W) uint8 0/1,
+    decoded by pycocotools; raises Rejected with the reason when it cannot be an object mask."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise Rejected("degenerate polygon: the segmentation list is empty")
+        for k, poly in enumerate(segmentation):
+            ok = isinstance(poly, list) and all(
+                isinstance(v, int | float) and math.isfinite(v) for v in poly
+            )
+            if not ok or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) if isinstance(poly, list) else type(poly).__name__
+                raise Rejected(
+                    f"degenerate polygon: part {k} has {n} coordinates; a polygon needs at least "
+                    "3 finite x,y points (an even count of 6 or more numbers)"
+                )
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        mask = mask_utils.decode(rle)
+        if not mask.any():
+            raise Rejected(
+                "degenerate polygon: it encloses no pixel (zero area, or outside the image)"
+            )
+        return mask.astype(np.uint8)
+    if isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation):
+        size = list(segmentation["size"])
+        if size != [height, width]:
+            shown = f"{size[1]}x{size[0]}" if len(size) == 2 else str(size)
+            raise Rejected(
+                f"RLE size {shown} differs from image size {width}x{height} (COCO sizes are "
+                "[height, width])"
+            )
+        counts = segmentation["counts"]
+        try:
+            if isinstance(counts, list):  # uncompressed RLE
+                if sum(counts) != height * width:
+                    raise ValueError(f"its counts sum to {sum(counts)}, not {height * width}")
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            else:
+                rle = {
+                    "size": size,
+                    "counts": counts.encode() if isinstance(counts, str) else counts,
+                }
+            mask = mask_utils.decode(rle)
+        except Exception as exc:
+            raise Rejected(f"RLE cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if mask.shape != (height, width):
+            raise Rejected(f"RLE decodes to {mask.shape}, not ({height}, {width})")
+        return mask.astype(np.uint8)
+    raise Rejected(
+        "segmentation is neither a list of polygons nor an RLE dict with 'size' and 'counts'"
+    )
+
+
+def _load_coco(path: Path) -> dict:
+    if not path.is_file():
+        raise IngestError(f"COCO annotation file not found: {printable(path)}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IngestError(f"{printable(path)} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise IngestError(
+            f"{printable(path)} has no 'images' list: not a COCO instances file "
+            "(expected keys images, annotations, categories)"
+        )
+    if not isinstance(data.get("annotations"), list):
+        raise IngestError(f"{printable(path)} has no 'annotations' list: not a COCO instances file")
+    return data
+
+
+def ingest_coco(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str | None = None,
+    *,
+    images_dir: str | os.PathLike,
+    split: str | None = None,
+    holdout: dict[str, float] | None = None,
+    min_area: int = DEFAULT_MIN_AREA,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """A COCO instances file (`src`) with its images (`images_dir`, `file_name` relative to it)
+    -> one sample per annotation, one parquet row per image. `iscrowd` regions are skipped and
+    listed; `holdout` ({"val": 0.1, "test": 50}) moves whole images to held-out splits."""
+    src, images_root = Path(src), Path(images_dir)
+    data = _load_coco(src)
+    if not images_root.is_dir():
+        raise IngestError(
+            f"images folder not found: {printable(images_root)} (the folder that the COCO "
+            "file's file_name entries are relative to)"
+        )
+    split = split or "train"
+    where = src.name
+    writer = DatasetWriter(
+        out,
+        name or src.stem,
+        shard_bytes=shard_bytes,
+        source=printable(src.resolve()),
+        fmt="coco",
+        extra={"images_dir": printable(images_root.resolve()), "min_instance_area": min_area},
+        instances=True,
+    )
+    categories = {
+        c.get("id"): str(c.get("name", c.get("id")))
+        for c in data.get("categories") or []
+        if isinstance(c, dict)
+    }
+    images: dict[object, dict] = {}
+    for k, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or "id" not in entry or not entry.get("file_name"):
+            writer.reject(f"{where} images[{k}]", "image entry without id or file_name", split, k)
+        elif entry["id"] in images:
+            writer.reject(
+                f"{where} images[{k}] ({entry['file_name']})",
+                f"duplicate image id {entry['id']!r}: its annotations go to the first entry",
+                split,
+                k,
+            )
+        else:
+            images[entry["id"]] = entry
+    per_image: dict[object, list[tuple[int, dict]]] = {}
+    first_seen: dict[object, int] = {}
+    skipped: list[dict] = []
+    for row, ann in enumerate(data["annotations"]):
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        source = f"{where} annotation id={ann_id}"
+        if ann_id is None:
+            writer.reject(f"{where} annotations[{row}]", "annotation without an id", split, row)
+        elif ann_id in first_seen:
+            writer.reject(
+                source,
+                f"duplicate annotation id {ann_id!r} (first at annotations[{first_seen[ann_id]}])",
+                split,
+                row,
+            )
+        elif ann.get("image_id") not in images:
+            first_seen[ann_id] = row
+            writer.reject(
+                source,
+                f"unknown image id {ann.get('image_id')!r}: no entry in the file's images list",
+                split,
+                row,
+            )
+        elif ann.get("iscrowd"):
+            first_seen[ann_id] = row
+            skipped.append({"source": source, "row": row, "reason": "iscrowd: a crowd region"})
+        else:
+            first_seen[ann_id] = row
+            per_image.setdefault(ann["image_id"], []).append((row, ann))
+    image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
+    moved = assign_holdout(sorted(image_ids.values()), holdout) if holdout else {}
+    used = Counter()
+    for coco_id, entry in images.items():
+        anns = per_image.get(coco_id)
+        if not anns:
+            continue
+        image_id = image_ids[coco_id]
+        target = moved.get(image_id, split)
+        path = images_root / entry["file_name"]
+
+        def reject_all(reason: str, target: str = target, anns: list = anns) -> None:
+            for row, ann in anns:
+                writer.reject(f"{where} annotation id={ann['id']}", reason, target, row)
+
+        try:
+            if not path.is_file():
+                raise Rejected(f"image file not found: {printable(path)}")
+            img, stored, flags = decode_image(path.read_bytes())
+        except Rejected as exc:
+            reject_all(f"{exc} [{printable(path)}]" if "not found" not in str(exc) else str(exc))
+            continue
+        h, w = img.shape[:2]
+        said = (entry.get("height"), entry.get("width"))
+        if said != (None, None) and said != (h, w):
+            reject_all(
+                f"image file {printable(path)} is {w}x{h} but the COCO file says "
+                f"{said[1]}x{said[0]}: the annotations were made for another version of it"
+            )
+            continue
+        kept = []
+        for row, ann in anns:
+            try:
+                if ann.get("category_id") not in categories:
+                    raise Rejected(
+                        f"unknown category id {ann.get('category_id')!r}: not in the file's "
+                        "categories list"
+                    )
+                mask = coco_mask(ann.get("segmentation"), h, w)
+            except Rejected as exc:
+                writer.reject(f"{where} annotation id={ann['id']}", str(exc), target, row)
+                continue
+            category = categories[ann["category_id"]]
+            used[category] += 1
+            kept.append(_instance(ann["id"], mask, category, min_area))
+        if kept:
+            writer.add_image(target, image_id, stored, h, w, printable(path), flags, kept)
+    writer.meta.update(
+        {
+            "categories": dict(sorted(used.items())),
+            "unannotated_images": len(images) - len(per_image),
+            "skipped": skipped,
+        }
+    )
+    if holdout:
+        writer.meta["holdout"] = holdout
+    return writer.close()
+
+
+# ----------------------------------------------------------------------------- label images
+
+
+def decode_labels(data: bytes) -> np.ndarray:
+    """An instance label image (8/16-bit PNG, TIFF, palette PNG) -> (H, W) int64 label ids."""
+    if is_tiff(data):
+        arr = read_tiff(data, "label image")
+    else:
+        img = _open(data, "label image")
+        # palette PNGs store label ids as indices; "L", "I;16", "I" store them as values
+        arr = np.asarray(img)
+    if arr.ndim == 3:
+        chans = arr[..., :3]
+        if not (
+            np.array_equal(chans[..., 0], chans[..., 1])
+            and np.array_equal(chans[..., 0], chans[..., 2])
+        ):
+            raise Rejected(
+                "label image is a colour image whose channels differ; save the instance ids as "
+                "a single-channel 8/16-bit PNG or TIFF (0 = background, one integer per object)"
+            )
+        arr = chans[..., 0]
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise Rejected("label image has non-integer values: expected integer instance ids")
+    if arr.dtype.kind in "if" and arr.min() < 0:
+        raise Rejected("label image has negative values: expected 0 (background) and ids > 0")
+    return arr.astype(np.int64)
+
+
+def ingest_labels(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str | None = None,
+    *,
+    split: str | None = None,
+    preset: str | None = None,
+    images: str | None = None,
+    masks: str | None = None,
+    mask_name: str | None = None,
+    image_glob: str | None = None,
+    holdout: dict[str, float] | None = None,
+    min_area: int = DEFAULT_MIN_AREA,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Folders of images + instance label images (each object a distinct integer, 0 background;
+    ids need not be contiguous) -> one sample per non-zero label. Layout: `SRC/images` +
+    `SRC/labels` (or `masks`), per-split sub-folders, a preset (`LABEL_PRESETS`) or explicit
+    folders and a mask-name pattern, as for `--format folders`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise IngestError(f"source folder not found: {printable(src)}")
+    layout = resolve_layout(
+        src,
+        preset=preset,
+        images=images,
+        masks=masks,
+        mask_name=mask_name,
+        image_glob=image_glob,
+        split=split,
+        presets=LABEL_PRESETS,
+        default_masks=("labels", "masks"),
+    )
+    extra: dict = {"layout": layout.describe(), "min_instance_area": min_area}
+    if holdout:
+        extra["holdout"] = holdout
+    writer = DatasetWriter(
+        out,
+        name or src.name,
+        shard_bytes=shard_bytes,
+        source=printable(src.resolve()),
+        fmt="labels",
+        extra=extra,
+        instances=True,
+    )
+    pairs = layout_pairs(writer, src, layout)
+    if holdout and len(layout.splits) > 1:
+        raise IngestError("--holdout splits one split, but the source already has several")
+    moved = assign_holdout([p[1] for p in pairs], holdout) if holdout else {}
+    for split_name, stem, image_path, label_path in pairs:
+        target = moved.get(stem, split_name)
+        source = printable(image_path)
+        try:
+            img, stored, flags = decode_image(image_path.read_bytes())
+            try:
+                labels = decode_labels(label_path.read_bytes())
+            except Rejected as exc:
+                raise Rejected(f"{exc} [{printable(label_path)}]") from None
+            if labels.shape != img.shape[:2]:
+                raise Rejected(
+                    f"label image size {labels.shape[1]}x{labels.shape[0]} differs from image "
+                    f"size {img.shape[1]}x{img.shape[0]} [{printable(label_path)}]"
+                )
+            ids = np.unique(labels)
+            ids = ids[ids != 0]
+            if ids.size == 0:
+                raise Rejected(
+                    f"empty label image: every pixel is 0 (background), no instance "
+                    f"[{printable(label_path)}]"
+                )
+        except Rejected as exc:
+            writer.reject(source, str(exc), target)
+            continue
+        kept = [_instance(int(v), labels == v, "object", min_area) for v in ids.tolist()]
+        writer.add_image(target, stem, stored, img.shape[0], img.shape[1], source, flags, kept)
+    return writer.close()

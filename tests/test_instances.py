@@ -1,0 +1,391 @@
+"""Instance datasets: COCO (polygons, RLE) and 16-bit label images, the benchmarks' raw layouts,
+per-instance training, evaluation and prediction."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from orchestrator.datasets import (
+    IngestError,
+    assign_holdout,
+    ingest_folders,
+    iter_rows,
+    load_manifest,
+    shard_paths,
+)
+from orchestrator.instances import coco_mask, ingest_coco, ingest_labels
+from orchestrator.pipeline import decode_batch
+
+SIZES = [(96, 128), (112, 112), (128, 96)]  # (h, w) of the three COCO images
+
+
+def _image(h, w, seed, masks=()):
+    """Textured background with each object drawn brighter, so a model has something to learn."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(30, 90, (h, w, 3), dtype=np.uint8)
+    for k, m in enumerate(masks):
+        img[m.astype(bool)] = (200, 120 + 30 * (k % 4), 60)
+    return img
+
+
+def _rect(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def _objects(h, w, i):
+    """Four objects per image: two polygons (a rectangle, a triangle) and two RLE masks."""
+    tri = [[8.0 + i, 8.0, 40.0, 8.0, 8.0, 40.0]]
+    rect = [[50.0, 10.0, 80.0, 10.0, 80.0, 30.0, 50.0, 30.0]]
+    r1 = _rect(h, w, h - 40, 10, h - 10, 40)
+    r2 = _rect(h, w, h - 30, w - 30, h - 6, w - 6)
+    compressed = mask_utils.encode(np.asfortranarray(r1))
+    compressed["counts"] = compressed["counts"].decode()
+    flat = r2.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    uncompressed = {"size": [h, w], "counts": ([0] if flat[0] else []) + runs}
+    return [tri, rect, compressed, uncompressed]
+
+
+def make_coco(root, *, extra_annotations=(), extra_images=()):
+    """3 images, 12 instances (6 polygons, 6 RLE), one crowd region; returns (json, images)."""
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cell"}]}
+    ann_id = 100
+    for i, (h, w) in enumerate(SIZES):
+        segs = _objects(h, w, i)
+        masks = [coco_mask(s, h, w) for s in segs]
+        Image.fromarray(_image(h, w, i, masks)).save(images_dir / f"img{i}.png")
+        data["images"].append({"id": i + 1, "file_name": f"img{i}.png", "height": h, "width": w})
+        for s in segs:
+            data["annotations"].append(
+                {"id": ann_id, "image_id": i + 1, "category_id": 1, "segmentation": s, "iscrowd": 0}
+            )
+            ann_id += 1
+    crowd = mask_utils.encode(np.asfortranarray(_rect(*SIZES[0], 0, 0, 5, 5)))
+    crowd["counts"] = crowd["counts"].decode()
+    data["annotations"].append(
+        {"id": 999, "image_id": 1, "category_id": 1, "segmentation": crowd, "iscrowd": 1}
+    )
+    data["images"] += list(extra_images)
+    data["annotations"] += list(extra_annotations)
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, images_dir
+
+
+def _samples(dataset, split):
+    """Decoded samples of a split (through the same decode the training pipeline uses)."""
+    rows = list(iter_rows(dataset, split))
+    cols = {}
+    for k in ("id", "image", "mask", "source", "instance_ids", "instance_masks"):
+        cols[k] = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            cols[k][i] = r[k]
+    return decode_batch(cols, 128, keep_original_mask=True)
+
+
+def test_coco_polygons_and_rle_become_one_sample_per_instance(tmp_path):
+    src, images = make_coco(tmp_path / "src")
+    m = ingest_coco(src, tmp_path / "out", "cells", images_dir=images)
+    assert m["kind"] == "instances" and m["format"] == "coco"
+    assert m["counts"] == {"train": 12} and m["images"] == {"train": 3}
+    assert m["rejected"] == [] and m["categories"] == {"cell": 12}
+    assert [s["source"] for s in m["skipped"]] == ["instances.json annotation id=999"]
+    # image bytes once per image: three parquet rows, twelve instance masks
+    table = pq.read_table(shard_paths(tmp_path / "out" / "cells", "train"))
+    assert table.num_rows == 3
+    assert sum(len(v) for v in table.column("instance_masks").to_pylist()) == 12
+    assert table.column("mask").null_count == 3
+    # every decoded instance is exactly the object it was drawn from
+    data = json.loads(src.read_text())
+    by_id = {a["id"]: a for a in data["annotations"]}
+    sizes = {im["file_name"].split(".")[0]: (im["height"], im["width"]) for im in data["images"]}
+    out = _samples(tmp_path / "out" / "cells", "train")
+    assert len(out["id"]) == 12
+    for sid, image_id, original in zip(out["id"], out["image_id"], out["mask_original"]):
+        image, ann = sid.split("#")
+        assert image == image_id
+        want = coco_mask(by_id[int(ann)]["segmentation"], *sizes[image])
+        np.testing.assert_array_equal(original, want)
+    # the same input gives the same bytes
+    again = ingest_coco(src, tmp_path / "again", "cells", images_dir=images)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+    assert (tmp_path / "again/cells/manifest.json").read_text().replace("again", "out") == (
+        tmp_path / "out/cells/manifest.json"
+    ).read_text()
+
+
+def test_coco_small_instances_are_flagged_and_holdout_moves_whole_images(tmp_path):
+    src, images = make_coco(tmp_path / "src")
+    m = ingest_coco(
+        src,
+        tmp_path / "out",
+        "cells",
+        images_dir=images,
+        min_area=700,  # some objects of each image are smaller
+        holdout={"val": 1, "test": 1},
+    )
+    assert m["images"] == {"test": 1, "train": 1, "val": 1}
+    assert m["counts"] == {"test": 4, "train": 4, "val": 4}
+    flagged = sum(m["flags"][s].get("small_instance", 0) for s in m["flags"])
+    areas, flags = [], []
+    for split in ("train", "val", "test"):
+        for row in iter_rows(tmp_path / "out" / "cells", split):
+            for mask, f in zip(row["instance_masks"], row["instance_flags"]):
+                areas.append(int((np.asarray(Image.open(io.BytesIO(mask))) > 0).sum()))
+                flags.append(f)
+    assert flags == [["small_instance"] if a < 700 else [] for a in areas]
+    assert 0 < flagged == sum(a < 700 for a in areas) < 12
+    for split in ("train", "val", "test"):
+        images_of = {r["id"] for r in iter_rows(tmp_path / "out" / "cells", split)}
+        assert len(images_of) == 1
+    assert assign_holdout(["a", "b", "c", "d"], {"val": 0.5}) == assign_holdout(
+        ["d", "c", "b", "a"], {"val": 0.5}
+    )
+    with pytest.raises(IngestError, match="leaves none for training"):
+        assign_holdout(["a", "b"], {"val": 1, "test": 1})
+
+
+def test_coco_every_rejection_reason_is_recorded(tmp_path):
+    h, w = SIZES[0]
+    good_rle = mask_utils.encode(np.asfortranarray(_rect(h, w, 10, 10, 30, 30)))
+    good_rle["counts"] = good_rle["counts"].decode()
+    wrong_size = mask_utils.encode(np.asfortranarray(_rect(h + 1, w, 10, 10, 30, 30)))
+    wrong_size["counts"] = wrong_size["counts"].decode()
+    poly = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0]]
+
+    def ann(i, image_id, seg):
+        return {"id": i, "image_id": image_id, "category_id": 1, "segmentation": seg, "iscrowd": 0}
+
+    extra = [
+        ann(500, 77, poly),  # unknown image id
+        ann(501, 1, [[1.0, 2.0, 3.0, 4.0]]),  # 2 points: degenerate
+        ann(502, 1, [[5.0, 5.0, 20.0, 20.0, 40.0, 40.0]]),  # collinear: no area
+        ann(503, 1, wrong_size),  # RLE of another size
+        ann(100, 2, poly),  # duplicate annotation id (100 is the first of image 1)
+        ann(504, 10, poly),  # image file missing
+        ann(505, 11, poly),  # image file unreadable
+        ann(506, 11, good_rle),
+        ann(507, 1, {"counts": [1, 2]}),  # not a segmentation
+    ]
+    extra_images = [
+        {"id": 10, "file_name": "gone.png", "height": h, "width": w},
+        {"id": 11, "file_name": "broken.png", "height": h, "width": w},
+    ]
+    src, images = make_coco(tmp_path / "src", extra_annotations=extra, extra_images=extra_images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    m = ingest_coco(src, tmp_path / "out", "cells", images_dir=images)
+    reasons = {r["source"].split("id=")[1]: r["reason"] for r in m["rejected"]}
+    assert reasons["500"].startswith("unknown image id 77")
+    assert reasons["501"].startswith("degenerate polygon: part 0 has 4 coordinates")
+    assert reasons["502"].startswith("degenerate polygon: it encloses no pixel")
+    assert reasons["503"].startswith(f"RLE size {w}x{h + 1} differs from image size {w}x{h}")
+    assert reasons["100"].startswith("duplicate annotation id 100 (first at annotations[0])")
+    assert reasons["504"].startswith("image file not found") and "gone.png" in reasons["504"]
+    assert "unreadable" in reasons["505"] and "broken.png" in reasons["505"]
+    assert "unreadable" in reasons["506"]
+    assert reasons["507"].startswith("segmentation is neither")
+    assert {r["row"] for r in m["rejected"]} == set(range(13, 22))
+    # nothing lost: every annotation is a sample, a reject or a skipped crowd region
+    total = len(json.loads(src.read_text())["annotations"])
+    assert sum(m["counts"].values()) + len(m["rejected"]) + len(m["skipped"]) == total
+    assert m["counts"] == {"train": 12}
+
+
+def test_coco_input_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(IngestError, match=r"bad\.json is not JSON"):
+        ingest_coco(bad, tmp_path / "out", images_dir=tmp_path)
+    bad.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(IngestError, match="no 'images' list"):
+        ingest_coco(bad, tmp_path / "out", images_dir=tmp_path)
+    assert not (tmp_path / "out" / "bad").exists()
+
+
+def _labels(h, w, ids, seed):
+    lab = np.zeros((h, w), np.uint16)
+    for k, v in enumerate(ids):
+        y, x = 8 + (k // 2) * 40, 8 + (k % 2) * 50
+        lab[y : y + 30, x : x + 36] = v
+    return lab
+
+
+def make_label_folder(root):
+    """images/ + labels/: 16-bit PNG and 16-bit TIFF label images with non-contiguous ids."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    ids = {"a": [1, 7, 300, 1000], "b": [2, 65535, 9], "c": [5, 6, 40000, 41000], "d": [3, 4, 8]}
+    for i, (stem, values) in enumerate(ids.items()):
+        lab = _labels(128, 112, values, i)
+        Image.fromarray(_image(128, 112, i, [lab == v for v in values])).save(
+            root / "images" / f"{stem}.png"
+        )
+        if stem == "b":
+            tifffile.imwrite(root / "labels" / f"{stem}.tif", lab)
+        else:
+            Image.fromarray(lab).save(root / "labels" / f"{stem}.png")
+    return ids
+
+
+def test_label_images_16bit_png_and_tiff(tmp_path):
+    ids = make_label_folder(tmp_path / "src")
+    assert Image.open(tmp_path / "src/labels/a.png").mode.startswith("I")  # really 16-bit
+    m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei", min_area=0)
+    assert m["kind"] == "instances" and m["rejected"] == []
+    assert m["counts"] == {"train": 14} and m["images"] == {"train": 4}
+    out = _samples(tmp_path / "out" / "nuclei", "train")
+    got = sorted(out["id"])
+    assert got == sorted(f"{s}#{v}" for s, vs in ids.items() for v in vs)
+    for sid, original in zip(out["id"], out["mask_original"]):
+        stem, value = sid.split("#")
+        k = ids[stem].index(int(value))
+        np.testing.assert_array_equal(original, _labels(128, 112, ids[stem], 0) == ids[stem][k])
+    again = ingest_labels(tmp_path / "src", tmp_path / "again", "nuclei", min_area=0)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_label_image_rejections(tmp_path):
+    make_label_folder(tmp_path / "src")
+    labels = tmp_path / "src" / "labels"
+    Image.fromarray(np.zeros((128, 112), np.uint16)).save(labels / "a.png")  # empty
+    Image.fromarray(np.ones((64, 112), np.uint16)).save(labels / "c.png")  # wrong size
+    (labels / "d.png").unlink()
+    tifffile.imwrite(labels / "d.tif", np.ones((5, 128, 112), np.uint16) * 2)  # a stack
+    Image.fromarray(np.ones((128, 112), np.uint8)).save(tmp_path / "src/images/e.png")  # no label
+    m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei")
+    reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in m["rejected"]}
+    assert reasons["a.png"].startswith("empty label image")
+    assert reasons["c.png"].startswith("label image size 112x64 differs from image size 112x128")
+    assert "stack or volume" in reasons["d.png"]
+    assert reasons["e.png"].startswith("no mask with stem 'e'")
+    assert m["counts"] == {"train": 3}  # b's three labels
+
+
+def _tree(root, files):
+    for rel in files:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if any(k in rel.lower() for k in ("mask", "gt", "segmentation")):
+            arr = np.zeros((40, 48), np.uint8)
+            arr[10:30, 10:30] = 255
+            Image.fromarray(arr).save(p, quality=95)  # JPEG masks (Kvasir) come out near-binary
+        else:
+            Image.fromarray(_image(40, 48, len(rel))).save(p)
+
+
+@pytest.mark.parametrize(
+    ("preset", "files", "counts"),
+    [
+        (
+            "kvasir",
+            ["images/cju0qkwl35piu0993l0dewei2.jpg", "masks/cju0qkwl35piu0993l0dewei2.jpg"],
+            {"train": 1},
+        ),
+        (
+            "isic2017",
+            [
+                "ISIC-2017_Training_Data/ISIC_0000000.jpg",
+                "ISIC-2017_Training_Data/ISIC_0000000_superpixels.png",
+                "ISIC-2017_Training_Part1_GroundTruth/ISIC_0000000_segmentation.png",
+                "ISIC-2017_Validation_Data/ISIC_0001769.jpg",
+                "ISIC-2017_Validation_Part1_GroundTruth/ISIC_0001769_segmentation.png",
+                "ISIC-2017_Test_v2_Data/ISIC_0012086.jpg",
+                "ISIC-2017_Test_v2_Part1_GroundTruth/ISIC_0012086_segmentation.png",
+            ],
+            {"train": 1, "val": 1, "test": 1},
+        ),
+        (
+            "camo",
+            [
+                "Images/Train/camourflage_00001.jpg",
+                "Images/Test/camourflage_00002.jpg",
+                "GT/camourflage_00001.png",
+                "GT/camourflage_00002.png",
+            ],
+            {"train": 1, "test": 1},
+        ),
+        (
+            "cod10k",
+            [
+                "Train/Image/COD10K-CAM-1-Aquatic-1-BatFish-1.jpg",
+                "Train/Image/COD10K-NonCAM-5-Background-1-Barrier-1.jpg",
+                "Train/GT_Object/COD10K-CAM-1-Aquatic-1-BatFish-1.png",
+                "Test/Image/COD10K-CAM-1-Aquatic-3-Crab-32.jpg",
+                "Test/GT_Object/COD10K-CAM-1-Aquatic-3-Crab-32.png",
+            ],
+            {"train": 1, "test": 1},
+        ),
+    ],
+)
+def test_benchmark_presets_on_their_raw_naming(tmp_path, preset, files, counts):
+    _tree(tmp_path / "src", files)
+    m = ingest_folders(tmp_path / "src", tmp_path / "out", preset, preset=preset)
+    assert m["rejected"] == []
+    assert m["counts"] == counts
+
+
+def test_mask_name_pattern_and_missing_folders(tmp_path):
+    _tree(tmp_path / "src", ["pics/x1.jpg", "pics/x2.jpg", "gt/x1_gt.png", "gt/x3_gt.png"])
+    m = ingest_folders(
+        tmp_path / "src",
+        tmp_path / "out",
+        "p",
+        images="pics",
+        masks="gt",
+        mask_name="{stem}_gt.png",
+    )
+    assert m["counts"] == {"train": 1}
+    reasons = sorted(r["reason"] for r in m["rejected"])
+    assert reasons[0].startswith("mask without an image (masks are named {stem}_gt.png")
+    assert reasons[1].startswith("no mask named 'x2_gt.png'")
+    with pytest.raises(IngestError, match="does not match the layout"):
+        ingest_folders(tmp_path / "src", tmp_path / "out", preset="isic2017")
+    with pytest.raises(IngestError, match="unknown preset"):
+        ingest_folders(tmp_path / "src", tmp_path / "out", preset="nope")
+
+
+def test_cli_ingests_coco_and_labels(tmp_path):
+    src, images = make_coco(tmp_path / "coco")
+    make_label_folder(tmp_path / "lab")
+    run = [sys.executable, "-m", "orchestrator.cli", "data", "ingest"]
+    out = subprocess.run(
+        [*run, "--format", "coco", str(src), str(images), str(tmp_path / "data"), "--name", "c"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "dataset c (instances): train=12 instances in 3 images" in out
+    assert "skipped (iscrowd): 1" in out
+    out = subprocess.run(
+        [
+            *run,
+            "--format",
+            "labels",
+            str(tmp_path / "lab"),
+            str(tmp_path / "data"),
+            "--holdout",
+            "test=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "in 3 images" in out and "test=" in out
+    assert load_manifest(tmp_path / "data" / "lab")["holdout"] == {"test": 1.0}
+    bad = subprocess.run(
+        [*run, "--format", "coco", str(src), str(tmp_path / "data")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "takes SRC.json IMAGES_DIR OUT" in bad.stderr
