@@ -250,15 +250,44 @@ def _cuda() -> bool:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from orchestrator.predict import load_model, parse_prompts, predict_files
+    from pathlib import Path
+
+    from orchestrator.datasets import IngestError
+    from orchestrator.predict import load_model, parse_prompts, predict_dataset, predict_files
 
     try:
+        if bool(args.images) == bool(args.data):
+            raise ValueError("give --images FILE... (with prompts) or --data DATASET_DIR")
+        if args.data:  # prompts from each sample's (instance's) own mask
+            cfg = None
+            if Path(args.checkpoint).is_dir():
+                from orchestrator.checkpoints import load_trained
+
+                model, cfg, _ = load_trained(args.checkpoint, args.device)
+            else:
+                model, _ = load_model(args.checkpoint, args.variant, args.device)
+            done = predict_dataset(
+                model,
+                args.data,
+                args.split,
+                args.out,
+                cfg=cfg,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+            images = len({d["image_id"] for d in done})
+            iou = sum(d["iou"] for d in done) / max(len(done), 1)
+            print(
+                f"{len(done)} samples in {images} images of split {args.split!r}: mean IoU "
+                f"{iou:.4f} over samples; overlays, masks and predictions.json in {args.out}"
+            )
+            return 0
         prompts = parse_prompts(args.box, args.point, args.prompts, args.images)
         model, _ = load_model(args.checkpoint, args.variant, args.device)
         written = predict_files(
             model, args.images, prompts, args.out, batch_size=args.batch_size, device=args.device
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, IngestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for w in written:
@@ -335,12 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["paper", "clean"], help="default: the run's protocol")
     _add_config_args(e)
     e.set_defaults(func=_cmd_evaluate)
-    pr = sub.add_parser("predict", help="masks + overlays for image files at original resolution")
+    pr = sub.add_parser(
+        "predict", help="masks + overlays at original resolution: image files, or a dataset split"
+    )
     pr.add_argument(
         "--checkpoint", required=True, help="training checkpoint dir, infosam export, or SAM .pth"
     )
     pr.add_argument("--variant", help="needed for plain SAM weights")
-    pr.add_argument("--images", nargs="+", required=True)
+    pr.add_argument("--images", nargs="+", help="image files (give a prompt for them)")
+    pr.add_argument(
+        "--data", help="a dataset folder: every sample (instance) prompted from its own mask"
+    )
+    pr.add_argument("--split", default="test", help="with --data (default test)")
     pr.add_argument("--box", help="x0,y0,x1,y1 in original image pixels")
     pr.add_argument("--point", action="append", help="x,y[,label] (repeatable; label 1 fg, 0 bg)")
     pr.add_argument(

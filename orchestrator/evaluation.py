@@ -155,7 +155,7 @@ def evaluate_model(
     """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics).
 
     `scores` (a list) receives one row per image, see `evaluate_split`."""
-    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows
+    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows, load_manifest
     from orchestrator.pipeline import decode_batch
 
     optim = dataclasses.replace(
@@ -189,6 +189,7 @@ def evaluate_model(
     sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device, scores=scores)
     out: dict[str, Any] = mean_metrics(sums["student"], count)
     out["count"] = count
+    out["unit"] = "instance" if load_manifest(data_dir).get("kind") == "instances" else "image"
     out["protocol"] = cfg.optim.eval_protocol
     return out
 

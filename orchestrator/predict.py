@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,14 @@ from infosam.sam import PromptableSam, build_sam, load_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
 
-__all__ = ["Prompt", "export_checkpoint", "load_model", "parse_prompts", "predict_files"]
+__all__ = [
+    "Prompt",
+    "export_checkpoint",
+    "load_model",
+    "parse_prompts",
+    "predict_dataset",
+    "predict_files",
+]
 
 
 @dataclass
@@ -149,6 +158,89 @@ def predict_files(
                     "foreground_fraction": float(mask.mean()),
                 }
             )
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def predict_dataset(
+    model: PromptableSam,
+    data_dir: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    *,
+    cfg: Any = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> list[dict]:
+    """Predict every sample of a dataset split with prompts drawn from its own mask (the run's
+    evaluation prompts; per instance for COCO and label-image datasets).
+
+    Writes per image `<image>_overlay.png` (every instance in its own colour) and
+    `<image>_instances.png` (16-bit: k + 1 for the k-th sample of the image, 0 background), per
+    sample `<image>/<instance>_mask.png`, and `predictions.json` (id, prompt, IoU, files)."""
+
+    from orchestrator.config import Config
+    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows
+    from orchestrator.evaluation import draw_prompts
+    from orchestrator.pipeline import decode_batch
+    from orchestrator.visualize import overlay
+
+    cfg = cfg or Config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    palette = [(255, 60, 0), (0, 160, 255), (255, 200, 0), (200, 0, 255), (0, 220, 120)]
+    written: list[dict] = []
+    for row in iter_rows(data_dir, split):
+        cols = {}
+        for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
+            if k in row:
+                cols[k] = np.empty(1, dtype=object)
+                cols[k][0] = row[k]
+        batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
+        image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        shown = image
+        labels = np.zeros(image.shape[:2], np.uint16)
+        name = _safe(str(row["id"]))
+        (out / name).mkdir(exist_ok=True)
+        for start in range(0, len(batch["id"]), batch_size):
+            part = slice(start, start + batch_size)
+            masks = torch.from_numpy(batch["mask"][part])
+            prompts = draw_prompts(cfg, masks, gen, device, train=False)
+            logits = predict_logits(
+                model,
+                torch.from_numpy(batch["image"][part]).to(device),
+                prompts,
+                torch.from_numpy(batch["input_size"][part]).to(device),
+                [m.shape for m in batch["mask_original"][part]],
+            )
+            for j, lg in enumerate(logits):
+                k = start + j
+                pred = (lg > 0).cpu().numpy()
+                gt = batch["mask_original"][k].astype(bool)
+                union = (pred | gt).sum()
+                sample = str(batch["id"][k])
+                instance = sample.split("#", 1)[1] if "#" in sample else "mask"
+                path = out / name / f"{_safe(instance)}_mask.png"
+                Image.fromarray((pred * 255).astype(np.uint8)).save(path)
+                labels[pred] = k + 1
+                shown = overlay(shown, pred, palette[k % len(palette)])
+                written.append(
+                    {
+                        "id": sample,
+                        "image_id": str(row["id"]),
+                        "prompt": prompts.describe(j),
+                        "iou": float((pred & gt).sum() / union) if union else 1.0,
+                        "mask": str(path),
+                        "label": k + 1,
+                    }
+                )
+        Image.fromarray(shown).save(out / f"{name}_overlay.png")
+        Image.fromarray(labels).save(out / f"{name}_instances.png")
+    (out / "predictions.json").write_text(json.dumps(written, indent=2) + "\n")
     return written
 
 

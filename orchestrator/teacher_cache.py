@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from infosam.sam import SAM_VARIANTS
-from orchestrator.datasets import _fs, _join, load_manifest, printable, shard_paths
+from orchestrator.datasets import (
+    INSTANCE_SCHEMA,
+    _fs,
+    _join,
+    load_manifest,
+    printable,
+    shard_paths,
+)
 from orchestrator.pipeline import columns, decode_images
 
 __all__ = [
@@ -188,7 +195,7 @@ class TeacherEncoder:
         self.image_size = image_size
         self.channel_order = channel_order
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         decoded = decode_images(batch["image"], self.image_size, self.channel_order)
         images = torch.from_numpy(decoded[0]).to(self.device)
         sizes = torch.from_numpy(decoded[1]).to(self.device)
@@ -198,9 +205,20 @@ class TeacherEncoder:
         ):
             emb = self.model.encode(images, sizes)
         raw = emb.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
-        out = {k: batch[k] for k in batch if k != EMBEDDING_COLUMN}
-        out[EMBEDDING_COLUMN] = np.array([r.tobytes() for r in raw], dtype=object)
-        return out
+        # An Arrow table with the dataset's own column types: list columns of instance datasets
+        # would otherwise be stored as pickled objects, which Ray refuses to read back.
+        import pyarrow as pa
+
+        arrays = {
+            k: pa.array(
+                [list(v) if isinstance(v, np.ndarray) else v for v in batch[k]],
+                type=INSTANCE_SCHEMA.field(k).type,
+            )
+            for k in batch
+            if k != EMBEDDING_COLUMN
+        }
+        arrays[EMBEDDING_COLUMN] = pa.array([r.tobytes() for r in raw], type=pa.binary())
+        return pa.table(arrays)
 
 
 def build_teacher_cache(

@@ -389,3 +389,88 @@ def test_cli_ingests_coco_and_labels(tmp_path):
         [*run, "--format", "coco", str(src), str(tmp_path / "data")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "takes SRC.json IMAGES_DIR OUT" in bad.stderr
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    "fmt",
+    ["coco", pytest.param("labels", marks=pytest.mark.slow)],  # labels: + teacher cache
+)
+def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
+    """`infosam data ingest` -> `infosam train` -> `infosam evaluate` -> `infosam predict`, every
+    number a mean over instances, each instance prompted from its own mask."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main as cli
+    from orchestrator.tracking import default_tracking_uri
+
+    data = tmp_path / "data"
+    if fmt == "coco":
+        src, images = make_coco(tmp_path / "src")
+        args = [str(src), str(images), str(data)]
+        extra = []  # two DDP workers: the Grams span both workers' instances
+    else:
+        make_label_folder(tmp_path / "src")
+        args = [str(tmp_path / "src"), str(data)]
+        extra = ["scaling.num_workers=1", "speed.teacher_cache=true", "data.augment=none"]
+    holdout = ["--holdout", "val=1", "--holdout", "test=1"]
+    assert cli(["data", "ingest", "--format", fmt, *args, "--name", "inst", *holdout]) == 0
+    manifest = load_manifest(data / "inst")
+    smoke = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.yaml"
+    sets = [
+        f"data.root={data}",
+        "data.dataset=inst",
+        "data.synthesize=false",
+        f"storage.path={tmp_path / 'runs'}",
+        "tracking.experiment=instances",
+        "optim.epochs=2",
+        "optim.batch_size=2",
+        *extra,
+    ]
+    capsys.readouterr()
+    assert cli(["train", "--config", str(smoke), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    checkpoint = out.split("[infosam] checkpoint: ")[1].split()[0]
+    logged = json.loads(out.split("[infosam] finished: ")[1].splitlines()[0])
+    # MLflow says what the numbers are means over
+    client = MlflowClient(default_tracking_uri(str(tmp_path / "runs")))
+    exp = client.get_experiment_by_name("instances")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["infosam.eval_unit"] == "instance"
+    test_split = manifest["counts"]["test"]
+    assert run.data.params["data.test_instances"] == str(test_split)
+    assert run.data.params["data.test_images"] == "1"
+    # evaluate: the checkpoint gives the logged test numbers, over the test instances
+    assert cli(["evaluate", "--checkpoint", checkpoint, "--data", str(data / "inst")]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["unit"] == "instance" and ev["count"] == test_split
+    assert ev["iou"] == pytest.approx(logged["test/iou"], abs=1e-4)
+    # predict: one mask per instance, prompted from that instance, and a per-image overlay
+    pred = tmp_path / "pred"
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                checkpoint,
+                "--data",
+                str(data / "inst"),
+                "--out",
+                str(pred),
+            ]
+        )
+        == 0
+    )
+    assert f"{test_split} samples in 1 images" in capsys.readouterr().out
+    rows = json.loads((pred / "predictions.json").read_text())
+    (image_id,) = {r["image_id"] for r in rows}
+    assert sorted(r["id"] for r in rows) == sorted(
+        f"{image_id}#{i}" for r in iter_rows(data / "inst", "test") for i in r["instance_ids"]
+    )
+    assert all(Path(r["mask"]).is_file() and r["prompt"].startswith("box") for r in rows)
+    assert np.mean([r["iou"] for r in rows]) == pytest.approx(ev["iou"], abs=1e-4)
+    labels = np.asarray(Image.open(pred / f"{image_id}_instances.png"))
+    assert set(np.unique(labels)) - {0} <= {r["label"] for r in rows}
+    assert (pred / f"{image_id}_overlay.png").is_file()
