@@ -473,7 +473,7 @@ def collect_scores(out_dir: Path, state: dict[str, Any]):
     import pandas as pd
 
     frames = [
-        pd.read_csv(out_dir / e["scores"], dtype={"image_id": str, "prompt": str})
+        pd.read_csv(out_dir / e["scores"], dtype={"image_id": str, "prompt": str, "image": str})
         for e in state["cells"].values()
         if e.get("status") == "FINISHED" and e.get("scores") and (out_dir / e["scores"]).is_file()
     ]
@@ -664,11 +664,16 @@ def _differences_markdown(comparisons: list, bench: BenchmarkConfig) -> str:
         if mismatched
         else ""
     )
+    units, clusters = f"{first.images} images", ""
+    if first.samples > first.images:  # an instance dataset: the image is the unit drawn
+        units = f"{first.samples} instances in {first.images} images"
+        clusters = " with all their instances"
     return (
         f"\n## Differences vs base\n\nMean paired difference (method - base) in points on the "
-        f"same test images and seeds ({first.seeds} seed(s) x {first.images} images on the first "
+        f"same test images and seeds ({first.seeds} seed(s) x {units} on the first "
         f"dataset), with a {100 * first.confidence:.0f}% interval from a two-level bootstrap "
-        f"(seeds, then images; {first.resamples} resamples, RNG seed {first.rng_seed}). "
+        f"(seeds, then images{clusters}; {first.resamples} resamples, RNG seed "
+        f"{first.rng_seed}). "
         f"`*`: the interval excludes 0. Intervals are per comparison, not corrected for the "
         f"number of comparisons.\n\n{frame.to_markdown()}\n{note}\n"
         f"Verdicts on each dataset's main metric:\n\n" + "\n".join(verdicts) + "\n"

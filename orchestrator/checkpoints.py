@@ -112,7 +112,7 @@ def checkpoint_scores(checkpoint: Any) -> list[dict[str, Any]]:
     data = read_checkpoint_file(checkpoint, SCORES_FILE)
     if data is None:
         return []
-    frame = pd.read_csv(io.BytesIO(data), dtype={"image_id": str, "prompt": str})
+    frame = pd.read_csv(io.BytesIO(data), dtype={"image_id": str, "prompt": str, "image": str})
     return frame.to_dict("records")
 
 

@@ -59,8 +59,9 @@ def evaluate_split(
 ) -> tuple[dict[str, dict[str, float]], int, list[dict[str, np.ndarray]]]:
     """Per-image metric sums per model over a full split (and overlay rows if asked).
 
-    With `scores`, one row per model and image is appended to it (model, image id, prompt,
-    every metric): what a paired comparison of two methods on the same images needs.
+    With `scores`, one row per model and sample is appended to it (model, sample id, prompt,
+    the sample's image, every metric): what a paired comparison of two methods on the same
+    images needs. A sample is an image, or one instance of it (`image#instance`).
     """
     from orchestrator.pipeline import to_torch
 
@@ -97,6 +98,7 @@ def evaluate_split(
                             "model": name,
                             "image_id": str(batch["id"][i]),
                             "prompt": prompts.describe(i),
+                            "image": str(batch["image_id"][i]),
                         }
                         | values
                     )

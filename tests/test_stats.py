@@ -87,8 +87,45 @@ def test_pairs_use_only_shared_seeds_and_images_and_count_prompt_mismatches():
     scores = _scores(np.random.default_rng(6), 0.0, seeds=2, images=5)
     scores = scores[~((scores["method"] == "method") & (scores["image_id"] == "img0004"))]
     scores.loc[(scores["method"] == "method") & (scores["image_id"] == "img0000"), "prompt"] = "x"
-    a, b, seeds, mismatches = paired_matrix(scores, "method", "base", "d", "iou")
+    a, b, seeds, mismatches, groups = paired_matrix(scores, "method", "base", "d", "iou")
+    assert list(groups) == [0, 1, 2, 3]  # no image column: each sample is its own image
     assert a.shape == b.shape == (2, 4) and list(seeds) == [0, 1]
     assert mismatches == 2  # img0000 under both seeds
     with pytest.raises(ValueError, match="complete"):
         hierarchical_bootstrap(np.array([[1.0, np.nan]]))
+
+
+def test_instances_of_one_image_are_resampled_together():
+    """Instances share their image's difficulty: drawing them one by one would make the interval
+    too narrow (coverage far below 95 %); drawing whole images keeps it near nominal."""
+    images, per_image, reps = 40, 6, 200
+    groups = np.repeat(np.arange(images), per_image)
+    covered = {"cluster": 0, "naive": 0}
+    for rep in range(reps):
+        rng = np.random.default_rng(100 + rep)
+        d = rng.normal(0, 6.0, images)[groups] + rng.normal(0, 1.0, images * per_image)
+        d = d[None, :]  # one seed, true mean difference 0
+        _, lo, hi = hierarchical_bootstrap(d, groups=groups, resamples=400, rng_seed=rep)
+        covered["cluster"] += lo <= 0 <= hi
+        _, lo, hi = hierarchical_bootstrap(d, resamples=400, rng_seed=rep)
+        covered["naive"] += lo <= 0 <= hi
+    assert covered["cluster"] / reps >= 0.88, covered
+    assert covered["naive"] / reps <= 0.75, covered
+    # the image column of a score table gives the groups
+    rows = [
+        {
+            "method": m,
+            "dataset": "d",
+            "seed": 0,
+            "image_id": f"im{i // 2}#{i}",
+            "image": f"im{i // 2}",
+            "prompt": "box",
+            "iou": 0.5 + 0.01 * i * (m == "a"),
+        }
+        for m in ("a", "b")
+        for i in range(6)
+    ]
+    *_, groups = paired_matrix(pd.DataFrame(rows), "a", "b", "d", "iou")
+    assert list(groups) == [0, 0, 1, 1, 2, 2]
+    (c,) = compare(pd.DataFrame(rows), [("a", "b")], {"d": ["iou"]}, resamples=200)
+    assert (c.images, c.samples) == (3, 6)
