@@ -605,10 +605,17 @@ def _write_outputs(
             files["forest"] = str(out_dir / "differences.png")
             _forest_plot(comparisons, bench, files["forest"])
             differences = _differences_markdown(comparisons, bench)
+    units = ""
+    if not scores.empty and "image" in scores.columns:
+        per_instance = scores["image"].astype(str) != scores["image_id"].astype(str)
+        if per_instance.any():
+            names = ", ".join(sorted(scores.loc[per_instance, "dataset"].unique()))
+            units = f" On {names} (instance datasets) a value is a mean over instances."
     md = (
         f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
         f"on each dataset's test split; trainable parameters and training seconds per cell "
-        f"(mean over its cells) on the right.\n\n{table.to_markdown()}\n{missing}{differences}"
+        f"(mean over its cells) on the right.{units}\n\n{table.to_markdown()}\n{missing}"
+        f"{differences}"
     )
     Path(files["markdown"]).write_text(md)
     raw.to_csv(files["csv"], index=False)

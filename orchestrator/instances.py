@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -240,16 +241,17 @@ def ingest_coco(
         kept = []
         for row, ann in anns:
             try:
-                if ann.get("category_id") not in categories:
+                cat = ann.get("category_id")
+                if categories and cat not in categories:
                     raise Rejected(
-                        f"unknown category id {ann.get('category_id')!r}: not in the file's "
-                        "categories list"
+                        f"unknown category id {cat!r}: not in the file's categories list"
                     )
                 mask = coco_mask(ann.get("segmentation"), h, w)
             except Rejected as exc:
                 writer.reject(f"{where} annotation id={ann['id']}", str(exc), target, row)
                 continue
-            category = categories[ann["category_id"]]
+            # files without a categories list (some exporters) keep the raw id as the name
+            category = categories.get(cat, "object" if cat is None else str(cat))
             used[category] += 1
             kept.append(_instance(ann["id"], mask, category, min_area))
         if kept:
@@ -263,6 +265,8 @@ def ingest_coco(
     )
     if holdout:
         writer.meta["holdout"] = holdout
+    # in file order: image entries, then annotations by their row
+    writer.rejected.sort(key=lambda r: (" annotation" in r["source"], r.get("row", 0)))
     return writer.close()
 
 
@@ -293,6 +297,23 @@ def decode_labels(data: bytes) -> np.ndarray:
     if arr.dtype.kind in "if" and arr.min() < 0:
         raise Rejected("label image has negative values: expected 0 (background) and ids > 0")
     return arr.astype(np.int64)
+
+
+def _label_masks(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(label id, 0/1 mask) per non-zero label; each mask built inside its label's bounding box
+    (thousands of nuclei in a large tile stay linear in the pixels)."""
+    from scipy import ndimage
+
+    values, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    if values[0] != 0:  # no background pixel: keep index 0 for background all the same
+        values, inverse = np.concatenate([[0], values]), inverse + 1
+    for k, box in enumerate(ndimage.find_objects(inverse), start=1):  # box of index k
+        if box is None:
+            continue
+        mask = np.zeros(labels.shape, np.uint8)
+        mask[box] = inverse[box] == k
+        yield int(values[k]), mask
 
 
 def ingest_labels(
@@ -368,6 +389,6 @@ def ingest_labels(
         except Rejected as exc:
             writer.reject(source, str(exc), target)
             continue
-        kept = [_instance(int(v), labels == v, "object", min_area) for v in ids.tolist()]
+        kept = [_instance(v, m, "object", min_area) for v, m in _label_masks(labels)]
         writer.add_image(target, stem, stored, img.shape[0], img.shape[1], source, flags, kept)
     return writer.close()

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -179,6 +180,7 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
         ann(505, 11, poly),  # image file unreadable
         ann(506, 11, good_rle),
         ann(507, 1, {"counts": [1, 2]}),  # not a segmentation
+        ann(508, 1, poly) | {"category_id": 42},  # a category the file does not list
     ]
     extra_images = [
         {"id": 10, "file_name": "gone.png", "height": h, "width": w},
@@ -197,7 +199,8 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
     assert "unreadable" in reasons["505"] and "broken.png" in reasons["505"]
     assert "unreadable" in reasons["506"]
     assert reasons["507"].startswith("segmentation is neither")
-    assert {r["row"] for r in m["rejected"]} == set(range(13, 22))
+    assert reasons["508"].startswith("unknown category id 42")
+    assert [r["row"] for r in m["rejected"]] == list(range(13, 23))  # in file order
     # nothing lost: every annotation is a sample, a reject or a skipped crowd region
     total = len(json.loads(src.read_text())["annotations"])
     assert sum(m["counts"].values()) + len(m["rejected"]) + len(m["skipped"]) == total
@@ -224,17 +227,24 @@ def _labels(h, w, ids, seed):
 
 
 def make_label_folder(root):
-    """images/ + labels/: 16-bit PNG and 16-bit TIFF label images with non-contiguous ids."""
+    """images/ + labels/: 16-bit PNG, 16-bit TIFF and palette PNG label images with
+    non-contiguous ids; one image is a 16-bit grey TIFF (microscopy)."""
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     ids = {"a": [1, 7, 300, 1000], "b": [2, 65535, 9], "c": [5, 6, 40000, 41000], "d": [3, 4, 8]}
     for i, (stem, values) in enumerate(ids.items()):
         lab = _labels(128, 112, values, i)
-        Image.fromarray(_image(128, 112, i, [lab == v for v in values])).save(
-            root / "images" / f"{stem}.png"
-        )
+        image = _image(128, 112, i, [lab == v for v in values])
+        if stem == "c":
+            tifffile.imwrite(root / "images" / "c.tif", image[..., 0].astype(np.uint16) * 257)
+        else:
+            Image.fromarray(image).save(root / "images" / f"{stem}.png")
         if stem == "b":
             tifffile.imwrite(root / "labels" / f"{stem}.tif", lab)
+        elif stem == "d":  # 8-bit palette PNG: the ids are the palette indices
+            pal = Image.fromarray(lab.astype(np.uint8), mode="P")
+            pal.putpalette([c for k in range(256) for c in (k * 7 % 256, k * 13 % 256, 90)])
+            pal.save(root / "labels" / "d.png")
         else:
             Image.fromarray(lab).save(root / "labels" / f"{stem}.png")
     return ids
@@ -243,8 +253,10 @@ def make_label_folder(root):
 def test_label_images_16bit_png_and_tiff(tmp_path):
     ids = make_label_folder(tmp_path / "src")
     assert Image.open(tmp_path / "src/labels/a.png").mode.startswith("I")  # really 16-bit
+    assert Image.open(tmp_path / "src/labels/d.png").mode == "P"
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei", min_area=0)
     assert m["kind"] == "instances" and m["rejected"] == []
+    assert m["flags"]["train"] == {"converted_uint16": 1, "reencoded_TIFF": 1}
     assert m["counts"] == {"train": 14} and m["images"] == {"train": 4}
     out = _samples(tmp_path / "out" / "nuclei", "train")
     got = sorted(out["id"])
@@ -268,7 +280,7 @@ def test_label_image_rejections(tmp_path):
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei")
     reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in m["rejected"]}
     assert reasons["a.png"].startswith("empty label image")
-    assert reasons["c.png"].startswith("label image size 112x64 differs from image size 112x128")
+    assert reasons["c.tif"].startswith("label image size 112x64 differs from image size 112x128")
     assert "stack or volume" in reasons["d.png"]
     assert reasons["e.png"].startswith("no mask with stem 'e'")
     assert m["counts"] == {"train": 3}  # b's three labels
@@ -399,8 +411,6 @@ def test_cli_ingests_coco_and_labels(tmp_path):
 def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     """`infosam data ingest` -> `infosam train` -> `infosam evaluate` -> `infosam predict`, every
     number a mean over instances, each instance prompted from its own mask."""
-    from pathlib import Path
-
     from mlflow.tracking import MlflowClient
 
     from orchestrator.cli import main as cli
@@ -474,3 +484,52 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     labels = np.asarray(Image.open(pred / f"{image_id}_instances.png"))
     assert set(np.unique(labels)) - {0} <= {r["label"] for r in rows}
     assert (pred / f"{image_id}_overlay.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_benchmark_on_an_instance_dataset(ray_local, tmp_path, capsys):
+    """The benchmark on a COCO dataset: scores per instance, intervals drawn by image, and the
+    results say what the values are means over."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import benchmark_all
+
+    src, images = make_coco(tmp_path / "src")
+    ingest_coco(src, tmp_path / "data", "cells", images_dir=images, holdout={"val": 1})
+    sets = [
+        "benchmark.methods=[zero_shot,adapter_infosam]",
+        "benchmark.datasets=[cells]",
+        "benchmark.seeds=[0]",
+        "benchmark.name=inst",
+        "data.test_split=train",  # 2 images, 8 instances: intervals need more than one image
+        "optim.epochs=1",
+        "optim.batch_size=2",
+        f"data.root={tmp_path / 'data'}",
+        "data.synthesize=false",
+        f"storage.path={tmp_path / 'runs'}",
+    ]
+    assert benchmark_all.main([a for s in sets for a in ("--set", s)]) == 0
+    out_dir = tmp_path / "runs" / "inst"
+    md = (out_dir / "results.md").read_text()
+    assert "On cells (instance datasets) a value is a mean over instances." in md
+    assert "1 seed(s) x 8 instances in 2 images" in md
+    assert "(seeds, then images with all their instances;" in md
+    import pandas as pd
+
+    scores = pd.read_csv(out_dir / "scores.csv", dtype=str)
+    assert len(scores) == 2 * 8 and len(set(scores["image"])) == 2
+    assert all(i.split("#")[0] == im for i, im in zip(scores["image_id"], scores["image"]))
+
+
+def test_label_image_without_background_keeps_every_label(tmp_path):
+    (tmp_path / "src/images").mkdir(parents=True)
+    (tmp_path / "src/labels").mkdir()
+    lab = np.full((40, 48), 4, np.uint16)
+    lab[:, 30:] = 2  # two labels tile the whole image: no 0 pixel
+    Image.fromarray(_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
+    Image.fromarray(lab).save(tmp_path / "src/labels/t.png")
+    m = ingest_labels(tmp_path / "src", tmp_path / "out", "tiles")
+    assert m["counts"] == {"train": 2}
+    out = _samples(tmp_path / "out" / "tiles", "train")
+    for sid, original in zip(out["id"], out["mask_original"]):
+        np.testing.assert_array_equal(original, lab == int(sid.split("#")[1]))
