@@ -202,7 +202,9 @@ def read_split(
     """A lazy `ray.data.Dataset` of decoded, padded samples of one split.
 
     With `teacher_cache` (from `orchestrator.teacher_cache.open_teacher_cache`) the split is read
-    from the cache's shards and batches carry the cached `teacher_embedding`.
+    from the cache's shards and batches carry the cached `teacher_embedding`. On instance
+    datasets `batch_size` counts output samples (images are read in proportionally fewer
+    rows), so a decoded block stays the same size however many objects an image holds.
     """
     import ray.data
 
@@ -217,6 +219,9 @@ def read_split(
             shard_paths(dataset_dir, split, manifest), columns=columns(manifest)
         )
         shape = None
+    if manifest.get("kind") == "instances":  # a row is an image that becomes its instances
+        per_image = manifest["counts"].get(split, 0) / max(manifest["images"].get(split, 0), 1)
+        batch_size = max(1, round(batch_size / max(per_image, 1.0)))  # ~batch_size samples out
     return ds.map_batches(
         decode_batch,
         fn_kwargs={
