@@ -114,7 +114,8 @@ def _pixel_limit(limit: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _open(data: bytes, what: str) -> Image.Image:
+def open_encoded(data: bytes, what: str) -> Image.Image:
+    """Decode image bytes under the pixel limit; a Rejected names `what` and why."""
     if not data:
         raise Rejected(f"{what} is a zero-byte file")
     try:
@@ -162,7 +163,7 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
             arr = np.stack([arr] * 3, axis=-1)
         arr = np.ascontiguousarray(arr[..., :3])
         return arr, encode_png(arr), flags
-    img = _open(data, "image")
+    img = open_encoded(data, "image")
     flags: list[str] = []
     fmt = img.format
     arr = np.asarray(img)
@@ -209,23 +210,28 @@ def binarise_mask(arr: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def decode_mask(data: bytes) -> tuple[np.ndarray, list[str]]:
     """Encoded mask -> (H, W) uint8 0/1 and flags, following MASK_RULE."""
-    img = _open(data, "mask")
+    img = open_encoded(data, "mask")
     if img.mode == "1":
         return np.asarray(img).astype(np.uint8), []
     arr = np.asarray(img)
     if img.mode == "P":
         arr = np.asarray(img.convert("L"))
     if arr.ndim == 3:
-        chans = arr[..., :3]
-        if not (
-            np.array_equal(chans[..., 0], chans[..., 1])
-            and np.array_equal(chans[..., 0], chans[..., 2])
-        ):
-            raise Rejected(
-                "mask is a colour image whose channels differ; save it as a single-channel mask"
-            )
-        arr = chans[..., 0]
+        arr = grey_channel(
+            arr, "mask is a colour image whose channels differ; save it as a single-channel mask"
+        )
     return binarise_mask(arr)
+
+
+def grey_channel(arr: np.ndarray, error: str) -> np.ndarray:
+    """(H, W, C) whose colour channels agree -> (H, W); else Rejected(error)."""
+    chans = arr[..., :3]
+    if not (
+        np.array_equal(chans[..., 0], chans[..., 1])
+        and np.array_equal(chans[..., 0], chans[..., 2])
+    ):
+        raise Rejected(error)
+    return chans[..., 0]
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -762,63 +768,68 @@ def assign_holdout(ids: list[str], holdout: dict[str, float]) -> dict[str, str]:
     return out
 
 
-def ingest_folders(
+def open_folder_source(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    name: str | None = None,
+    name: str | None,
     *,
-    split: str | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    preset: str | None = None,
-    images: str | None = None,
-    masks: str | None = None,
-    mask_name: str | None = None,
-    image_glob: str | None = None,
+    fmt: str,
     holdout: dict[str, float] | None = None,
-) -> dict:
-    """Folder(s) of images with folder(s) of binary masks. Default layout: `SRC/images` +
-    `SRC/masks` is one split (`split`, default train), `SRC/<split>/images` + `SRC/<split>/masks`
-    one split per sub-folder, masks matched by stem; `preset` or `images`/`masks`/`mask_name`/
-    `image_glob` for other layouts (see `PRESETS`); `holdout` carves splits out of one split."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra: dict | None = None,
+    instances: bool = False,
+    presets: dict[str, FolderLayout] = PRESETS,
+    default_masks: tuple[str, ...] = ("masks",),
+    **layout_options: str | None,
+) -> tuple[DatasetWriter, list[tuple[str, str, Path, Path]]]:
+    """The writer and the (split, id, image, mask) pairs of a folder source: its layout resolved
+    (`resolve_layout`), unmatched files rejected, held-out splits applied by image."""
     src = Path(src)
     if not src.is_dir():
         raise IngestError(f"source folder not found: {printable(src)}")
-    layout = resolve_layout(
-        src,
-        preset=preset,
-        images=images,
-        masks=masks,
-        mask_name=mask_name,
-        image_glob=image_glob,
-        split=split,
-    )
-    extra = {"layout": layout.describe()}
+    layout = resolve_layout(src, presets=presets, default_masks=default_masks, **layout_options)
+    if holdout and len(layout.splits) > 1:
+        raise IngestError(
+            f"--holdout splits one split, but the source already has {len(layout.splits)} "
+            f"({', '.join(s[0] for s in layout.splits)}); drop --holdout"
+        )
+    meta = {"layout": layout.describe(), **(extra or {})}
     if holdout:
-        extra["holdout"] = holdout
+        meta["holdout"] = holdout
     writer = DatasetWriter(
         out,
         name or src.name,
         shard_bytes=shard_bytes,
         source=printable(src.resolve()),
-        fmt="folders",
-        extra=extra,
+        fmt=fmt,
+        extra=meta,
+        instances=instances,
     )
     pairs = layout_pairs(writer, src, layout)
-    moved = _holdout(pairs, layout, holdout)
-    for split_name, stem, image_path, mask_path in pairs:
-        _add_pair(writer, moved.get(stem, split_name), stem, image_path, mask_path, None)
+    moved = assign_holdout([p[1] for p in pairs], holdout) if holdout else {}
+    return writer, [(moved.get(p[1], p[0]), p[1], p[2], p[3]) for p in pairs]
+
+
+def ingest_folders(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str | None = None,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    holdout: dict[str, float] | None = None,
+    **layout_options: str | None,
+) -> dict:
+    """Folder(s) of images with folder(s) of binary masks. Default layout: `SRC/images` +
+    `SRC/masks` is one split (`split`, default train), `SRC/<split>/images` + `SRC/<split>/masks`
+    one split per sub-folder, masks matched by stem; `preset` or `images`/`masks`/`mask_name`/
+    `image_glob` for other layouts (see `PRESETS`, `resolve_layout`); `holdout` carves splits
+    out of one split."""
+    writer, pairs = open_folder_source(
+        src, out, name, fmt="folders", holdout=holdout, shard_bytes=shard_bytes, **layout_options
+    )
+    for split, stem, image_path, mask_path in pairs:
+        _add_pair(writer, split, stem, image_path, mask_path, None)
     return writer.close()
-
-
-def _holdout(pairs: list[tuple], layout: FolderLayout, holdout: dict | None) -> dict[str, str]:
-    if not holdout:
-        return {}
-    if len(layout.splits) > 1:
-        raise IngestError(
-            f"--holdout splits one split, but the source already has {len(layout.splits)} "
-            f"({', '.join(s[0] for s in layout.splits)}); drop --holdout"
-        )
-    return assign_holdout([p[1] for p in pairs], holdout)
 
 
 def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: object) -> dict:

@@ -28,15 +28,15 @@ from orchestrator.datasets import (
     DatasetWriter,
     IngestError,
     Rejected,
-    _open,
     assign_holdout,
     decode_image,
     encode_mask,
+    grey_channel,
     is_tiff,
-    layout_pairs,
+    open_encoded,
+    open_folder_source,
     printable,
     read_tiff,
-    resolve_layout,
 )
 
 __all__ = ["DEFAULT_MIN_AREA", "coco_mask", "decode_labels", "ingest_coco", "ingest_labels"]
@@ -278,20 +278,15 @@ def decode_labels(data: bytes) -> np.ndarray:
     if is_tiff(data):
         arr = read_tiff(data, "label image")
     else:
-        img = _open(data, "label image")
+        img = open_encoded(data, "label image")
         # palette PNGs store label ids as indices; "L", "I;16", "I" store them as values
         arr = np.asarray(img)
     if arr.ndim == 3:
-        chans = arr[..., :3]
-        if not (
-            np.array_equal(chans[..., 0], chans[..., 1])
-            and np.array_equal(chans[..., 0], chans[..., 2])
-        ):
-            raise Rejected(
-                "label image is a colour image whose channels differ; save the instance ids as "
-                "a single-channel 8/16-bit PNG or TIFF (0 = background, one integer per object)"
-            )
-        arr = chans[..., 0]
+        arr = grey_channel(
+            arr,
+            "label image is a colour image whose channels differ; save the instance ids as "
+            "a single-channel 8/16-bit PNG or TIFF (0 = background, one integer per object)",
+        )
     if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
         raise Rejected("label image has non-integer values: expected integer instance ids")
     if arr.dtype.kind in "if" and arr.min() < 0:
@@ -321,52 +316,30 @@ def ingest_labels(
     out: str | os.PathLike,
     name: str | None = None,
     *,
-    split: str | None = None,
-    preset: str | None = None,
-    images: str | None = None,
-    masks: str | None = None,
-    mask_name: str | None = None,
-    image_glob: str | None = None,
     holdout: dict[str, float] | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    **layout_options: str | None,
 ) -> dict:
     """Folders of images + instance label images (each object a distinct integer, 0 background;
     ids need not be contiguous) -> one sample per non-zero label. Layout: `SRC/images` +
     `SRC/labels` (or `masks`), per-split sub-folders, a preset (`LABEL_PRESETS`) or explicit
-    folders and a mask-name pattern, as for `--format folders`."""
-    src = Path(src)
-    if not src.is_dir():
-        raise IngestError(f"source folder not found: {printable(src)}")
-    layout = resolve_layout(
+    folders and a mask-name pattern (`split`, `preset`, `images`, `masks`, `mask_name`,
+    `image_glob`), as for `--format folders`."""
+    writer, pairs = open_folder_source(
         src,
-        preset=preset,
-        images=images,
-        masks=masks,
-        mask_name=mask_name,
-        image_glob=image_glob,
-        split=split,
+        out,
+        name,
+        fmt="labels",
+        holdout=holdout,
+        shard_bytes=shard_bytes,
+        extra={"min_instance_area": min_area},
+        instances=True,
         presets=LABEL_PRESETS,
         default_masks=("labels", "masks"),
+        **layout_options,
     )
-    extra: dict = {"layout": layout.describe(), "min_instance_area": min_area}
-    if holdout:
-        extra["holdout"] = holdout
-    writer = DatasetWriter(
-        out,
-        name or src.name,
-        shard_bytes=shard_bytes,
-        source=printable(src.resolve()),
-        fmt="labels",
-        extra=extra,
-        instances=True,
-    )
-    pairs = layout_pairs(writer, src, layout)
-    if holdout and len(layout.splits) > 1:
-        raise IngestError("--holdout splits one split, but the source already has several")
-    moved = assign_holdout([p[1] for p in pairs], holdout) if holdout else {}
-    for split_name, stem, image_path, label_path in pairs:
-        target = moved.get(stem, split_name)
+    for target, stem, image_path, label_path in pairs:
         source = printable(image_path)
         try:
             img, stored, flags = decode_image(image_path.read_bytes())

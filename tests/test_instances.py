@@ -277,12 +277,18 @@ def test_label_image_rejections(tmp_path):
     (labels / "d.png").unlink()
     tifffile.imwrite(labels / "d.tif", np.ones((5, 128, 112), np.uint16) * 2)  # a stack
     Image.fromarray(np.ones((128, 112), np.uint8)).save(tmp_path / "src/images/e.png")  # no label
+    for stem in ("f", "g"):
+        Image.fromarray(_image(128, 112, 0)).save(tmp_path / f"src/images/{stem}.png")
+    Image.fromarray(_image(128, 112, 1)).save(labels / "f.png")  # an RGB picture, not ids
+    tifffile.imwrite(labels / "g.tif", np.full((128, 112), 1.5, np.float32))
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei")
     reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in m["rejected"]}
     assert reasons["a.png"].startswith("empty label image")
     assert reasons["c.tif"].startswith("label image size 112x64 differs from image size 112x128")
     assert "stack or volume" in reasons["d.png"]
     assert reasons["e.png"].startswith("no mask with stem 'e'")
+    assert reasons["f.png"].startswith("label image is a colour image whose channels differ")
+    assert reasons["g.png"].startswith("label image has non-integer values")
     assert m["counts"] == {"train": 3}  # b's three labels
 
 
