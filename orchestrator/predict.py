@@ -61,19 +61,23 @@ def load_model(
 
 def parse_prompts(
     box: str | None, point: list[str] | None, prompts_file: str | None, images: list[str]
-) -> dict[str, Prompt]:
-    """One Prompt per image: the same --box/--point for all, or per image from a JSON file
-    ({"name.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}})."""
+) -> dict[str, Prompt | list[Prompt]]:
+    """A Prompt per image: the same --box/--point for all, or per image from a JSON file
+    ({"name.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}}); a list of such
+    objects prompts several objects (instances) of one image, one mask each."""
     if prompts_file:
         data = json.loads(Path(prompts_file).read_text())
-        out = {}
+        out: dict[str, Prompt | list[Prompt]] = {}
         for image in images:
             entry = data.get(image) or data.get(Path(image).name)
-            if entry is None:
+            if not entry:
                 raise ValueError(
                     f"{prompts_file} has no prompt for {image} (keys are image paths or file names)"
                 )
-            out[image] = Prompt(entry.get("box"), entry.get("points"))
+            if isinstance(entry, list):
+                out[image] = [Prompt(e.get("box"), e.get("points")) for e in entry]
+            else:
+                out[image] = Prompt(entry.get("box"), entry.get("points"))
         return out
     if not box and not point:
         raise ValueError(
@@ -121,43 +125,66 @@ def _prompt_batch(
     return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
 
 
+PALETTE = [(255, 60, 0), (0, 160, 255), (255, 200, 0), (200, 0, 255), (0, 220, 120)]
+
+
 def predict_files(
     model: PromptableSam,
     images: list[str],
-    prompts: dict[str, Prompt],
+    prompts: dict[str, Prompt | list[Prompt]],
     out_dir: str | os.PathLike,
     *,
     batch_size: int = 8,
     device: str = "cpu",
 ) -> list[dict]:
-    """Write `<stem>_mask.png` (0/255) and `<stem>_overlay.png` per image at original resolution."""
+    """Masks at original resolution: `<stem>_mask.png` (0/255) per image with one prompt,
+    `<stem>_<k>_mask.png` per object when an image has a list of prompts, and one
+    `<stem>_overlay.png` per image (each object in its own colour)."""
     from orchestrator.visualize import overlay
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.image_size
+    jobs = [
+        (path, k if isinstance(prompts[path], list) else None, p)
+        for path in images
+        for k, p in enumerate(prompts[path] if isinstance(prompts[path], list) else [prompts[path]])
+    ]
+    last = {path: i for i, (path, _, _) in enumerate(jobs)}  # an image's last object
     written = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in chunk]
-        prepared = [prepare_pair(a, np.zeros(a.shape[:2], np.uint8), size) for a in arrays]
+    arrays: dict[str, np.ndarray] = {}
+    shown: dict[str, np.ndarray] = {}
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        for path, _, _ in chunk:
+            if path not in arrays:
+                arrays[path] = np.asarray(Image.open(path).convert("RGB"))
+        prepared = [
+            prepare_pair(arrays[p], np.zeros(arrays[p].shape[:2], np.uint8), size)
+            for p, _, _ in chunk
+        ]
         batch_images = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
         input_sizes = torch.tensor([p[2] for p in prepared], device=device)
-        originals = [a.shape[:2] for a in arrays]
-        pb = _prompt_batch([prompts[p] for p in chunk], originals, size).to(device)
+        originals = [arrays[p].shape[:2] for p, _, _ in chunk]
+        pb = _prompt_batch([prompt for _, _, prompt in chunk], originals, size).to(device)
         logits = predict_logits(model, batch_images, pb, input_sizes, originals)
-        for path, arr, lg in zip(chunk, arrays, logits):
+        for (path, k, _), lg in zip(chunk, logits):
             mask = (lg > 0).cpu().numpy()
-            stem = Path(path).stem
+            stem = Path(path).stem if k is None else f"{Path(path).stem}_{k}"
             Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{stem}_mask.png")
-            Image.fromarray(overlay(arr, mask, (255, 60, 0))).save(out / f"{stem}_overlay.png")
+            colour = PALETTE[(k or 0) % len(PALETTE)]
+            shown[path] = overlay(shown.get(path, arrays[path]), mask, colour)
             written.append(
                 {
                     "image": str(path),
+                    "object": k,
                     "mask": str(out / f"{stem}_mask.png"),
                     "foreground_fraction": float(mask.mean()),
                 }
             )
+        for path in [p for p in arrays if last[p] < start + batch_size]:
+            Image.fromarray(shown.pop(path)).save(out / f"{Path(path).stem}_overlay.png")
+            del arrays[path]  # every object of this image is done
     return written
 
 
@@ -192,7 +219,6 @@ def predict_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    palette = [(255, 60, 0), (0, 160, 255), (255, 200, 0), (200, 0, 255), (0, 220, 120)]
     written: list[dict] = []
     for row in iter_rows(data_dir, split):
         cols = {}
@@ -227,7 +253,7 @@ def predict_dataset(
                 path = out / name / f"{_safe(instance)}_mask.png"
                 Image.fromarray((pred * 255).astype(np.uint8)).save(path)
                 labels[pred] = k + 1
-                shown = overlay(shown, pred, palette[k % len(palette)])
+                shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
                 written.append(
                     {
                         "id": sample,

@@ -106,6 +106,36 @@ def test_predict_cli_equals_engine_predictions(tmp_path, synthetic_root):
         assert (tmp_path / "pred" / f"{p.stem}_overlay.png").is_file()
 
 
+def test_several_objects_per_image_from_a_prompts_file(tmp_path, synthetic_root):
+    """A list of prompts for one image: one mask per object, the same as prompting each alone,
+    and one overlay with every object."""
+    ckpt, _ = _checkpoint(tmp_path, synthetic_root, "lora")
+    paths = _images(tmp_path)
+    boxes = [[10, 10, 90, 80], [100, 60, 170, 170], [40, 30, 150, 130]]
+    spec = {paths[0].name: [{"box": b} for b in boxes], paths[1].name: {"box": boxes[2]}}
+    (tmp_path / "prompts.json").write_text(json.dumps(spec))
+    base = ["predict", "--checkpoint", str(ckpt), "--batch-size", "2"]
+    images = ["--images", str(paths[0]), str(paths[1])]
+    args = [*base, *images, "--prompts", str(tmp_path / "prompts.json"), "--out"]
+    assert cli([*args, str(tmp_path / "multi")]) == 0
+    for k, b in enumerate(boxes):
+        box = ",".join(map(str, b))
+        one = tmp_path / f"one{k}"
+        assert cli([*base, "--images", str(paths[0]), "--box", box, "--out", str(one)]) == 0
+        alone = np.asarray(Image.open(one / f"{paths[0].stem}_mask.png"))
+        together = np.asarray(Image.open(tmp_path / "multi" / f"{paths[0].stem}_{k}_mask.png"))
+        assert np.array_equal(alone, together)
+    names = sorted(p.name for p in (tmp_path / "multi").iterdir())
+    assert names == sorted(
+        [f"{paths[0].stem}_{k}_mask.png" for k in range(3)]
+        + [
+            f"{paths[0].stem}_overlay.png",
+            f"{paths[1].stem}_mask.png",
+            f"{paths[1].stem}_overlay.png",
+        ]
+    )
+
+
 def test_prompts_file_and_points(tmp_path, synthetic_root):
     ckpt, _ = _checkpoint(tmp_path, synthetic_root, "decoder")
     paths = _images(tmp_path)
