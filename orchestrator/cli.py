@@ -28,10 +28,13 @@ def _cmd_data_ingest(args: argparse.Namespace) -> int:
             if len(args.rest) != 2:
                 raise IngestError("--format coco takes SRC.json IMAGES_DIR OUT")
             kwargs["images_dir"], out = args.rest
+            kwargs["more"] = [tuple(v) for v in args.coco_split or []]
         elif len(args.rest) != 1:
             raise IngestError(f"--format {args.format} takes SRC OUT")
         else:
             out = args.rest[0]
+        if args.coco_split and args.format != "coco":
+            raise IngestError("--also is for --format coco (one annotation file per split)")
         if args.format != "convlora":
             kwargs["split"] = args.split
             kwargs["holdout"] = parse_holdout(args.holdout)
@@ -133,6 +136,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     i.add_argument("rest", nargs="+", metavar="[IMAGES_DIR] OUT", help="coco: IMAGES_DIR OUT")
     i.add_argument("--name", help="dataset name (default: the source folder's or file's name)")
     i.add_argument("--split", help="the split of a one-split source (default train)")
+    i.add_argument(
+        "--also",
+        dest="coco_split",
+        nargs=3,
+        action="append",
+        metavar=("SPLIT", "FILE.json", "IMAGES_DIR"),
+        help="coco: another split's file and images (repeatable), e.g. --also val "
+        "annotations/instances_val2017.json val2017",
+    )
     i.add_argument(
         "--preset",
         help="a benchmark's raw layout: folders: kvasir, isic2017, camo, cod10k; labels: cod10k",

@@ -288,6 +288,8 @@ class DatasetWriter:
         self.flag_counts: dict[str, Counter[str]] = {}
         self.rejected: list[dict] = []
         self.ids: dict[str, str] = {}
+        self.digests: dict[bytes, tuple[str, str]] = {}  # image sha256 -> (split, id)
+        self.cross_split: list[dict] = []
         self.shard_index: Counter[str] = Counter()
 
     def reject(self, source: str, reason: str, split: str = "", row: int | None = None) -> None:
@@ -295,6 +297,24 @@ class DatasetWriter:
         if row is not None:
             entry["row"] = row
         self.rejected.append(entry)
+
+    def conflict(self, image_id: str) -> str | None:
+        """Why an image id cannot be added: it is taken (two files of one name, or one image
+        listed in two splits)."""
+        if image_id in self.ids:
+            return f"duplicate id {image_id!r} (first seen in split {self.ids[image_id]!r})"
+        return None
+
+    def _claim(self, image_id: str, image: bytes, split: str) -> None:
+        """Take the id; the same image bytes under another split are recorded (not rejected:
+        a benchmark's published splits stay as published) in `duplicates_across_splits`."""
+        self.ids[image_id] = split
+        digest = hashlib.sha256(image).digest()
+        seen = self.digests.setdefault(digest, (split, image_id))
+        if seen[0] != split:
+            self.cross_split.append(
+                {"id": image_id, "split": split, "same_bytes_as": seen[1], "in_split": seen[0]}
+            )
 
     def add(
         self,
@@ -308,14 +328,11 @@ class DatasetWriter:
         flags: list[str],
     ) -> bool:
         """Add one row; a duplicate id is rejected (first occurrence wins) and returns False."""
-        if sample_id in self.ids:
-            self.reject(
-                source,
-                f"duplicate id {sample_id!r} (first seen in split {self.ids[sample_id]!r})",
-                split,
-            )
+        reason = self.conflict(sample_id)
+        if reason:
+            self.reject(source, reason, split)
             return False
-        self.ids[sample_id] = split
+        self._claim(sample_id, image, split)
         shard = self.open.setdefault(split, _Shard(split))
         shard.rows.append(
             {
@@ -352,15 +369,12 @@ class DatasetWriter:
         """Add one image of an instance dataset with its instances (dicts with `id`, `mask` PNG
         bytes, `category`, `flags`); each instance becomes a sample `<image_id>#<id>`."""
         assert self.instances, "add_image needs DatasetWriter(..., instances=True)"
-        if image_id in self.ids:
+        reason = self.conflict(image_id)
+        if reason:
             for inst in instances:
-                self.reject(
-                    f"{source}#{inst['id']}",
-                    f"duplicate image id {image_id!r} (first seen in split {self.ids[image_id]!r})",
-                    split,
-                )
+                self.reject(f"{source}#{inst['id']}", reason, split)
             return False
-        self.ids[image_id] = split
+        self._claim(image_id, image, split)
         shard = self.open.setdefault(split, _Shard(split))
         shard.rows.append(
             {
@@ -428,6 +442,8 @@ class DatasetWriter:
             "shards": sorted(self.shards, key=lambda s: s["path"]),
             "rejected": self.rejected,
         }
+        if self.cross_split:  # only when there are some: manifests without stay as they were
+            manifest["duplicates_across_splits"] = self.cross_split
         (self.tmp / "manifest.json").write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         )
@@ -946,6 +962,14 @@ def summarise(manifest: dict) -> str:
     lines.append(
         f"  shards: {len(manifest['shards'])}, {sum(s['bytes'] for s in manifest['shards']) / 1e6:.1f} MB"
     )
+    dup = manifest.get("duplicates_across_splits", [])
+    if dup:
+        first = dup[0]
+        lines.append(
+            f"  warning: {len(dup)} image(s) have identical bytes in two splits, e.g. "
+            f"{first['id']!r} ({first['split']}) = {first['same_bytes_as']!r} "
+            f"({first['in_split']}); see duplicates_across_splits in manifest.json"
+        )
     rej = manifest["rejected"]
     lines.append(f"  rejected: {len(rej)}")
     for r in rej[:20]:

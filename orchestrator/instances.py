@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -136,31 +136,87 @@ def ingest_coco(
     *,
     images_dir: str | os.PathLike,
     split: str | None = None,
+    more: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]] = (),
     holdout: dict[str, float] | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict:
     """A COCO instances file (`src`) with its images (`images_dir`, `file_name` relative to it)
-    -> one sample per annotation, one parquet row per image. `iscrowd` regions are skipped and
-    listed; `holdout` ({"val": 0.1, "test": 50}) moves whole images to held-out splits."""
-    src, images_root = Path(src), Path(images_dir)
-    data = _load_coco(src)
-    if not images_root.is_dir():
-        raise IngestError(
-            f"images folder not found: {printable(images_root)} (the folder that the COCO "
-            "file's file_name entries are relative to)"
-        )
-    split = split or "train"
-    where = src.name
+    -> one sample per annotation, one parquet row per image, in split `split` (default train).
+    `more`: (split, file, images_dir) of the other splits' files (COCO ships one per split).
+    `iscrowd` regions are skipped and listed; `holdout` ({"val": 0.1, "test": 50}) moves whole
+    images of a single file to held-out splits."""
+    sources = [(split or "train", Path(src), Path(images_dir))]
+    sources += [(s, Path(a), Path(i)) for s, a, i in more]
+    names = [s for s, _, _ in sources]
+    if len(set(names)) != len(names):
+        raise IngestError(f"each COCO file needs its own split, got splits {names}")
+    if holdout and len(sources) > 1:
+        raise IngestError("--holdout splits one COCO file; with one file per split, drop it")
+    loaded = []
+    for split_name, path, root in sources:
+        data = _load_coco(path)
+        if not root.is_dir():
+            raise IngestError(
+                f"images folder not found: {printable(root)} (the folder that the file_name "
+                f"entries of {printable(path)} are relative to)"
+            )
+        loaded.append((split_name, path, root, data))
     writer = DatasetWriter(
         out,
-        name or src.stem,
+        name or Path(src).stem,
         shard_bytes=shard_bytes,
-        source=printable(src.resolve()),
+        source=printable(Path(src).resolve()),
         fmt="coco",
-        extra={"images_dir": printable(images_root.resolve()), "min_instance_area": min_area},
+        extra={
+            "sources": [
+                {
+                    "split": s,
+                    "annotations": printable(p.resolve()),
+                    "images_dir": printable(r.resolve()),
+                }
+                for s, p, r, _ in loaded
+            ],
+            "min_instance_area": min_area,
+        },
         instances=True,
     )
+    used: Counter[str] = Counter()
+    skipped: list[dict] = []
+    unannotated = 0
+    for split_name, path, root, data in loaded:
+        first = len(writer.rejected)
+        unannotated += _ingest_coco_file(
+            writer, data, path.name, root, split_name, holdout, min_area, used, skipped
+        )
+        # in file order: image entries, then annotations by their row
+        writer.rejected[first:] = sorted(
+            writer.rejected[first:], key=lambda r: (" annotation" in r["source"], r.get("row", 0))
+        )
+    writer.meta.update(
+        {
+            "categories": dict(sorted(used.items())),
+            "unannotated_images": unannotated,
+            "skipped": skipped,
+        }
+    )
+    if holdout:
+        writer.meta["holdout"] = holdout
+    return writer.close()
+
+
+def _ingest_coco_file(
+    writer: DatasetWriter,
+    data: dict,
+    where: str,
+    images_root: Path,
+    split: str,
+    holdout: dict[str, float] | None,
+    min_area: int,
+    used: Counter[str],
+    skipped: list[dict],
+) -> int:
+    """One COCO file's images and annotations into `writer`; returns its unannotated images."""
     categories = {
         c.get("id"): str(c.get("name", c.get("id")))
         for c in data.get("categories") or []
@@ -181,21 +237,22 @@ def ingest_coco(
             images[entry["id"]] = entry
     per_image: dict[object, list[tuple[int, dict]]] = {}
     first_seen: dict[object, int] = {}
-    skipped: list[dict] = []
     for row, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         source = f"{where} annotation id={ann_id}"
         if ann_id is None:
             writer.reject(f"{where} annotations[{row}]", "annotation without an id", split, row)
-        elif ann_id in first_seen:
+            continue
+        if ann_id in first_seen:
             writer.reject(
                 source,
                 f"duplicate annotation id {ann_id!r} (first at annotations[{first_seen[ann_id]}])",
                 split,
                 row,
             )
-        elif ann.get("image_id") not in images:
-            first_seen[ann_id] = row
+            continue
+        first_seen[ann_id] = row
+        if ann.get("image_id") not in images:
             writer.reject(
                 source,
                 f"unknown image id {ann.get('image_id')!r}: no entry in the file's images list",
@@ -203,14 +260,11 @@ def ingest_coco(
                 row,
             )
         elif ann.get("iscrowd"):
-            first_seen[ann_id] = row
             skipped.append({"source": source, "row": row, "reason": "iscrowd: a crowd region"})
         else:
-            first_seen[ann_id] = row
             per_image.setdefault(ann["image_id"], []).append((row, ann))
     image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
     moved = assign_holdout(sorted(image_ids.values()), holdout) if holdout else {}
-    used = Counter()
     for coco_id, entry in images.items():
         anns = per_image.get(coco_id)
         if not anns:
@@ -230,6 +284,10 @@ def ingest_coco(
         except Rejected as exc:
             reject_all(f"{exc} [{printable(path)}]" if "not found" not in str(exc) else str(exc))
             continue
+        conflict = writer.conflict(image_id)
+        if conflict:
+            reject_all(f"{conflict} [{printable(path)}]")
+            continue
         h, w = img.shape[:2]
         said = (entry.get("height"), entry.get("width"))
         if said != (None, None) and said != (h, w):
@@ -240,8 +298,8 @@ def ingest_coco(
             continue
         kept = []
         for row, ann in anns:
+            cat = ann.get("category_id")
             try:
-                cat = ann.get("category_id")
                 if categories and cat not in categories:
                     raise Rejected(
                         f"unknown category id {cat!r}: not in the file's categories list"
@@ -256,18 +314,7 @@ def ingest_coco(
             kept.append(_instance(ann["id"], mask, category, min_area))
         if kept:
             writer.add_image(target, image_id, stored, h, w, printable(path), flags, kept)
-    writer.meta.update(
-        {
-            "categories": dict(sorted(used.items())),
-            "unannotated_images": len(images) - len(per_image),
-            "skipped": skipped,
-        }
-    )
-    if holdout:
-        writer.meta["holdout"] = holdout
-    # in file order: image entries, then annotations by their row
-    writer.rejected.sort(key=lambda r: (" annotation" in r["source"], r.get("row", 0)))
-    return writer.close()
+    return len(images) - len(per_image)
 
 
 # ----------------------------------------------------------------------------- label images

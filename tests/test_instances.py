@@ -3,6 +3,7 @@ per-instance training, evaluation and prediction."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def _objects(h, w, i):
     return [tri, rect, compressed, uncompressed]
 
 
-def make_coco(root, *, extra_annotations=(), extra_images=()):
+def make_coco(root, *, extra_annotations=(), extra_images=(), seed=0):
     """3 images, 12 instances (6 polygons, 6 RLE), one crowd region; returns (json, images)."""
     images_dir = root / "images"
     images_dir.mkdir(parents=True)
@@ -67,7 +68,7 @@ def make_coco(root, *, extra_annotations=(), extra_images=()):
     for i, (h, w) in enumerate(SIZES):
         segs = _objects(h, w, i)
         masks = [coco_mask(s, h, w) for s in segs]
-        Image.fromarray(_image(h, w, i, masks)).save(images_dir / f"img{i}.png")
+        Image.fromarray(_image(h, w, seed + i, masks)).save(images_dir / f"img{i}.png")
         data["images"].append({"id": i + 1, "file_name": f"img{i}.png", "height": h, "width": w})
         for s in segs:
             data["annotations"].append(
@@ -205,6 +206,46 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
     total = len(json.loads(src.read_text())["annotations"])
     assert sum(m["counts"].values()) + len(m["rejected"]) + len(m["skipped"]) == total
     assert m["counts"] == {"train": 12}
+
+
+def test_coco_one_file_per_split(tmp_path, capsys):
+    """COCO ships a file per split: `--also SPLIT FILE IMAGES` adds them to one dataset; ids may
+    restart per file, and an image listed in two splits is caught."""
+    from orchestrator.cli import main as cli
+
+    train, images = make_coco(tmp_path / "train")
+    val, val_images = make_coco(tmp_path / "val", seed=10)  # the same annotation ids
+    data = json.loads(val.read_text())
+    for entry in data["images"]:
+        (val_images / entry["file_name"]).rename(val_images / f"v_{entry['file_name']}")
+        entry["file_name"] = f"v_{entry['file_name']}"
+    shutil.copy(images / "img2.png", val_images / "copy_of_train.png")
+    data["images"][2]["file_name"] = "copy_of_train.png"  # a training image, renamed
+    val.write_text(json.dumps(data))
+    args = ["data", "ingest", "--format", "coco", str(train), str(images), str(tmp_path / "d")]
+    assert cli([*args, "--name", "c", "--also", "val", str(val), str(val_images)]) == 0
+    m = load_manifest(tmp_path / "d" / "c")
+    assert m["counts"] == {"train": 12, "val": 12} and m["images"] == {"train": 3, "val": 3}
+    assert [s["split"] for s in m["sources"]] == ["train", "val"] and m["rejected"] == []
+    assert m["duplicates_across_splits"] == [
+        {"id": "copy_of_train", "split": "val", "same_bytes_as": "img2", "in_split": "train"}
+    ]
+    assert "warning: 1 image(s) have identical bytes in two splits" in capsys.readouterr().out
+    # a file listed twice is one id: the second listing's annotations are rejected
+    again = json.loads(val.read_text())
+    again["images"][1]["file_name"] = again["images"][0]["file_name"]
+    val.write_text(json.dumps(again))
+    assert cli([*args, "--name", "c", "--also", "val", str(val), str(val_images)]) == 0
+    m = load_manifest(tmp_path / "d" / "c")
+    assert [r["reason"].split(" [")[0] for r in m["rejected"]] == [
+        "duplicate id 'v_img0' (first seen in split 'val')"
+    ] * 4
+    assert [r["source"] for r in m["rejected"]] == [
+        f"instances.json annotation id={i}" for i in (104, 105, 106, 107)
+    ]
+    capsys.readouterr()
+    assert cli([*args, "--also", "train", str(val), str(val_images)]) == 2
+    assert "needs its own split" in capsys.readouterr().err
 
 
 def test_coco_input_errors_name_the_file(tmp_path):
