@@ -106,6 +106,8 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
             raise Rejected(f"RLE cannot be decoded ({type(exc).__name__}: {exc})") from None
         if mask.shape != (height, width):
             raise Rejected(f"RLE decodes to {mask.shape}, not ({height}, {width})")
+        if not mask.any():
+            raise Rejected("empty RLE: the mask has no foreground pixel, no object to prompt")
         return mask.astype(np.uint8)
     raise Rejected(
         "segmentation is neither a list of polygons nor an RLE dict with 'size' and 'counts'"

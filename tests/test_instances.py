@@ -182,6 +182,7 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
         ann(506, 11, good_rle),
         ann(507, 1, {"counts": [1, 2]}),  # not a segmentation
         ann(508, 1, poly) | {"category_id": 42},  # a category the file does not list
+        ann(509, 1, {"size": [h, w], "counts": [h * w]}),  # an RLE without foreground
     ]
     extra_images = [
         {"id": 10, "file_name": "gone.png", "height": h, "width": w},
@@ -201,7 +202,8 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
     assert "unreadable" in reasons["506"]
     assert reasons["507"].startswith("segmentation is neither")
     assert reasons["508"].startswith("unknown category id 42")
-    assert [r["row"] for r in m["rejected"]] == list(range(13, 23))  # in file order
+    assert reasons["509"].startswith("empty RLE")
+    assert [r["row"] for r in m["rejected"]] == list(range(13, 24))  # in file order
     # nothing lost: every annotation is a sample, a reject or a skipped crowd region
     total = len(json.loads(src.read_text())["annotations"])
     assert sum(m["counts"].values()) + len(m["rejected"]) + len(m["skipped"]) == total
