@@ -469,11 +469,11 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     if fmt == "coco":
         src, images = make_coco(tmp_path / "src")
         args = [str(src), str(images), str(data)]
-        extra = []  # two DDP workers: the Grams span both workers' instances
-    else:
+        extra = ["scaling.num_workers=0"]  # Train's local mode: the quick default-suite run
+    else:  # two DDP workers (the Grams span both workers' instances) and the teacher cache
         make_label_folder(tmp_path / "src")
         args = [str(tmp_path / "src"), str(data)]
-        extra = ["scaling.num_workers=1", "speed.teacher_cache=true", "data.augment=none"]
+        extra = ["speed.teacher_cache=true", "data.augment=none"]
     holdout = ["--holdout", "val=1", "--holdout", "test=1"]
     assert cli(["data", "ingest", "--format", fmt, *args, "--name", "inst", *holdout]) == 0
     manifest = load_manifest(data / "inst")
