@@ -22,7 +22,11 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_ingest(args: argparse.Namespace) -> int:
     from orchestrator.datasets import IngestError, ingest, parse_holdout, summarise
 
-    kwargs: dict = {"name": args.name, "shard_bytes": int(args.shard_mb * (1 << 20))}
+    kwargs: dict = {
+        "name": args.name,
+        "shard_bytes": int(args.shard_mb * (1 << 20)),
+        "workers": args.workers,
+    }
     try:
         if args.format == "coco":
             if len(args.rest) != 2:
@@ -116,6 +120,16 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make, ingest and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -163,6 +177,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "--min-area", type=int, default=16, help="instances below this many pixels are flagged"
     )
     i.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    i.add_argument(
+        "--workers",
+        type=_at_least_one,
+        help="threads decoding images and masks (default: the CPUs this process may use, at "
+        "most 8; 1 below 32 images); the output is the same bytes for any number",
+    )
     i.set_defaults(func=_cmd_data_ingest)
     n = dsub.add_parser("inspect", help="summarise a dataset's manifest")
     n.add_argument("dataset")

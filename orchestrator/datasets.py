@@ -22,10 +22,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import threading
 import warnings
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,7 @@ __all__ = [
     "ingest_convlora",
     "ingest_folders",
     "load_manifest",
+    "ordered_map",
     "shard_paths",
 ]
 
@@ -85,6 +89,8 @@ INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_SHARD_BYTES = 64 << 20
 MAX_PIXELS = 1 << 28  # large remote-sensing tiles are legitimate input (PIL warns at 89 M)
+# Below this many images decoding threads are not worth starting.
+POOL_MIN_ITEMS = 32
 
 
 class IngestError(Exception):
@@ -103,15 +109,29 @@ def printable(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------- decoding
 
 
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit_previous: int | None = None
+
+
 @contextlib.contextmanager
 def _pixel_limit(limit: int):
-    """PIL's decompression-bomb limit for this call only (importing us changes nothing)."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit
+    """PIL's decompression-bomb limit while any ingest decodes (importing us changes nothing).
+    PIL reads one global: decoding threads share one raise and the last one out restores it,
+    so no thread decodes a large tile under PIL's default and the caller's value comes back."""
+    global _limit_users, _limit_previous
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit_previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = limit
+        _limit_users += 1
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = previous
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _limit_previous
 
 
 def open_encoded(data: bytes, what: str) -> Image.Image:
@@ -123,7 +143,10 @@ def open_encoded(data: bytes, what: str) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
+        # PIL names the buffer "<_io.BytesIO object at 0x...>": an address would make two
+        # ingests of one source differ
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {message})") from None
     return img
 
 
@@ -242,6 +265,55 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 def encode_mask(mask01: np.ndarray) -> bytes:
     return encode_png(mask01.astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- parallel decode
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (its affinity, not the machine's count), at most 8: past
+    that the single writer (parquet, sha256) is the bottleneck."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def ordered_map(
+    fn: Callable[[object], object], items: Sequence[object], workers: int | None = None
+) -> Iterator[object]:
+    """`fn(item)` for each item, in item order, computed by `workers` threads.
+
+    Decoding (images, polygons, masks, PNG encoding) is the cost of an ingest and independent
+    per image; Pillow's codecs, zlib, pycocotools and numpy release the GIL, so threads scale
+    (COCO, 2 cores: 2.0x) and beat processes (1.7x: pickling the bytes, starting interpreters,
+    re-importing the caller's script). Writing stays in the caller, in input order, so the shards
+    and the manifest are the same bytes for any number of workers. At most 4 results per worker
+    wait ahead of the writer: a large dataset never piles up in memory. `workers=None`:
+    `default_workers()`, or 1 below `POOL_MIN_ITEMS` items."""
+    if workers is None:
+        workers = default_workers() if len(items) >= POOL_MIN_ITEMS else 1
+    if workers < 1:  # raised here, not at the first result: before anything is decoded
+        raise IngestError(f"--workers must be at least 1, got {workers}")
+    workers = min(workers, len(items))
+    return map(fn, items) if workers <= 1 else _threaded(fn, items, workers)
+
+
+def _threaded(fn: Callable, items: Sequence[object], workers: int) -> Iterator[object]:
+    pending: deque = deque()
+    todo = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
+        try:
+            for item in todo:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for item in todo:  # refill the window by one
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:  # an error or Ctrl-C: drop what has not started
+            for future in pending:
+                future.cancel()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -453,15 +525,10 @@ class DatasetWriter:
         return manifest
 
 
-def _add_pair(
-    writer: DatasetWriter,
-    split: str,
-    sample_id: str,
-    image_path: Path,
-    mask_path: Path,
-    row: int | None,
-) -> None:
-    source = printable(image_path)
+def decode_pair(paths: tuple[Path, Path]) -> tuple:
+    """(image, mask) paths -> ("ok", image bytes, mask PNG, height, width, flags) or
+    ("rejected", reason). Runs in an ingest thread (`ordered_map`)."""
+    image_path, mask_path = paths
     try:
         if not image_path.is_file():
             raise Rejected(f"image file not found: {printable(image_path)}")
@@ -478,12 +545,32 @@ def _add_pair(
                 f"{img.shape[1]}x{img.shape[0]} [{printable(mask_path)}]"
             )
     except Rejected as exc:
-        writer.reject(source, str(exc), split, row)
-        return
+        return ("rejected", str(exc))
     flags = flags + mflags + (["empty_mask"] if not mask.any() else [])
-    writer.add(
-        split, sample_id, stored, encode_mask(mask), img.shape[0], img.shape[1], source, flags
-    )
+    return ("ok", stored, encode_mask(mask), img.shape[0], img.shape[1], flags)
+
+
+def _write_pairs(
+    writer: DatasetWriter,
+    pairs: Sequence[tuple[str, str, Path | None, Path | None, int | None]],
+    workers: int | None,
+    empty_reason: str = "",
+) -> None:
+    """(split, id, image, mask, csv row) pairs, decoded in parallel, written in input order; a
+    pair without paths (an empty CSV cell) is rejected with `empty_reason` in its place."""
+    todo = [(p[2], p[3]) for p in pairs if p[2] is not None and p[3] is not None]
+    results = ordered_map(decode_pair, todo, workers)
+    for split, sample_id, image_path, mask_path, row in pairs:
+        if image_path is None or mask_path is None:
+            writer.reject(f"{split}.csv row {row}", empty_reason, split, row)
+            continue
+        result = next(results)
+        source = printable(image_path)
+        if result[0] == "rejected":
+            writer.reject(source, result[1], split, row)
+        else:
+            _, stored, mask, height, width, flags = result
+            writer.add(split, sample_id, stored, mask, height, width, source, flags)
 
 
 # ----------------------------------------------------------------------------- Conv-LoRA layout
@@ -502,9 +589,11 @@ def ingest_convlora(
     name: str | None = None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    workers: int | None = None,
 ) -> dict:
     """Conv-LoRA benchmark folder: train.csv / val.csv / test*.csv with `image`,`label` columns
-    (paths relative to the folder; a leading unnamed index column is ignored)."""
+    (paths relative to the folder; a leading unnamed index column is ignored). `workers`: decoding
+    threads (`ordered_map`)."""
     import pandas as pd
 
     src = Path(src)
@@ -538,14 +627,15 @@ def ingest_convlora(
         source=printable(src.resolve()),
         fmt="convlora",
     )
+    pairs: list[tuple] = []
     for split, df in frames:
         for row, (image_rel, label_rel) in enumerate(zip(df["image"], df["label"], strict=True)):
             if not image_rel or not label_rel:
-                writer.reject(f"{split}.csv row {row}", "empty image or label cell", split, row)
+                pairs.append((split, "", None, None, row))
                 continue
-            image_path, mask_path = src / image_rel, src / label_rel
             sample_id = str(Path(image_rel).with_suffix("")).replace(os.sep, "/")
-            _add_pair(writer, split, sample_id, image_path, mask_path, row)
+            pairs.append((split, sample_id, src / image_rel, src / label_rel, row))
+    _write_pairs(writer, pairs, workers, "empty image or label cell")
     return writer.close()
 
 
@@ -833,18 +923,18 @@ def ingest_folders(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     holdout: dict[str, float] | None = None,
+    workers: int | None = None,
     **layout_options: str | None,
 ) -> dict:
     """Folder(s) of images with folder(s) of binary masks. Default layout: `SRC/images` +
     `SRC/masks` is one split (`split`, default train), `SRC/<split>/images` + `SRC/<split>/masks`
     one split per sub-folder, masks matched by stem; `preset` or `images`/`masks`/`mask_name`/
     `image_glob` for other layouts (see `PRESETS`, `resolve_layout`); `holdout` carves splits
-    out of one split."""
+    out of one split; `workers` decoding threads (`ordered_map`)."""
     writer, pairs = open_folder_source(
         src, out, name, fmt="folders", holdout=holdout, shard_bytes=shard_bytes, **layout_options
     )
-    for split, stem, image_path, mask_path in pairs:
-        _add_pair(writer, split, stem, image_path, mask_path, None)
+    _write_pairs(writer, [(*p, None) for p in pairs], workers)
     return writer.close()
 
 

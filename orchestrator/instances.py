@@ -35,6 +35,7 @@ from orchestrator.datasets import (
     is_tiff,
     open_encoded,
     open_folder_source,
+    ordered_map,
     printable,
     read_tiff,
 )
@@ -44,12 +45,11 @@ __all__ = ["DEFAULT_MIN_AREA", "coco_mask", "decode_labels", "ingest_coco", "ing
 DEFAULT_MIN_AREA = 16  # pixels; smaller instances are kept and flagged `small_instance`
 
 
-def _instance(instance_id: object, mask: np.ndarray, category: str, min_area: int) -> dict:
+def _instance(instance_id: object, mask: np.ndarray, min_area: int) -> dict:
     area = int(mask.sum())
     return {
         "id": str(instance_id),
         "mask": encode_mask(mask),
-        "category": category,
         "flags": ["small_instance"] if area < min_area else [],
     }
 
@@ -81,7 +81,7 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
             raise Rejected(
                 "degenerate polygon: it encloses no pixel (zero area, or outside the image)"
             )
-        return mask.astype(np.uint8)
+        return np.ascontiguousarray(mask, dtype=np.uint8)  # pycocotools decodes column-major
     if isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation):
         size = list(segmentation["size"])
         if size != [height, width]:
@@ -108,10 +108,40 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
             raise Rejected(f"RLE decodes to {mask.shape}, not ({height}, {width})")
         if not mask.any():
             raise Rejected("empty RLE: the mask has no foreground pixel, no object to prompt")
-        return mask.astype(np.uint8)
+        return np.ascontiguousarray(mask, dtype=np.uint8)  # pycocotools decodes column-major
     raise Rejected(
         "segmentation is neither a list of polygons nor an RLE dict with 'size' and 'counts'"
     )
+
+
+def decode_coco_image(item: tuple) -> tuple:
+    """One COCO image and its annotations -> ("ok", height, width, image bytes, flags,
+    size-mismatch reason or None, {row: instance dict or reject reason}) or ("rejected", reason).
+    Runs in an ingest thread (`ordered_map`); categories are checked by the caller."""
+    path, (said_h, said_w), anns, min_area = item
+    try:
+        if not path.is_file():
+            raise Rejected(f"image file not found: {printable(path)}")
+        try:
+            img, stored, flags = decode_image(path.read_bytes())
+        except Rejected as exc:
+            raise Rejected(f"{exc} [{printable(path)}]") from None
+    except Rejected as exc:
+        return ("rejected", str(exc))
+    h, w = img.shape[:2]
+    if (said_h, said_w) != (None, None) and (said_h, said_w) != (h, w):
+        reason = (
+            f"image file {printable(path)} is {w}x{h} but the COCO file says "
+            f"{said_w}x{said_h}: the annotations were made for another version of it"
+        )
+        return ("ok", h, w, stored, flags, reason, {})
+    decoded: dict[int, dict | str] = {}
+    for row, ann in anns:
+        try:
+            decoded[row] = _instance(ann["id"], coco_mask(ann.get("segmentation"), h, w), min_area)
+        except Rejected as exc:
+            decoded[row] = str(exc)
+    return ("ok", h, w, stored, flags, None, decoded)
 
 
 def _load_coco(path: Path) -> dict:
@@ -142,12 +172,14 @@ def ingest_coco(
     holdout: dict[str, float] | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    workers: int | None = None,
 ) -> dict:
     """A COCO instances file (`src`) with its images (`images_dir`, `file_name` relative to it)
     -> one sample per annotation, one parquet row per image, in split `split` (default train).
     `more`: (split, file, images_dir) of the other splits' files (COCO ships one per split).
     `iscrowd` regions are skipped and listed; `holdout` ({"val": 0.1, "test": 50}) moves whole
-    images of a single file to held-out splits."""
+    images of a single file to held-out splits. `workers`: decoding threads (`ordered_map`);
+    the output is the same bytes for any number."""
     sources = [(split or "train", Path(src), Path(images_dir))]
     sources += [(s, Path(a), Path(i)) for s, a, i in more]
     names = [s for s, _, _ in sources]
@@ -189,7 +221,7 @@ def ingest_coco(
     for split_name, path, root, data in loaded:
         first = len(writer.rejected)
         unannotated += _ingest_coco_file(
-            writer, data, path.name, root, split_name, holdout, min_area, used, skipped
+            writer, data, path.name, root, split_name, holdout, min_area, used, skipped, workers
         )
         # in file order: image entries, then annotations by their row
         writer.rejected[first:] = sorted(
@@ -217,6 +249,7 @@ def _ingest_coco_file(
     min_area: int,
     used: Counter[str],
     skipped: list[dict],
+    workers: int | None,
 ) -> int:
     """One COCO file's images and annotations into `writer`; returns its unannotated images."""
     categories = {
@@ -267,53 +300,52 @@ def _ingest_coco_file(
             per_image.setdefault(ann["image_id"], []).append((row, ann))
     image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
     moved = assign_holdout(sorted(image_ids.values()), holdout) if holdout else {}
-    for coco_id, entry in images.items():
-        anns = per_image.get(coco_id)
-        if not anns:
-            continue
+    todo = [coco_id for coco_id in images if per_image.get(coco_id)]
+    known = (lambda cat: cat in categories) if categories else (lambda cat: True)
+    items = [
+        (
+            images_root / images[i]["file_name"],
+            (images[i].get("height"), images[i].get("width")),
+            [(row, ann) for row, ann in per_image[i] if known(ann.get("category_id"))],
+            min_area,
+        )
+        for i in todo
+    ]
+    results = ordered_map(decode_coco_image, items, workers)
+    for coco_id, item, result in zip(todo, items, results, strict=True):
+        anns = per_image[coco_id]
         image_id = image_ids[coco_id]
         target = moved.get(image_id, split)
-        path = images_root / entry["file_name"]
+        path = item[0]
 
         def reject_all(reason: str, target: str = target, anns: list = anns) -> None:
             for row, ann in anns:
                 writer.reject(f"{where} annotation id={ann['id']}", reason, target, row)
 
-        try:
-            if not path.is_file():
-                raise Rejected(f"image file not found: {printable(path)}")
-            img, stored, flags = decode_image(path.read_bytes())
-        except Rejected as exc:
-            reject_all(f"{exc} [{printable(path)}]" if "not found" not in str(exc) else str(exc))
+        if result[0] == "rejected":
+            reject_all(result[1])
             continue
+        _, h, w, stored, flags, size_reason, decoded = result
         conflict = writer.conflict(image_id)
         if conflict:
             reject_all(f"{conflict} [{printable(path)}]")
             continue
-        h, w = img.shape[:2]
-        said = (entry.get("height"), entry.get("width"))
-        if said != (None, None) and said != (h, w):
-            reject_all(
-                f"image file {printable(path)} is {w}x{h} but the COCO file says "
-                f"{said[1]}x{said[0]}: the annotations were made for another version of it"
-            )
+        if size_reason:
+            reject_all(size_reason)
             continue
         kept = []
-        for row, ann in anns:
+        for row, ann in anns:  # in row order: unknown categories among the decoded
             cat = ann.get("category_id")
-            try:
-                if categories and cat not in categories:
-                    raise Rejected(
-                        f"unknown category id {cat!r}: not in the file's categories list"
-                    )
-                mask = coco_mask(ann.get("segmentation"), h, w)
-            except Rejected as exc:
-                writer.reject(f"{where} annotation id={ann['id']}", str(exc), target, row)
+            outcome = decoded.get(row) or (
+                f"unknown category id {cat!r}: not in the file's categories list"
+            )
+            if isinstance(outcome, str):
+                writer.reject(f"{where} annotation id={ann['id']}", outcome, target, row)
                 continue
             # files without a categories list (some exporters) keep the raw id as the name
             category = categories.get(cat, "object" if cat is None else str(cat))
             used[category] += 1
-            kept.append(_instance(ann["id"], mask, category, min_area))
+            kept.append({**outcome, "category": category})
         if kept:
             writer.add_image(target, image_id, stored, h, w, printable(path), flags, kept)
     return len(images) - len(per_image)
@@ -360,6 +392,32 @@ def _label_masks(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield int(values[k]), mask
 
 
+def decode_label_pair(item: tuple[Path, Path, int]) -> tuple:
+    """(image, label image, min area) -> ("ok", image bytes, height, width, flags, instances)
+    or ("rejected", reason). Runs in an ingest thread (`ordered_map`)."""
+    image_path, label_path, min_area = item
+    try:
+        img, stored, flags = decode_image(image_path.read_bytes())
+        try:
+            labels = decode_labels(label_path.read_bytes())
+        except Rejected as exc:
+            raise Rejected(f"{exc} [{printable(label_path)}]") from None
+        if labels.shape != img.shape[:2]:
+            raise Rejected(
+                f"label image size {labels.shape[1]}x{labels.shape[0]} differs from image "
+                f"size {img.shape[1]}x{img.shape[0]} [{printable(label_path)}]"
+            )
+        if not labels.any():
+            raise Rejected(
+                f"empty label image: every pixel is 0 (background), no instance "
+                f"[{printable(label_path)}]"
+            )
+    except Rejected as exc:
+        return ("rejected", str(exc))
+    kept = [{**_instance(v, m, min_area), "category": "object"} for v, m in _label_masks(labels)]
+    return ("ok", stored, img.shape[0], img.shape[1], flags, kept)
+
+
 def ingest_labels(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -368,13 +426,14 @@ def ingest_labels(
     holdout: dict[str, float] | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    workers: int | None = None,
     **layout_options: str | None,
 ) -> dict:
     """Folders of images + instance label images (each object a distinct integer, 0 background;
     ids need not be contiguous) -> one sample per non-zero label. Layout: `SRC/images` +
     `SRC/labels` (or `masks`), per-split sub-folders, a preset (`LABEL_PRESETS`) or explicit
     folders and a mask-name pattern (`split`, `preset`, `images`, `masks`, `mask_name`,
-    `image_glob`), as for `--format folders`."""
+    `image_glob`), as for `--format folders`. `workers`: decoding threads (`ordered_map`)."""
     writer, pairs = open_folder_source(
         src,
         out,
@@ -388,29 +447,12 @@ def ingest_labels(
         default_masks=("labels", "masks"),
         **layout_options,
     )
-    for target, stem, image_path, label_path in pairs:
+    results = ordered_map(decode_label_pair, [(p[2], p[3], min_area) for p in pairs], workers)
+    for (target, stem, image_path, _), result in zip(pairs, results, strict=True):
         source = printable(image_path)
-        try:
-            img, stored, flags = decode_image(image_path.read_bytes())
-            try:
-                labels = decode_labels(label_path.read_bytes())
-            except Rejected as exc:
-                raise Rejected(f"{exc} [{printable(label_path)}]") from None
-            if labels.shape != img.shape[:2]:
-                raise Rejected(
-                    f"label image size {labels.shape[1]}x{labels.shape[0]} differs from image "
-                    f"size {img.shape[1]}x{img.shape[0]} [{printable(label_path)}]"
-                )
-            ids = np.unique(labels)
-            ids = ids[ids != 0]
-            if ids.size == 0:
-                raise Rejected(
-                    f"empty label image: every pixel is 0 (background), no instance "
-                    f"[{printable(label_path)}]"
-                )
-        except Rejected as exc:
-            writer.reject(source, str(exc), target)
+        if result[0] == "rejected":
+            writer.reject(source, result[1], target)
             continue
-        kept = [_instance(v, m, "object", min_area) for v, m in _label_masks(labels)]
-        writer.add_image(target, stem, stored, img.shape[0], img.shape[1], source, flags, kept)
+        _, stored, h, w, flags, kept = result
+        writer.add_image(target, stem, stored, h, w, source, flags, kept)
     return writer.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from orchestrator.cli import main as cli
@@ -149,6 +150,55 @@ def test_ingest_is_idempotent_and_verifiable(tmp_path):
     assert first == second
     load_manifest(tmp_path / "out" / "bench", verify=True)
     assert not (tmp_path / "out" / "bench.partial").exists()
+
+
+def _same_output(a: Path, b: Path) -> None:
+    """Two ingests of one source wrote the same manifest and the same shard bytes."""
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma == mb
+    for shard in ma["shards"]:
+        assert (a / shard["path"]).read_bytes() == (b / shard["path"]).read_bytes()
+
+
+def test_decoding_threads_change_the_speed_not_the_output(tmp_path, capsys):
+    """`--workers N` decodes N images at once; the shards, the manifest and the order of its
+    rejects (by CSV row, an empty cell among the unreadable files) are those of one worker."""
+    build_convlora_fixture(tmp_path / "bench")
+    with (tmp_path / "bench" / "train.csv").open("a") as f:
+        f.write("14,,masks/ok_rgb.png\n")  # an empty image cell after every other train row
+    outs = {}
+    for workers in (1, 3):
+        outs[workers] = tmp_path / f"w{workers}"
+        args = ["data", "ingest", "--format", "convlora", str(tmp_path / "bench")]
+        args += [str(outs[workers]), "--name", "bench", "--workers", str(workers)]
+        assert cli([*args, "--shard-mb", "0.002"]) == 0
+    _same_output(outs[1] / "bench", outs[3] / "bench")
+    m = load_manifest(outs[3] / "bench", verify=True)
+    assert len(m["shards"]) > 3
+    train = [r for r in m["rejected"] if r["split"] == "train"]
+    assert [r["row"] for r in train] == [2, 3, 4, 5, 6, 14]
+    assert train[-1] == {
+        "source": "train.csv row 14",
+        "split": "train",
+        "reason": "empty image or label cell",
+        "row": 14,
+    }
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli(["data", "ingest", "--format", "folders", "x", "y", "--workers", "0"])
+    assert "expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_decoding_threads_share_the_pixel_limit(tmp_path, monkeypatch):
+    """Large tiles pass PIL's decompression-bomb check under ingest's own limit in every thread,
+    and the limit the caller had set is there again afterwards."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the caller's: 60x40 is over 2x it
+    for k in range(48):
+        _write(tmp_path / "src", f"images/{k:02d}.png", _png(np.roll(RGB, k, axis=1)))
+        _write(tmp_path / "src", f"masks/{k:02d}.png", _png(MASK01))
+    m = ingest_folders(tmp_path / "src", tmp_path / "out", "tiles", workers=3)
+    assert m["rejected"] == [] and m["counts"] == {"train": 48}
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_folders_layout_with_odd_and_non_utf8_names(tmp_path):

@@ -204,6 +204,9 @@ def test_coco_every_rejection_reason_is_recorded(tmp_path):
     assert reasons["508"].startswith("unknown category id 42")
     assert reasons["509"].startswith("empty RLE")
     assert [r["row"] for r in m["rejected"]] == list(range(13, 24))  # in file order
+    # three decoding threads: the same rejects in the same order, the same shard bytes
+    m3 = ingest_coco(src, tmp_path / "w3", "cells", images_dir=images, workers=3)
+    assert m3 == m
     # nothing lost: every annotation is a sample, a reject or a skipped crowd region
     total = len(json.loads(src.read_text())["annotations"])
     assert sum(m["counts"].values()) + len(m["rejected"]) + len(m["skipped"]) == total
@@ -333,6 +336,7 @@ def test_label_image_rejections(tmp_path):
     assert reasons["f.png"].startswith("label image is a colour image whose channels differ")
     assert reasons["g.png"].startswith("label image has non-integer values")
     assert m["counts"] == {"train": 3}  # b's three labels
+    assert ingest_labels(tmp_path / "src", tmp_path / "w3", "nuclei", workers=3) == m
 
 
 def _tree(root, files):
