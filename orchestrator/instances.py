@@ -380,8 +380,15 @@ def _label_masks(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     (thousands of nuclei in a large tile stay linear in the pixels)."""
     from scipy import ndimage
 
-    values, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.reshape(labels.shape)
+    top = int(labels.max())
+    if top < 1 << 20:  # 8/16-bit ids: a histogram, linear in the pixels (unique sorts them)
+        values = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
+        lookup = np.zeros(top + 1, np.int64)
+        lookup[values] = np.arange(values.size)
+        inverse = lookup[labels]
+    else:
+        values, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.reshape(labels.shape)
     if values[0] != 0:  # no background pixel: keep index 0 for background all the same
         values, inverse = np.concatenate([[0], values]), inverse + 1
     for k, box in enumerate(ndimage.find_objects(inverse), start=1):  # box of index k

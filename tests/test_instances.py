@@ -586,3 +586,21 @@ def test_label_image_without_background_keeps_every_label(tmp_path):
     out = _samples(tmp_path / "out" / "tiles", "train")
     for sid, original in zip(out["id"], out["mask_original"]):
         np.testing.assert_array_equal(original, lab == int(sid.split("#")[1]))
+
+
+def test_32bit_label_ids_beyond_a_histogram(tmp_path):
+    """Label ids up to 2**32 (32-bit TIFFs from segmentation tools) keep their values; without
+    background, one label id of 0 is never invented."""
+    (tmp_path / "src/images").mkdir(parents=True)
+    (tmp_path / "src/labels").mkdir()
+    ids = [3, 2_000_000, 4_000_000_000]
+    lab = np.full((40, 48), ids[0], np.uint32)
+    lab[:, 16:32], lab[:, 32:] = ids[1], ids[2]
+    Image.fromarray(_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
+    tifffile.imwrite(tmp_path / "src/labels/t.tif", lab)
+    m = ingest_labels(tmp_path / "src", tmp_path / "out", "big")
+    assert m["rejected"] == [] and m["counts"] == {"train": 3}
+    out = _samples(tmp_path / "out" / "big", "train")
+    assert sorted(out["id"]) == sorted(f"t#{v}" for v in ids)
+    for sid, original in zip(out["id"], out["mask_original"]):
+        np.testing.assert_array_equal(original, lab == int(sid.split("#")[1]))
