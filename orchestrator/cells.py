@@ -140,7 +140,7 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
 def _zero_shot_cell(
     job: CellJob,
 ) -> tuple[dict[str, float], str, dict[str, float], list[dict[str, Any]]]:
-    from orchestrator.evaluation import zero_shot
+    from orchestrator.evaluation import log_category_results, zero_shot
     from orchestrator.tracking import open_run
 
     t0 = time.perf_counter()
@@ -168,6 +168,7 @@ def _zero_shot_cell(
         eval_s = time.perf_counter() - t_eval
         child.log_metrics(metrics, step=0)
         child.log_rows(scores, "scores/test_scores.csv")
+        log_category_results(child, scores)
     except BaseException:
         child.finish("FAILED")
         raise

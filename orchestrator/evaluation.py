@@ -20,13 +20,19 @@ from orchestrator.config import Config
 from orchestrator.models import autocast_dtype, build_teacher
 
 __all__ = [
+    "category_table",
     "draw_prompts",
     "evaluate_checkpoint",
     "evaluate_model",
     "evaluate_split",
+    "log_category_results",
     "mean_metrics",
+    "per_category",
     "zero_shot",
 ]
+
+# The columns of a score row that are not metrics.
+SCORE_FIELDS = ("model", "image_id", "prompt", "image", "category")
 
 
 def draw_prompts(
@@ -93,15 +99,15 @@ def evaluate_split(
                 for k, v in values.items():
                     sums[name][k] = sums[name].get(k, 0.0) + v
                 if scores is not None:
-                    scores.append(
-                        {
-                            "model": name,
-                            "image_id": str(batch["id"][i]),
-                            "prompt": prompts.describe(i),
-                            "image": str(batch["image_id"][i]),
-                        }
-                        | values
-                    )
+                    row = {
+                        "model": name,
+                        "image_id": str(batch["id"][i]),
+                        "prompt": prompts.describe(i),
+                        "image": str(batch["image_id"][i]),
+                    }
+                    if "category" in batch:  # instance datasets
+                        row["category"] = str(batch["category"][i])
+                    scores.append(row | values)
             if len(rows) < overlays:
                 preds[name] = predict_logits(
                     model,
@@ -125,6 +131,78 @@ def evaluate_split(
                     row[name] = (preds[name][i] > 0).cpu().numpy()
                 rows.append(row)
     return sums, count, rows
+
+
+def per_category(scores: list[dict[str, Any]], model: str = "student") -> list[dict[str, Any]]:
+    """One model's instance scores -> per category: instances, images, the mean of each metric;
+    [] when the scores carry no category (binary datasets). A dataset's common classes dominate
+    the mean over instances; this is where a rare class that fails shows."""
+    rows = [r for r in scores if r.get("model", model) == model and "category" in r]
+    if not rows:
+        return []
+    metrics = [k for k in rows[0] if k not in SCORE_FIELDS]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r["category"]), []).append(r)
+    out = []
+    for name in sorted(groups):
+        group = groups[name]
+        entry: dict[str, Any] = {
+            "category": name,
+            "instances": len(group),
+            "images": len({r["image"] for r in group}),
+        }
+        entry.update({m: float(np.mean([float(r[m]) for r in group])) for m in metrics})
+        out.append(entry)
+    return out
+
+
+def _metric_names(table: list[dict[str, Any]]) -> list[str]:
+    return [k for k in table[0] if k not in ("category", "instances", "images")] if table else []
+
+
+def category_table(table: list[dict[str, Any]]) -> str:
+    """`per_category` rows as markdown, with the mean over instances (what `test/` metrics
+    report) and the mean over categories (each class counts once, as COCO averages classes)."""
+    metrics = _metric_names(table)
+    lines = [
+        "| category | instances | images | " + " | ".join(metrics) + " |",
+        "|---|---:|---:|" + "---:|" * len(metrics),
+    ]
+    for r in table:
+        cells = " | ".join(f"{r[m]:.4f}" for m in metrics)
+        lines.append(f"| {r['category']} | {r['instances']} | {r['images']} | {cells} |")
+    total = sum(r["instances"] for r in table)
+    by_instance = " | ".join(
+        f"{sum(r[m] * r['instances'] for r in table) / total:.4f}" for m in metrics
+    )
+    by_category = " | ".join(f"{np.mean([r[m] for r in table]):.4f}" for m in metrics)
+    lines.append(f"| **mean over instances** | {total} |  | {by_instance} |")
+    lines.append(f"| **mean over categories** | {len(table)} |  | {by_category} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_category_results(logger: Any, scores: list[dict[str, Any]], model: str = "student") -> list:
+    """Per-category results of an instance dataset's test scores into a run: `test/macro_<m>`
+    (mean over categories; sortable in the runs table), `scores/per_category.csv` and `.md`,
+    and `plots/per_category.png`. Nothing for binary datasets."""
+    table = per_category(scores, model)
+    if not table:
+        return table
+    metrics = _metric_names(table)
+    logger.log_metrics(
+        {f"test/macro_{m}": float(np.mean([r[m] for r in table])) for m in metrics}, step=0
+    )
+    logger.log_rows(table, "scores/per_category.csv")
+    logger.log_text(category_table(table), "scores/per_category.md")
+    from orchestrator.visualize import category_figure
+
+    fig = category_figure(table, metrics[0])
+    logger.log_figure(fig, "plots/per_category.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return table
 
 
 def evaluate_checkpoint(
@@ -188,11 +266,15 @@ def evaluate_model(
             return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
 
     device = next(model.parameters()).device
-    sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device, scores=scores)
+    rows: list[dict[str, Any]] = [] if scores is None else scores
+    sums, count, _ = evaluate_split({"student": model}, _Rows(), cfg, device, scores=rows)
     out: dict[str, Any] = mean_metrics(sums["student"], count)
     out["count"] = count
     out["unit"] = "instance" if load_manifest(data_dir).get("kind") == "instances" else "image"
     out["protocol"] = cfg.optim.eval_protocol
+    table = per_category(rows)
+    if table:  # instance datasets: the same numbers per category
+        out["per_category"] = {r.pop("category"): r for r in table}
     return out
 
 

@@ -76,13 +76,18 @@ def decode_images(
     return images, sizes
 
 
-def _samples(batch: dict[str, np.ndarray], i: int) -> list[tuple[str, bytes]]:
-    """(sample id, mask bytes) of row i: the row itself, or one per instance of an image row."""
+def _samples(batch: dict[str, np.ndarray], i: int) -> list[tuple[str, bytes, str | None]]:
+    """(sample id, mask bytes, category) of row i: the row itself (no category), or one per
+    instance of an image row."""
     masks = batch.get("instance_masks")
     if masks is None or masks[i] is None:
-        return [(batch["id"][i], batch["mask"][i])]
+        return [(batch["id"][i], batch["mask"][i], None)]
     ids = batch["instance_ids"][i]
-    return [(f"{batch['id'][i]}#{k}", m) for k, m in zip(ids, masks[i], strict=True)]
+    cats = batch.get("instance_categories")
+    cats = cats[i] if cats is not None and cats[i] is not None else [""] * len(ids)
+    return [
+        (f"{batch['id'][i]}#{k}", m, str(c)) for k, m, c in zip(ids, masks[i], cats, strict=True)
+    ]
 
 
 def decode_batch(
@@ -95,7 +100,8 @@ def decode_batch(
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
 
     Rows of an instance dataset (one image, a list of instance masks) become one sample per
-    instance, id `<image id>#<instance id>`, the image decoded and resized once.
+    instance, id `<image id>#<instance id>`, the image decoded and resized once; their batches
+    carry each instance's `category`.
     `keep_original_mask` adds `mask_original`, an object array of (H, W) uint8 masks, for
     evaluation at original resolution. Rows of a teacher cache (`teacher_embedding` bf16 bytes)
     also yield `teacher_embedding` (B, *embedding_shape) as uint16 bit patterns of bf16.
@@ -110,12 +116,13 @@ def decode_batch(
     originals = np.empty(total, dtype=object)
     ids = np.empty(total, dtype=object)
     image_ids = np.empty(total, dtype=object)
+    categories = np.empty(total, dtype=object)
     rows = np.zeros(total, np.int64)
     j = 0
     for i in range(n):
         try:
             img = _decode_image(batch["image"][i], channel_order)
-            decoded = [(sid, _decode_mask(m, img.shape)) for sid, m in per_row[i]]
+            decoded = [(sid, _decode_mask(m, img.shape), c) for sid, m, c in per_row[i]]
         except Exception as exc:
             source = batch["source"][i] if "source" in batch else "?"
             raise SampleDecodeError(
@@ -125,12 +132,13 @@ def decode_batch(
             ) from None
         image = _prepare_image(img, image_size)
         h, w = preprocess_shape(*img.shape[:2], image_size)
-        for sid, m in decoded:
+        for sid, m, category in decoded:
             images[j] = image
             masks[j] = pad_to_square(resize_longest_side(m, image_size, is_mask=True), image_size)
             input_size[j] = (h, w)
             original_size[j] = m.shape
             originals[j], ids[j], image_ids[j], rows[j] = m, sid, batch["id"][i], i
+            categories[j] = category
             j += 1
     out = {
         "id": ids,
@@ -140,6 +148,8 @@ def decode_batch(
         "input_size": input_size,
         "original_size": original_size,
     }
+    if any(c is not None for c in categories):  # an instance dataset's batch
+        out["category"] = np.array(["" if c is None else c for c in categories], dtype=object)
     if keep_original_mask:
         out["mask_original"] = originals
     if "teacher_embedding" in batch and embedding_shape is not None:

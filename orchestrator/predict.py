@@ -207,7 +207,8 @@ def predict_dataset(
 
     Writes per image `<image>_overlay.png` (every instance in its own colour) and
     `<image>_instances.png` (16-bit: k + 1 for the k-th sample of the image, 0 background), per
-    sample `<image>/<instance>_mask.png`, and `predictions.json` (id, prompt, IoU, files)."""
+    sample `<image>/<instance>_mask.png`, and `predictions.json` (id, prompt, IoU, files, and
+    the instance's category)."""
 
     from orchestrator.config import Config
     from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows
@@ -254,16 +255,17 @@ def predict_dataset(
                 Image.fromarray((pred * 255).astype(np.uint8)).save(path)
                 labels[pred] = k + 1
                 shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
-                written.append(
-                    {
-                        "id": sample,
-                        "image_id": str(row["id"]),
-                        "prompt": prompts.describe(j),
-                        "iou": float((pred & gt).sum() / union) if union else 1.0,
-                        "mask": str(path),
-                        "label": k + 1,
-                    }
-                )
+                entry = {
+                    "id": sample,
+                    "image_id": str(row["id"]),
+                    "prompt": prompts.describe(j),
+                    "iou": float((pred & gt).sum() / union) if union else 1.0,
+                    "mask": str(path),
+                    "label": k + 1,
+                }
+                if "category" in batch:
+                    entry["category"] = str(batch["category"][k])
+                written.append(entry)
         Image.fromarray(shown).save(out / f"{name}_overlay.png")
         Image.fromarray(labels).save(out / f"{name}_instances.png")
     (out / "predictions.json").write_text(json.dumps(written, indent=2) + "\n")

@@ -39,7 +39,12 @@ from orchestrator.checkpoints import (
 from orchestrator.config import Config, ConfigError, flatten
 from orchestrator.datasets import load_manifest
 from orchestrator.epoch_log import checkpoint_history, log_epochs
-from orchestrator.evaluation import draw_prompts, evaluate_split, mean_metrics
+from orchestrator.evaluation import (
+    draw_prompts,
+    evaluate_split,
+    log_category_results,
+    mean_metrics,
+)
 from orchestrator.models import autocast_dtype, build_models, unwrap
 from orchestrator.pipeline import to_torch
 from orchestrator.runtime import (
@@ -773,6 +778,7 @@ def fit(
             test_scores = checkpoint_scores(result.checkpoint)
             if test_scores:
                 logger.log_rows(test_scores, "scores/test_scores.csv")
+                log_category_results(logger, test_scores)
         with contextlib.suppress(Exception):
             _log_curves(logger, cfg)
         if checkpoint_dir:

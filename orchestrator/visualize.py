@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["loss_curve_figure", "overlay", "overlay_grid"]
+__all__ = ["category_figure", "loss_curve_figure", "overlay", "overlay_grid"]
 
 _COLOURS = {"gt": (0, 200, 0), "teacher": (0, 120, 255), "student": (255, 60, 0)}
 
@@ -84,5 +84,29 @@ def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str = 
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def category_figure(table: Sequence[dict], metric: str) -> object:
+    """Per-category mean of `metric` as horizontal bars, lowest at the top, with instance counts
+    (matplotlib figure, Agg backend): which classes the model fails on, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(table, key=lambda r: r[metric], reverse=True)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(rows)))
+    names = [f"{r['category']} (n={r['instances']})" for r in rows]
+    ax.barh(range(len(rows)), [r[metric] for r in rows], color="#3b7dd8")
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    total = sum(r["instances"] for r in rows)
+    mean = sum(r[metric] * r["instances"] for r in rows) / max(total, 1)
+    ax.axvline(mean, color="k", linestyle="--", linewidth=1)
+    ax.set_title(f"dashed: the mean over all {total} instances, {mean:.3f}", fontsize=9)
+    ax.set_xlabel(f"test {metric}, mean per category")
+    ax.set_xlim(0, 1)  # every metric here lies in [0, 1]
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -60,20 +60,21 @@ def _objects(h, w, i):
 
 
 def make_coco(root, *, extra_annotations=(), extra_images=(), seed=0):
-    """3 images, 12 instances (6 polygons, 6 RLE), one crowd region; returns (json, images)."""
+    """3 images, 12 instances (6 polygon cells, 6 RLE nuclei), one crowd region; returns
+    (json, images)."""
     images_dir = root / "images"
     images_dir.mkdir(parents=True)
-    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cell"}]}
+    categories = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
+    data = {"images": [], "annotations": [], "categories": categories}
     ann_id = 100
     for i, (h, w) in enumerate(SIZES):
         segs = _objects(h, w, i)
         masks = [coco_mask(s, h, w) for s in segs]
         Image.fromarray(_image(h, w, seed + i, masks)).save(images_dir / f"img{i}.png")
         data["images"].append({"id": i + 1, "file_name": f"img{i}.png", "height": h, "width": w})
-        for s in segs:
-            data["annotations"].append(
-                {"id": ann_id, "image_id": i + 1, "category_id": 1, "segmentation": s, "iscrowd": 0}
-            )
+        for k, s in enumerate(segs):  # polygons are cells, RLE masks nuclei
+            ann = {"id": ann_id, "image_id": i + 1, "segmentation": s, "iscrowd": 0}
+            data["annotations"].append(ann | {"category_id": 1 + k // 2})
             ann_id += 1
     crowd = mask_utils.encode(np.asfortranarray(_rect(*SIZES[0], 0, 0, 5, 5)))
     crowd["counts"] = crowd["counts"].decode()
@@ -103,7 +104,7 @@ def test_coco_polygons_and_rle_become_one_sample_per_instance(tmp_path):
     m = ingest_coco(src, tmp_path / "out", "cells", images_dir=images)
     assert m["kind"] == "instances" and m["format"] == "coco"
     assert m["counts"] == {"train": 12} and m["images"] == {"train": 3}
-    assert m["rejected"] == [] and m["categories"] == {"cell": 12}
+    assert m["rejected"] == [] and m["categories"] == {"cell": 6, "nucleus": 6}
     assert [s["source"] for s in m["skipped"]] == ["instances.json annotation id=999"]
     # image bytes once per image: three parquet rows, twelve instance masks
     table = pq.read_table(shard_paths(tmp_path / "out" / "cells", "train"))
@@ -510,6 +511,22 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["unit"] == "instance" and ev["count"] == test_split
     assert ev["iou"] == pytest.approx(logged["test/iou"], abs=1e-4)
+    # per category: the instances split by class, the overall mean their weighted mean
+    per = ev["per_category"]
+    names = {"coco": {"cell", "nucleus"}, "labels": {"object"}}[fmt]
+    assert set(per) == names and sum(c["instances"] for c in per.values()) == test_split
+    weighted = sum(c["iou"] * c["instances"] for c in per.values()) / test_split
+    assert weighted == pytest.approx(ev["iou"], abs=1e-6)
+    macro = run.data.metrics["test/macro_iou"]
+    assert macro == pytest.approx(np.mean([c["iou"] for c in per.values()]), abs=1e-4)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "scores")}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"scores/per_category.csv", "scores/per_category.md"} <= artifacts
+    assert "plots/per_category.png" in artifacts
+    table = client.download_artifacts(run.info.run_id, "scores/per_category.md", str(tmp_path))
+    text = Path(table).read_text()
+    assert "| **mean over categories** |" in text
+    assert all(f"| {name} | {per[name]['instances']} | 1 |" in text for name in names)
     # predict: one mask per instance, prompted from that instance, and a per-image overlay
     pred = tmp_path / "pred"
     assert (
@@ -533,6 +550,7 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
         f"{image_id}#{i}" for r in iter_rows(data / "inst", "test") for i in r["instance_ids"]
     )
     assert all(Path(r["mask"]).is_file() and r["prompt"].startswith("box") for r in rows)
+    assert {r["category"] for r in rows} == names
     assert np.mean([r["iou"] for r in rows]) == pytest.approx(ev["iou"], abs=1e-4)
     labels = np.asarray(Image.open(pred / f"{image_id}_instances.png"))
     assert set(np.unique(labels)) - {0} <= {r["label"] for r in rows}
