@@ -33,12 +33,15 @@ def _cmd_data_ingest(args: argparse.Namespace) -> int:
                 raise IngestError("--format coco takes SRC.json IMAGES_DIR OUT")
             kwargs["images_dir"], out = args.rest
             kwargs["more"] = [tuple(v) for v in args.coco_split or []]
+            kwargs["categories"] = args.category
         elif len(args.rest) != 1:
             raise IngestError(f"--format {args.format} takes SRC OUT")
         else:
             out = args.rest[0]
         if args.coco_split and args.format != "coco":
             raise IngestError("--also is for --format coco (one annotation file per split)")
+        if args.category and args.format != "coco":
+            raise IngestError("--category is for --format coco (label images have no categories)")
         if args.format != "convlora":
             kwargs["split"] = args.split
             kwargs["holdout"] = parse_holdout(args.holdout)
@@ -158,6 +161,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         metavar=("SPLIT", "FILE.json", "IMAGES_DIR"),
         help="coco: another split's file and images (repeatable), e.g. --also val "
         "annotations/instances_val2017.json val2017",
+    )
+    i.add_argument(
+        "--category",
+        action="append",
+        metavar="NAME",
+        help="coco: keep only this category (repeatable); the others' annotations are skipped "
+        "and listed in the manifest",
     )
     i.add_argument(
         "--preset",

@@ -1039,7 +1039,17 @@ def summarise(manifest: dict) -> str:
                 "  categories: " + ", ".join(f"{k}={v}" for k, v in manifest["categories"].items())
             )
         if manifest.get("skipped"):
-            lines.append(f"  skipped (iscrowd): {len(manifest['skipped'])}")
+            kinds = Counter(
+                "iscrowd" if r["reason"].startswith("iscrowd") else "category not selected"
+                for r in manifest["skipped"]
+            )
+            lines.append(
+                f"  skipped: {len(manifest['skipped'])} ("
+                + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items()))
+                + ")"
+            )
+        if manifest.get("selected_categories"):
+            lines.append("  selected categories: " + ", ".join(manifest["selected_categories"]))
         if manifest.get("unannotated_images"):
             lines.append(f"  images without annotations: {manifest['unannotated_images']}")
     else:

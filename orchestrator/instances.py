@@ -173,13 +173,15 @@ def ingest_coco(
     min_area: int = DEFAULT_MIN_AREA,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     workers: int | None = None,
+    categories: Sequence[str] | None = None,
 ) -> dict:
     """A COCO instances file (`src`) with its images (`images_dir`, `file_name` relative to it)
     -> one sample per annotation, one parquet row per image, in split `split` (default train).
     `more`: (split, file, images_dir) of the other splits' files (COCO ships one per split).
     `iscrowd` regions are skipped and listed; `holdout` ({"val": 0.1, "test": 50}) moves whole
     images of a single file to held-out splits. `workers`: decoding threads (`ordered_map`);
-    the output is the same bytes for any number."""
+    the output is the same bytes for any number. `categories`: the category names to keep
+    (others are skipped and listed, as crowd regions are); default all."""
     sources = [(split or "train", Path(src), Path(images_dir))]
     sources += [(s, Path(a), Path(i)) for s, a, i in more]
     names = [s for s, _, _ in sources]
@@ -196,6 +198,7 @@ def ingest_coco(
                 f"entries of {printable(path)} are relative to)"
             )
         loaded.append((split_name, path, root, data))
+    selected = _check_selection(categories, loaded)
     writer = DatasetWriter(
         out,
         name or Path(src).stem,
@@ -212,6 +215,7 @@ def ingest_coco(
                 for s, p, r, _ in loaded
             ],
             "min_instance_area": min_area,
+            **({"selected_categories": sorted(selected)} if selected else {}),
         },
         instances=True,
     )
@@ -221,7 +225,17 @@ def ingest_coco(
     for split_name, path, root, data in loaded:
         first = len(writer.rejected)
         unannotated += _ingest_coco_file(
-            writer, data, path.name, root, split_name, holdout, min_area, used, skipped, workers
+            writer,
+            data,
+            path.name,
+            root,
+            split_name,
+            holdout,
+            min_area,
+            used,
+            skipped,
+            workers,
+            selected,
         )
         # in file order: image entries, then annotations by their row
         writer.rejected[first:] = sorted(
@@ -239,6 +253,46 @@ def ingest_coco(
     return writer.close()
 
 
+def _file_categories(data: dict) -> dict[object, str]:
+    return {
+        c.get("id"): str(c.get("name", c.get("id")))
+        for c in data.get("categories") or []
+        if isinstance(c, dict)
+    }
+
+
+def _category_name(categories: dict[object, str], ann: dict) -> str | None:
+    """An annotation's category name; None for an id its file's categories list lacks (that
+    annotation is rejected). Files without a categories list (some exporters) keep the raw id
+    as the name."""
+    cat = ann.get("category_id")
+    if categories:
+        return categories.get(cat)
+    return "object" if cat is None else str(cat)
+
+
+def _check_selection(wanted: Sequence[str] | None, loaded: list[tuple]) -> frozenset[str] | None:
+    """`--category` names, each checked against the files' categories (a typo would otherwise
+    ingest nothing and say so only in the counts)."""
+    if not wanted:
+        return None
+    known: set[str] = set()
+    for *_, data in loaded:
+        names = set(_file_categories(data).values())
+        if not names:  # no categories list: the names are the raw ids
+            names = {_category_name({}, a) for a in data["annotations"] if isinstance(a, dict)}
+        known |= {n for n in names if n is not None}
+    missing = sorted(set(wanted) - known)
+    if missing:
+        shown = ", ".join(sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
+        files = ", ".join(printable(p) for _, p, _, _ in loaded)
+        raise IngestError(
+            f"--category {', '.join(repr(m) for m in missing)}: not a category of {files} "
+            f"(its categories: {shown}); names are matched exactly, case included"
+        )
+    return frozenset(wanted)
+
+
 def _ingest_coco_file(
     writer: DatasetWriter,
     data: dict,
@@ -250,13 +304,10 @@ def _ingest_coco_file(
     used: Counter[str],
     skipped: list[dict],
     workers: int | None,
+    selected: frozenset[str] | None = None,
 ) -> int:
     """One COCO file's images and annotations into `writer`; returns its unannotated images."""
-    categories = {
-        c.get("id"): str(c.get("name", c.get("id")))
-        for c in data.get("categories") or []
-        if isinstance(c, dict)
-    }
+    categories = _file_categories(data)
     images: dict[object, dict] = {}
     for k, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or "id" not in entry or not entry.get("file_name"):
@@ -296,6 +347,10 @@ def _ingest_coco_file(
             )
         elif ann.get("iscrowd"):
             skipped.append({"source": source, "row": row, "reason": "iscrowd: a crowd region"})
+        elif selected and _category_name(categories, ann) not in selected | {None}:
+            name = _category_name(categories, ann)
+            reason = f"category {name!r} not selected (--category)"
+            skipped.append({"source": source, "row": row, "reason": reason})
         else:
             per_image.setdefault(ann["image_id"], []).append((row, ann))
     image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
@@ -342,8 +397,7 @@ def _ingest_coco_file(
             if isinstance(outcome, str):
                 writer.reject(f"{where} annotation id={ann['id']}", outcome, target, row)
                 continue
-            # files without a categories list (some exporters) keep the raw id as the name
-            category = categories.get(cat, "object" if cat is None else str(cat))
+            category = _category_name(categories, ann)
             used[category] += 1
             kept.append({**outcome, "category": category})
         if kept:

@@ -434,7 +434,25 @@ def test_cli_ingests_coco_and_labels(tmp_path):
         check=True,
     ).stdout
     assert "dataset c (instances): train=12 instances in 3 images" in out
-    assert "skipped (iscrowd): 1" in out
+    assert "skipped: 1 (iscrowd=1)" in out
+    # --category keeps one class; the others' annotations are skipped and listed, a typo fails
+    picked = [*run, "--format", "coco", str(src), str(images), str(tmp_path / "data")]
+    out = subprocess.run(
+        [*picked, "--name", "n", "--category", "nucleus"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "train=6 instances in 3 images" in out.stdout
+    assert "skipped: 7 (category not selected=6, iscrowd=1)" in out.stdout
+    m = load_manifest(tmp_path / "data" / "n")
+    assert m["categories"] == {"nucleus": 6} and m["selected_categories"] == ["nucleus"]
+    assert "category 'cell' not selected" in m["skipped"][0]["reason"]
+    assert not [s for s in _samples(tmp_path / "data" / "n", "train")["id"] if s.endswith("#100")]
+    typo = subprocess.run(
+        [*picked, "--name", "t", "--category", "Nucleus"], capture_output=True, text=True
+    )
+    assert typo.returncode == 2 and not (tmp_path / "data" / "t").exists()
+    assert "--category 'Nucleus': not a category of" in typo.stderr
+    assert "(its categories: cell, nucleus)" in typo.stderr
     out = subprocess.run(
         [
             *run,
