@@ -3,6 +3,7 @@ per-instance training, evaluation and prediction."""
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -603,6 +604,11 @@ def test_benchmark_on_an_instance_dataset(ray_local, tmp_path, capsys):
     assert "On cells (instance datasets) a value is a mean over instances." in md
     assert "1 seed(s) x 8 instances in 2 images" in md
     assert "(seeds, then images with all their instances;" in md
+    # per category: both methods on each class, 4 cells and 4 nuclei
+    assert "### Per category: cells, test iou (%)" in md
+    for name in ("cell", "nucleus"):
+        assert re.search(rf"\| {name}\s+\| 4\s+\|\s+[\d.]+ \|\s+[\d.]+ \|", md), md
+    assert re.search(r"\| \*\*mean over categories\*\* \| 2 categories", md)
     import pandas as pd
 
     scores = pd.read_csv(out_dir / "scores.csv", dtype=str)
