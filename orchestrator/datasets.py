@@ -525,6 +525,25 @@ class DatasetWriter:
         return manifest
 
 
+def decode_with_image(
+    image_path: Path, companion_path: Path, decode: Callable, what: str
+) -> tuple[np.ndarray, bytes, list[str], np.ndarray, list[str]]:
+    """An image and its companion (a mask, a label image), both decoded: (image, bytes to
+    store, flags, companion array, companion flags); `decode(bytes) -> (array, flags)`. A
+    Rejected names the companion's file when it is the companion that is wrong."""
+    img, stored, flags = decode_image(image_path.read_bytes())
+    try:
+        arr, extra = decode(companion_path.read_bytes())
+    except Rejected as exc:
+        raise Rejected(f"{exc} [{printable(companion_path)}]") from None
+    if arr.shape != img.shape[:2]:
+        raise Rejected(
+            f"{what} size {arr.shape[1]}x{arr.shape[0]} differs from image size "
+            f"{img.shape[1]}x{img.shape[0]} [{printable(companion_path)}]"
+        )
+    return img, stored, flags, arr, extra
+
+
 def decode_pair(paths: tuple[Path, Path]) -> tuple:
     """(image, mask) paths -> ("ok", image bytes, mask PNG, height, width, flags) or
     ("rejected", reason). Runs in an ingest thread (`ordered_map`)."""
@@ -534,16 +553,9 @@ def decode_pair(paths: tuple[Path, Path]) -> tuple:
             raise Rejected(f"image file not found: {printable(image_path)}")
         if not mask_path.is_file():
             raise Rejected(f"mask file not found: {printable(mask_path)}")
-        img, stored, flags = decode_image(image_path.read_bytes())
-        try:
-            mask, mflags = decode_mask(mask_path.read_bytes())
-        except Rejected as exc:
-            raise Rejected(f"{exc} [{printable(mask_path)}]") from None
-        if mask.shape != img.shape[:2]:
-            raise Rejected(
-                f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
-                f"{img.shape[1]}x{img.shape[0]} [{printable(mask_path)}]"
-            )
+        img, stored, flags, mask, mflags = decode_with_image(
+            image_path, mask_path, decode_mask, "mask"
+        )
     except Rejected as exc:
         return ("rejected", str(exc))
     flags = flags + mflags + (["empty_mask"] if not mask.any() else [])

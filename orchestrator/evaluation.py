@@ -182,13 +182,13 @@ def category_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_category_results(logger: Any, scores: list[dict[str, Any]], model: str = "student") -> list:
+def log_category_results(logger: Any, scores: list[dict[str, Any]], model: str = "student") -> None:
     """Per-category results of an instance dataset's test scores into a run: `test/macro_<m>`
     (mean over categories; sortable in the runs table), `scores/per_category.csv` and `.md`,
     and `plots/per_category.png`. Nothing for binary datasets."""
     table = per_category(scores, model)
     if not table:
-        return table
+        return
     metrics = _metric_names(table)
     logger.log_metrics(
         {f"test/macro_{m}": float(np.mean([r[m] for r in table])) for m in metrics}, step=0
@@ -202,7 +202,6 @@ def log_category_results(logger: Any, scores: list[dict[str, Any]], model: str =
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return table
 
 
 def evaluate_checkpoint(

@@ -30,6 +30,7 @@ from orchestrator.datasets import (
     Rejected,
     assign_holdout,
     decode_image,
+    decode_with_image,
     encode_mask,
     grey_channel,
     is_tiff,
@@ -347,8 +348,7 @@ def _ingest_coco_file(
             )
         elif ann.get("iscrowd"):
             skipped.append({"source": source, "row": row, "reason": "iscrowd: a crowd region"})
-        elif selected and _category_name(categories, ann) not in selected | {None}:
-            name = _category_name(categories, ann)
+        elif selected and (name := _category_name(categories, ann)) not in selected | {None}:
             reason = f"category {name!r} not selected (--category)"
             skipped.append({"source": source, "row": row, "reason": reason})
         else:
@@ -356,12 +356,11 @@ def _ingest_coco_file(
     image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
     moved = assign_holdout(sorted(image_ids.values()), holdout) if holdout else {}
     todo = [coco_id for coco_id in images if per_image.get(coco_id)]
-    known = (lambda cat: cat in categories) if categories else (lambda cat: True)
-    items = [
+    items = [  # annotations of unknown categories are not decoded, only rejected below
         (
             images_root / images[i]["file_name"],
             (images[i].get("height"), images[i].get("width")),
-            [(row, ann) for row, ann in per_image[i] if known(ann.get("category_id"))],
+            [(r, a) for r, a in per_image[i] if _category_name(categories, a) is not None],
             min_area,
         )
         for i in todo
@@ -458,16 +457,9 @@ def decode_label_pair(item: tuple[Path, Path, int]) -> tuple:
     or ("rejected", reason). Runs in an ingest thread (`ordered_map`)."""
     image_path, label_path, min_area = item
     try:
-        img, stored, flags = decode_image(image_path.read_bytes())
-        try:
-            labels = decode_labels(label_path.read_bytes())
-        except Rejected as exc:
-            raise Rejected(f"{exc} [{printable(label_path)}]") from None
-        if labels.shape != img.shape[:2]:
-            raise Rejected(
-                f"label image size {labels.shape[1]}x{labels.shape[0]} differs from image "
-                f"size {img.shape[1]}x{img.shape[0]} [{printable(label_path)}]"
-            )
+        img, stored, flags, labels, _ = decode_with_image(
+            image_path, label_path, lambda data: (decode_labels(data), []), "label image"
+        )
         if not labels.any():
             raise Rejected(
                 f"empty label image: every pixel is 0 (background), no instance "
