@@ -25,17 +25,20 @@ import os
 import re
 import shutil
 import threading
-import warnings
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from orchestrator.storage import atomic_write_json, exclusive, safe_component, swap_dir
 
 __all__ = [
     "INSTANCE_COLUMNS",
@@ -88,7 +91,16 @@ INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(
 )
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_SHARD_BYTES = 64 << 20
-MAX_PIXELS = 1 << 28  # large remote-sensing tiles are legitimate input (PIL warns at 89 M)
+# One decoding budget for ingest, the Ray Data reader and predict, checked from the file's header
+# before any pixel is decoded: large remote-sensing tiles are legitimate (PIL's own default stops
+# at 89 M px), a 1.6 MB file declaring 40000x40000 px is not.
+MAX_PIXELS = 1 << 28  # 268 M px, e.g. 16384 x 16384
+MAX_DECODED_BYTES = 3 << 28  # 768 MiB: an 8-bit RGB image of MAX_PIXELS; 16-bit counts double
+MAX_FILE_BYTES = 1 << 30  # an encoded file larger than this is refused before it is read
+MAX_TIFF_PAGES = 64  # a TIFF with more pages is a stack; read only its header
+# The image formats PIL may decode (TIFF goes through tifffile): PIL otherwise sniffs every format
+# it knows (EPS runs Ghostscript). MPO is the multi-picture JPEG some cameras write.
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "WEBP")
 # Below this many images decoding threads are not worth starting.
 POOL_MIN_ITEMS = 32
 
@@ -134,18 +146,53 @@ def _pixel_limit(limit: int):
                 Image.MAX_IMAGE_PIXELS = _limit_previous
 
 
-def open_encoded(data: bytes, what: str) -> Image.Image:
-    """Decode image bytes under the pixel limit; a Rejected names `what` and why."""
+def check_budget(width: int, height: int, channels: int, itemsize: int, what: str) -> None:
+    """Refuse an image whose header declares more than the decoding budget (`MAX_PIXELS`,
+    `MAX_DECODED_BYTES` at its working dtype) before it is decoded."""
+    pixels = int(width) * int(height)
+    decoded = pixels * max(int(channels), 1) * max(int(itemsize), 1)
+    if pixels > MAX_PIXELS or decoded > MAX_DECODED_BYTES:
+        raise Rejected(
+            f"{what} declares {width}x{height} px x {channels} channel(s) of {itemsize} byte(s) "
+            f"({decoded / 2**20:.0f} MiB decoded), over the limit of {MAX_PIXELS} px and "
+            f"{MAX_DECODED_BYTES >> 20} MiB (orchestrator.datasets.MAX_PIXELS); tile it into "
+            "smaller images"
+        )
+
+
+def _check_file_size(data: bytes, what: str) -> None:
     if not data:
         raise Rejected(f"{what} is a zero-byte file")
+    if len(data) > MAX_FILE_BYTES:
+        raise Rejected(
+            f"{what} is {len(data) / 2**30:.1f} GiB, over the {MAX_FILE_BYTES >> 30} GiB file "
+            "limit; tile it into smaller images"
+        )
+
+
+_MODE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4, "I;16N": 2}
+
+
+def open_encoded(data: bytes, what: str, working_itemsize: int | None = None) -> Image.Image:
+    """Decode image bytes of a supported format (`PIL_FORMATS`) within the decoding budget
+    (counted at `working_itemsize` bytes per channel when the caller converts to a wider
+    dtype); a Rejected names `what` and why. Ingest, the Ray Data reader and predict all
+    decode here."""
+    _check_file_size(data, what)
     try:
         with _pixel_limit(MAX_PIXELS):
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            itemsize = working_itemsize or _MODE_BYTES.get(img.mode, 1)
+            check_budget(*img.size, len(img.getbands()), itemsize, what)
             img.load()
+    except Rejected:
+        raise
     except Exception as exc:  # PIL raises many types for corrupt data
         # PIL names the buffer "<_io.BytesIO object at 0x...>": an address would make two
         # ingests of one source differ
         message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        if isinstance(exc, Image.UnidentifiedImageError):
+            message += f" (supported: {', '.join(PIL_FORMATS)}, TIFF)"
         raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {message})") from None
     return img
 
@@ -154,12 +201,32 @@ def is_tiff(data: bytes) -> bool:
     return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def read_tiff(data: bytes, what: str) -> np.ndarray:
-    """A TIFF (microscopy: 16-bit, float, BigTIFF) as an array through `tifffile`."""
+def read_tiff(data: bytes, what: str, working_itemsize: int | None = None) -> np.ndarray:
+    """A TIFF (microscopy: 16-bit, float, BigTIFF) as an array through `tifffile`; its shape,
+    dtype and page count are read from the header and checked against the budget first."""
     import tifffile
 
+    _check_file_size(data, what)
     try:
-        arr = tifffile.imread(io.BytesIO(data))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) > MAX_TIFF_PAGES:
+                raise Rejected(
+                    f"{what} is a TIFF of {len(tif.pages)} pages (a stack or volume); save one "
+                    "2-D plane per file"
+                )
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            planes = [d for d in shape if d > 1]
+            if len(planes) > 3 or (len(planes) == 3 and min(planes) not in (3, 4)):
+                raise Rejected(
+                    f"{what} is a TIFF of shape {shape} (a stack or volume); save one 2-D plane "
+                    "per file"
+                )
+            h, w, *c = sorted(planes, reverse=True) if planes else (1, 1)
+            check_budget(w, h, c[0] if c else 1, working_itemsize or dtype.itemsize, what)
+            arr = series.asarray()
+    except Rejected:
+        raise
     except Exception as exc:
         raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
     arr = np.squeeze(arr)
@@ -172,6 +239,29 @@ def read_tiff(data: bytes, what: str) -> np.ndarray:
     return arr
 
 
+def _to_uint8(arr: np.ndarray, stretch: bool) -> np.ndarray:
+    """Integer or float pixels -> uint8. `stretch` (TIFF): [min, max] -> [0, 255] when values
+    leave [0, 255]; else (16-bit PNG): divided by max(255, max). 8/16-bit inputs go through a
+    lookup table and others in blocks of rows, so a large tile never gets a float64 copy."""
+    lo, hi = float(arr.min()), float(arr.max())
+    if stretch:
+        lo, hi = (0.0, 255.0) if hi <= 255 and lo >= 0 else (lo, hi)
+    else:
+        lo, hi = 0.0, (hi if hi > 255 else 255.0)
+    span = max(hi - lo, 1e-12)
+
+    def convert(a: np.ndarray) -> np.ndarray:
+        return np.clip((a.astype(np.float64) - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+        return convert(np.arange(1 << (8 * arr.dtype.itemsize)))[arr]
+    out = np.empty(arr.shape, np.uint8)
+    step = max(1, (1 << 22) // max(1, arr[:1].size))
+    for start in range(0, arr.shape[0], step):
+        out[start : start + step] = convert(arr[start : start + step])
+    return out
+
+
 def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
     """Encoded image -> (H, W, 3) uint8, bytes to store, conversion flags."""
     if is_tiff(data):
@@ -179,9 +269,7 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
         flags = ["reencoded_TIFF"]
         if arr.dtype != np.uint8:
             flags.append(f"converted_{arr.dtype}")
-            a = arr.astype(np.float64)
-            lo, hi = (0.0, 255.0) if a.max() <= 255 and a.min() >= 0 else (a.min(), a.max())
-            arr = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            arr = _to_uint8(arr, stretch=True)
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, axis=-1)
         arr = np.ascontiguousarray(arr[..., :3])
@@ -192,9 +280,7 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
     arr = np.asarray(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I") or arr.dtype in (np.uint16, np.int32):
         flags.append("converted_16bit")
-        a = arr.astype(np.float64)
-        hi = a.max() if a.max() > 255 else 255.0
-        arr = np.clip(a / max(hi, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = _to_uint8(arr, stretch=False)
         arr = np.stack([arr] * 3, axis=-1) if arr.ndim == 2 else arr[..., :3]
     elif img.mode != "RGB":
         flags.append(f"converted_{img.mode}")
@@ -329,8 +415,16 @@ class _Shard:
 class DatasetWriter:
     """Writes rows to per-split parquet shards of ~`shard_bytes`, then a manifest.
 
-    Output goes to `<out>/<name>.partial/` and replaces `<out>/<name>/` only in `close()`, so an
-    interrupted ingest never destroys a previous complete one.
+    What it may replace, checked before anything is read (`IngestError` otherwise):
+      * `name` is one plain folder name (not empty, `.`, `..`, no separator);
+      * `<out>/<name>` is not, does not contain and does not lie inside any of `sources` (the
+        folders and files the ingest reads);
+      * an existing `<out>/<name>` is replaced only when it is a dataset this project wrote (a
+        manifest, its shards and the project's own side files, nothing else).
+    Output goes to a hidden `<out>/.<name>.partial-*` folder and replaces `<out>/<name>` by
+    renames in `close()` (`storage.swap_dir`): an interrupted or failed ingest never destroys a
+    previous complete one. Ingests of one name queue on a lock file `<out>/.<name>.lock`.
+    Use it as a context manager: an error in the block removes the partial output.
     """
 
     def __init__(
@@ -343,12 +437,27 @@ class DatasetWriter:
         fmt: str = "",
         extra: dict | None = None,
         instances: bool = False,
+        sources: Sequence[str | os.PathLike] = (),
     ) -> None:
-        self.final = Path(out) / name
-        self.tmp = Path(out) / f"{name}.partial"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        try:
+            safe_component(name, "dataset name (--name)")
+        except ValueError as exc:
+            raise IngestError(str(exc)) from None
+        out = Path(out).expanduser()
+        self.final = out / name
+        check_output(self.final, sources)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(exclusive(out / f".{name}.lock", f"dataset {name!r}", wait=True))
+        try:
+            check_replaceable(self.final)
+            self._remove_stale_partials(out, name)
+            self.tmp = out / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir(parents=True)
+            (self.tmp / PARTIAL_MARKER).touch()
+        except BaseException:
+            self._lock.close()
+            raise
+        self.closed = False
         self.name, self.shard_bytes = name, shard_bytes
         self.meta = {"source": source, "format": fmt, **(extra or {})}
         self.instances = instances
@@ -363,6 +472,26 @@ class DatasetWriter:
         self.digests: dict[bytes, tuple[str, str]] = {}  # image sha256 -> (split, id)
         self.cross_split: list[dict] = []
         self.shard_index: Counter[str] = Counter()
+
+    @staticmethod
+    def _remove_stale_partials(out: Path, name: str) -> None:
+        """Partial folders of interrupted ingests of this name (ours: they hold the marker)."""
+        for old in out.glob(f".{glob_escape(name)}.partial-*"):
+            if old.is_dir() and not old.is_symlink() and (old / PARTIAL_MARKER).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.closed:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the partial output and the lock; the previous dataset, if any, stays."""
+        self.closed = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._lock.close()
 
     def reject(self, source: str, reason: str, split: str = "", row: int | None = None) -> None:
         entry = {"source": source, "split": split, "reason": reason}
@@ -496,9 +625,30 @@ class DatasetWriter:
             }
         )
 
-    def close(self) -> dict:
-        for split in list(self.open):
-            self._flush(split)
+    def close(self, finalize: Callable[[Path], None] | None = None) -> dict:
+        """Write the manifest and put the dataset in place. `finalize(folder)` adds side files
+        (a contact sheet) to the complete partial folder before it replaces the old one. A
+        dataset without a single usable sample is refused (`IngestError` with the reasons):
+        an old dataset of that name stays as it was."""
+        try:
+            for split in list(self.open):
+                self._flush(split)
+            if not self.counts:
+                raise IngestError(no_sample_message(self.rejected))
+            manifest = self._manifest()
+            atomic_write_json(self.tmp / "manifest.json", manifest, indent=2, ensure_ascii=False)
+            if finalize is not None:
+                finalize(self.tmp)
+            (self.tmp / PARTIAL_MARKER).unlink()
+            swap_dir(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        self._lock.close()
+        return manifest
+
+    def _manifest(self) -> dict:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "dataset": self.name,
@@ -516,13 +666,74 @@ class DatasetWriter:
         }
         if self.cross_split:  # only when there are some: manifests without stay as they were
             manifest["duplicates_across_splits"] = self.cross_split
-        (self.tmp / "manifest.json").write_text(
-            json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        )
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
         return manifest
+
+
+def no_sample_message(rejected: list[dict]) -> str:
+    """Why an ingest wrote nothing: the reject reasons, most frequent first."""
+    if not rejected:
+        return "no sample found in the source: nothing was written (check the layout and paths)"
+    reasons = Counter(re.sub(r"\s*\[.*\]$", "", r["reason"]) for r in rejected)
+    top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+    return (
+        f"no usable sample: all {len(rejected)} input(s) were rejected ({top}); nothing was "
+        "written and any previous dataset of this name is unchanged"
+    )
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_output(final: Path, sources: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output folder that is, holds or lies inside something the ingest reads."""
+    target = _real(final)
+    for source in sources:
+        src = _real(source)
+        if target == src or target in src.parents or src in target.parents:
+            relation = (
+                "is" if target == src else ("contains" if target in src.parents else "lies inside")
+            )
+            raise IngestError(
+                f"the output folder {printable(final)} {relation} the source "
+                f"{printable(source)}: writing there could replace the data being read; choose "
+                "another OUT or --name (e.g. OUT=datasets/parquet)"
+            )
+
+
+# Files a dataset folder of ours may hold besides its shards and manifest.
+OWN_SIDE_FILES = {"manifest.json", "contact_sheet.png", "teacher_cache", ".synth.lock"}
+PARTIAL_MARKER = ".infosam-partial"
+
+
+def check_replaceable(final: Path) -> None:
+    """An existing `final` may be replaced only when it is a dataset this project wrote."""
+    if not os.path.lexists(final):
+        return
+    where = printable(final)
+    if final.is_symlink() or not final.is_dir():
+        raise IngestError(
+            f"{where} exists and is not a dataset folder (a file or a link): ingest never "
+            "replaces it; choose another --name or OUT, or move it away"
+        )
+    try:
+        manifest = json.loads((final / "manifest.json").read_bytes())
+        shards = {s["path"] for s in manifest["shards"]}
+        ours = isinstance(manifest, dict) and "schema_version" in manifest and "counts" in manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        ours, shards = False, set()
+    if not ours:
+        raise IngestError(
+            f"{where} exists and holds no manifest.json written by infosam: ingest replaces only "
+            "its own datasets; choose another --name or OUT, or move that folder away"
+        )
+    foreign = sorted(p.name for p in final.iterdir() if p.name not in shards | OWN_SIDE_FILES)
+    if foreign:
+        shown = ", ".join(printable(f) for f in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise IngestError(
+            f"{where} is an infosam dataset but also holds files it did not write ({shown}): "
+            "ingest would delete them; move them out or choose another --name"
+        )
 
 
 def decode_with_image(
@@ -564,17 +775,17 @@ def decode_pair(paths: tuple[Path, Path]) -> tuple:
 
 def _write_pairs(
     writer: DatasetWriter,
-    pairs: Sequence[tuple[str, str, Path | None, Path | None, int | None]],
+    pairs: Sequence[tuple[str, str, Path | None, Path | str, int | None]],
     workers: int | None,
-    empty_reason: str = "",
 ) -> None:
     """(split, id, image, mask, csv row) pairs, decoded in parallel, written in input order; a
-    pair without paths (an empty CSV cell) is rejected with `empty_reason` in its place."""
-    todo = [(p[2], p[3]) for p in pairs if p[2] is not None and p[3] is not None]
+    pair whose image is None is rejected with the reason in its mask's place (an empty or
+    escaping CSV cell)."""
+    todo = [(p[2], p[3]) for p in pairs if p[2] is not None]
     results = ordered_map(decode_pair, todo, workers)
     for split, sample_id, image_path, mask_path, row in pairs:
-        if image_path is None or mask_path is None:
-            writer.reject(f"{split}.csv row {row}", empty_reason, split, row)
+        if image_path is None:
+            writer.reject(f"{split}.csv row {row}", str(mask_path), split, row)
             continue
         result = next(results)
         source = printable(image_path)
@@ -583,6 +794,26 @@ def _write_pairs(
         else:
             _, stored, mask, height, width, flags = result
             writer.add(split, sample_id, stored, mask, height, width, source, flags)
+
+
+def inside(root: Path, rel: object, what: str) -> Path:
+    """`root / rel` for a path named in an annotation file or CSV, refused (Rejected) unless it
+    is a relative path string that stays inside `root`, symbolic links resolved: a hostile file
+    must not pull other files of the host into a dataset."""
+    if not isinstance(rel, str) or not rel:
+        shown = repr(rel)[:60]
+        raise Rejected(
+            f"{what} must be a non-empty path string relative to {printable(root)}, got "
+            f"{type(rel).__name__} {shown}"
+        )
+    base = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base, rel))
+    if os.path.isabs(rel) or real == base or os.path.commonpath([real, base]) != base:
+        raise Rejected(
+            f"{what} {printable(rel)!r} leads outside {printable(root)}: paths must be relative "
+            "to that folder and stay inside it (no absolute paths, '..' or links leading out)"
+        )
+    return root / rel
 
 
 # ----------------------------------------------------------------------------- Conv-LoRA layout
@@ -634,21 +865,29 @@ def ingest_convlora(
         frames.append((split, df))
     writer = DatasetWriter(
         out,
-        name or src.name,
+        src.resolve().name if name is None else name,
         shard_bytes=shard_bytes,
         source=printable(src.resolve()),
         fmt="convlora",
+        sources=[src],
     )
     pairs: list[tuple] = []
     for split, df in frames:
         for row, (image_rel, label_rel) in enumerate(zip(df["image"], df["label"], strict=True)):
             if not image_rel or not label_rel:
-                pairs.append((split, "", None, None, row))
+                pairs.append((split, "", None, "empty image or label cell", row))
+                continue
+            try:
+                image_path = inside(src, image_rel, "image cell")
+                label_path = inside(src, label_rel, "label cell")
+            except Rejected as exc:
+                pairs.append((split, "", None, str(exc), row))
                 continue
             sample_id = str(Path(image_rel).with_suffix("")).replace(os.sep, "/")
-            pairs.append((split, sample_id, src / image_rel, src / label_rel, row))
-    _write_pairs(writer, pairs, workers, "empty image or label cell")
-    return writer.close()
+            pairs.append((split, sample_id, image_path, label_path, row))
+    with writer:
+        _write_pairs(writer, pairs, workers)
+        return writer.close()
 
 
 # ----------------------------------------------------------------------------- folders layout
@@ -916,14 +1155,19 @@ def open_folder_source(
         meta["holdout"] = holdout
     writer = DatasetWriter(
         out,
-        name or src.name,
+        src.resolve().name if name is None else name,
         shard_bytes=shard_bytes,
         source=printable(src.resolve()),
         fmt=fmt,
         extra=meta,
         instances=instances,
+        sources=[src, *(src / d for s in layout.splits for d in s[1:])],
     )
-    pairs = layout_pairs(writer, src, layout)
+    try:
+        pairs = layout_pairs(writer, src, layout)
+    except BaseException:
+        writer.abort()
+        raise
     moved = assign_holdout([p[1] for p in pairs], holdout) if holdout else {}
     return writer, [(moved.get(p[1], p[0]), p[1], p[2], p[3]) for p in pairs]
 
@@ -946,8 +1190,9 @@ def ingest_folders(
     writer, pairs = open_folder_source(
         src, out, name, fmt="folders", holdout=holdout, shard_bytes=shard_bytes, **layout_options
     )
-    _write_pairs(writer, [(*p, None) for p in pairs], workers)
-    return writer.close()
+    with writer:
+        _write_pairs(writer, [(*p, None) for p in pairs], workers)
+        return writer.close()
 
 
 def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: object) -> dict:
@@ -994,7 +1239,15 @@ def load_manifest(dataset_dir: str | os.PathLike, *, verify: bool = False) -> di
             "`infosam data ingest` or `infosam data synth`"
         )
     with fs.open_input_stream(path) as f:
-        manifest = json.loads(f.read())
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+            raise ValueError("not a manifest (no shards list)")
+    except ValueError as exc:
+        raise IngestError(
+            f"{printable(path)} is damaged ({exc}); re-run the ingest that wrote it"
+        ) from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise IngestError(
             f"{printable(path)}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; re-run the ingest"
@@ -1004,6 +1257,12 @@ def load_manifest(dataset_dir: str | os.PathLike, *, verify: bool = False) -> di
         if info.type != pafs.FileType.File:
             raise IngestError(
                 f"shard {shard['path']} listed in {printable(path)} is missing; re-run the ingest"
+            )
+        if info.size != shard["bytes"]:  # a truncated copy or an edited file, found at once
+            raise IngestError(
+                f"shard {shard['path']} of {printable(dataset_dir)} is {info.size} bytes but was "
+                f"written as {shard['bytes']}: it was truncated or changed after ingest; copy it "
+                "again from its source, or re-run the ingest"
             )
         if verify:
             with fs.open_input_stream(info.path) as f:
@@ -1089,6 +1348,3 @@ def summarise(manifest: dict) -> str:
     if len(rej) > 20:
         lines.append(f"    ... {len(rej) - 20} more in manifest.json")
     return "\n".join(lines)
-
-
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

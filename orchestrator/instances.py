@@ -33,6 +33,7 @@ from orchestrator.datasets import (
     decode_with_image,
     encode_mask,
     grey_channel,
+    inside,
     is_tiff,
     open_encoded,
     open_folder_source,
@@ -84,7 +85,8 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
             )
         return np.ascontiguousarray(mask, dtype=np.uint8)  # pycocotools decodes column-major
     if isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation):
-        size = list(segmentation["size"])
+        size = segmentation["size"]
+        size = list(size) if isinstance(size, list | tuple) else [size]
         if size != [height, width]:
             shown = f"{size[1]}x{size[0]}" if len(size) == 2 else str(size)
             raise Rejected(
@@ -93,9 +95,8 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
             )
         counts = segmentation["counts"]
         try:
+            check_rle_counts(counts, height, width)  # pycocotools writes past its buffer else
             if isinstance(counts, list):  # uncompressed RLE
-                if sum(counts) != height * width:
-                    raise ValueError(f"its counts sum to {sum(counts)}, not {height * width}")
                 rle = mask_utils.frPyObjects(segmentation, height, width)
             else:
                 rle = {
@@ -113,6 +114,48 @@ def coco_mask(segmentation: object, height: int, width: int) -> np.ndarray:
     raise Rejected(
         "segmentation is neither a list of polygons nor an RLE dict with 'size' and 'counts'"
     )
+
+
+def _compressed_counts(text: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string, decoded as pycocotools' `rleFrString`
+    does (6-bit groups from '0', differential after the second run), so they can be checked
+    before its C code trusts them."""
+    counts: list[int] = []
+    p, n = 0, len(text)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n or k > 12:
+                raise ValueError("its counts string is truncated or has an over-long run")
+            c = text[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"its counts string has a character outside '0'..'o' at {p}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def check_rle_counts(counts: object, height: int, width: int) -> None:
+    """An RLE's run lengths must be non-negative integers summing to height x width."""
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ValueError("its counts list holds values that are not integers")
+        runs = counts
+    elif isinstance(counts, str | bytes):
+        raw = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+        runs = _compressed_counts(raw)
+    else:
+        raise ValueError(f"its counts are a {type(counts).__name__}, not a string or a list")
+    if any(c < 0 for c in runs):
+        raise ValueError("its counts hold a negative run length")
+    if sum(runs) != height * width:
+        raise ValueError(f"its counts sum to {sum(runs)}, not {height * width}")
 
 
 def decode_coco_image(item: tuple) -> tuple:
@@ -202,7 +245,7 @@ def ingest_coco(
     selected = _check_selection(categories, loaded)
     writer = DatasetWriter(
         out,
-        name or Path(src).stem,
+        Path(src).stem if name is None else name,
         shard_bytes=shard_bytes,
         source=printable(Path(src).resolve()),
         fmt="coco",
@@ -219,7 +262,21 @@ def ingest_coco(
             **({"selected_categories": sorted(selected)} if selected else {}),
         },
         instances=True,
+        sources=[p for _, a, r, _ in loaded for p in (a, r)],
     )
+    with writer:
+        return _fill_coco(writer, loaded, holdout, min_area, workers, selected)
+
+
+def _fill_coco(
+    writer: DatasetWriter,
+    loaded: list[tuple],
+    holdout: dict[str, float] | None,
+    min_area: int,
+    workers: int | None,
+    selected: frozenset[str] | None,
+) -> dict:
+    """Every COCO file's images and annotations into `writer`, then the manifest."""
     used: Counter[str] = Counter()
     skipped: list[dict] = []
     unannotated = 0
@@ -254,11 +311,34 @@ def ingest_coco(
     return writer.close()
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _entry_problem(entry: object, images_root: Path) -> str | None:
+    """Why an `images` entry cannot be used (wrong types, a file_name leading out of the
+    images folder), or None."""
+    if not isinstance(entry, dict) or "id" not in entry or not entry.get("file_name"):
+        return "image entry without id or file_name"
+    if not _is_id(entry["id"]):
+        return f"image id {entry['id']!r:.60} is not an integer or a string"
+    for key in ("height", "width"):
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return f"image {key} {value!r:.60} is not an integer"
+    try:
+        inside(images_root, entry["file_name"], "file_name")
+    except Rejected as exc:
+        return str(exc)
+    return None
+
+
 def _file_categories(data: dict) -> dict[object, str]:
+    listed = data.get("categories")
     return {
         c.get("id"): str(c.get("name", c.get("id")))
-        for c in data.get("categories") or []
-        if isinstance(c, dict)
+        for c in (listed if isinstance(listed, list) else [])
+        if isinstance(c, dict) and _is_id(c.get("id"))
     }
 
 
@@ -267,6 +347,8 @@ def _category_name(categories: dict[object, str], ann: dict) -> str | None:
     annotation is rejected). Files without a categories list (some exporters) keep the raw id
     as the name."""
     cat = ann.get("category_id")
+    if cat is not None and not _is_id(cat):
+        return None  # rejected as an unknown category
     if categories:
         return categories.get(cat)
     return "object" if cat is None else str(cat)
@@ -311,8 +393,9 @@ def _ingest_coco_file(
     categories = _file_categories(data)
     images: dict[object, dict] = {}
     for k, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or "id" not in entry or not entry.get("file_name"):
-            writer.reject(f"{where} images[{k}]", "image entry without id or file_name", split, k)
+        reason = _entry_problem(entry, images_root)
+        if reason:
+            writer.reject(f"{where} images[{k}]", reason, split, k)
         elif entry["id"] in images:
             writer.reject(
                 f"{where} images[{k}] ({entry['file_name']})",
@@ -327,8 +410,13 @@ def _ingest_coco_file(
     for row, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         source = f"{where} annotation id={ann_id}"
-        if ann_id is None:
-            writer.reject(f"{where} annotations[{row}]", "annotation without an id", split, row)
+        if not _is_id(ann_id) or not _is_id(ann.get("image_id")):
+            writer.reject(
+                f"{where} annotations[{row}]",
+                "annotation without an integer or string id and image_id",
+                split,
+                row,
+            )
             continue
         if ann_id in first_seen:
             writer.reject(
@@ -409,10 +497,11 @@ def _ingest_coco_file(
 
 def decode_labels(data: bytes) -> np.ndarray:
     """An instance label image (8/16-bit PNG, TIFF, palette PNG) -> (H, W) int64 label ids."""
+    # counted at the working dtype (int64 ids: 8 bytes a pixel), not the stored one
     if is_tiff(data):
-        arr = read_tiff(data, "label image")
+        arr = read_tiff(data, "label image", working_itemsize=8)
     else:
-        img = open_encoded(data, "label image")
+        img = open_encoded(data, "label image", working_itemsize=8)
         # palette PNGs store label ids as indices; "L", "I;16", "I" store them as values
         arr = np.asarray(img)
     if arr.ndim == 3:
@@ -500,12 +589,13 @@ def ingest_labels(
         default_masks=("labels", "masks"),
         **layout_options,
     )
-    results = ordered_map(decode_label_pair, [(p[2], p[3], min_area) for p in pairs], workers)
-    for (target, stem, image_path, _), result in zip(pairs, results, strict=True):
-        source = printable(image_path)
-        if result[0] == "rejected":
-            writer.reject(source, result[1], target)
-            continue
-        _, stored, h, w, flags, kept = result
-        writer.add_image(target, stem, stored, h, w, source, flags, kept)
-    return writer.close()
+    with writer:
+        results = ordered_map(decode_label_pair, [(p[2], p[3], min_area) for p in pairs], workers)
+        for (target, stem, image_path, _), result in zip(pairs, results, strict=True):
+            source = printable(image_path)
+            if result[0] == "rejected":
+                writer.reject(source, result[1], target)
+                continue
+            _, stored, h, w, flags, kept = result
+            writer.add_image(target, stem, stored, h, w, source, flags, kept)
+        return writer.close()

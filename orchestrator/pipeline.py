@@ -7,17 +7,21 @@ workers consume it through `ray.train.get_dataset_shard(...).iter_torch_batches(
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from infosam.transforms import pad_to_square, preprocess_shape, resize_longest_side
-from orchestrator.datasets import INSTANCE_COLUMNS, binarise_mask, load_manifest, shard_paths
+from orchestrator.datasets import (
+    INSTANCE_COLUMNS,
+    binarise_mask,
+    load_manifest,
+    open_encoded,
+    shard_paths,
+)
 
 __all__ = [
     "COLUMNS",
@@ -44,14 +48,15 @@ class SampleDecodeError(RuntimeError):
 
 
 def _decode_image(image: bytes, channel_order: str) -> np.ndarray:
-    img = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    """Stored PNG/JPEG bytes -> (H, W, 3) uint8 under ingest's decoding budget and formats."""
+    img = np.asarray(open_encoded(image, "stored image").convert("RGB"))
     if channel_order == "bgr":  # the reference reads BGR with OpenCV and never converts
         img = img[..., ::-1]
     return img
 
 
 def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    m, _ = binarise_mask(np.asarray(Image.open(io.BytesIO(mask))))
+    m, _ = binarise_mask(np.asarray(open_encoded(mask, "stored mask")))
     if m.shape != shape[:2]:
         raise ValueError(f"mask {m.shape} and image {shape[:2]} sizes differ")
     return m

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from infosam.prompts import PromptBatch
 from infosam.sam import PromptableSam, build_sam, load_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
+from orchestrator.datasets import Rejected, decode_image, open_encoded
 
 __all__ = [
     "Prompt",
@@ -158,7 +158,7 @@ def predict_files(
         chunk = jobs[start : start + batch_size]
         for path, _, _ in chunk:
             if path not in arrays:
-                arrays[path] = np.asarray(Image.open(path).convert("RGB"))
+                arrays[path] = read_image_file(path)
         prepared = [
             prepare_pair(arrays[p], np.zeros(arrays[p].shape[:2], np.uint8), size)
             for p, _, _ in chunk
@@ -186,6 +186,15 @@ def predict_files(
             Image.fromarray(shown.pop(path)).save(out / f"{Path(path).stem}_overlay.png")
             del arrays[path]  # every object of this image is done
     return written
+
+
+def read_image_file(path: str | os.PathLike) -> np.ndarray:
+    """An image file to prompt -> (H, W, 3) uint8, decoded as ingest decodes (formats, pixel
+    budget, TIFF and 16-bit images); a ValueError names the file and why."""
+    try:
+        return decode_image(Path(path).read_bytes())[0]
+    except Rejected as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _safe(name: str) -> str:
@@ -228,7 +237,7 @@ def predict_dataset(
                 cols[k] = np.empty(1, dtype=object)
                 cols[k][0] = row[k]
         batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
-        image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        image = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
         shown = image
         labels = np.zeros(image.shape[:2], np.uint16)
         name = _safe(str(row["id"]))

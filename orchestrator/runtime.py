@@ -108,8 +108,6 @@ def ensure_data(cfg: Config) -> Path | str:
             f"road_segmentation), unzip each, and run `infosam data ingest --format convlora "
             f"<unzipped folder> {root}`; or point data.root/data.dataset at an ingested dataset"
         )
-    import shutil
-
     from orchestrator.synthetic import synthesize
 
     root.mkdir(parents=True, exist_ok=True)
@@ -119,9 +117,7 @@ def ensure_data(cfg: Config) -> Path | str:
             print(
                 f"[infosam] generating synthetic domain {cfg.data.dataset!r} in {root}", flush=True
             )
-            if path.exists():  # our own generated data, made with other settings
-                shutil.rmtree(path)
-            synthesize(
+            synthesize(  # replaces our own stale domain whole (DatasetWriter), nothing else
                 root,
                 [cfg.data.dataset],
                 seed=cfg.data.synth_seed,

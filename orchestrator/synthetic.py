@@ -309,24 +309,32 @@ def synthesize(
                 "generator": {"domain": domain, "seed": seed, "splits": sizes, "about": spec.about}
             },
         )
-        for split, n in sizes.items():
-            for i in range(n):
-                img, mask = generate_sample(domain, seed, split, i)
-                flags = [] if mask.any() else ["empty_mask"]
-                writer.add(
-                    split,
-                    f"{split}/{domain}_{i:05d}",
-                    _jpeg(img),
-                    encode_mask(mask),
-                    img.shape[0],
-                    img.shape[1],
-                    f"synthetic:{domain}:seed={seed}:{split}:{i}",
-                    flags,
-                )
-        manifests[domain] = writer.close()
-        if sheets:
-            contact_sheet(Path(out) / domain, Path(out) / domain / "contact_sheet.png")
+        with writer:
+            manifests[domain] = _fill_domain(writer, domain, seed, sizes, sheets)
     return manifests
+
+
+def _fill_domain(
+    writer: DatasetWriter, domain: str, seed: int, sizes: dict[str, int], sheets: bool
+) -> dict:
+    """One domain's samples into `writer`; its contact sheet goes in before the swap."""
+    for split, n in sizes.items():
+        for i in range(n):
+            img, mask = generate_sample(domain, seed, split, i)
+            flags = [] if mask.any() else ["empty_mask"]
+            writer.add(
+                split,
+                f"{split}/{domain}_{i:05d}",
+                _jpeg(img),
+                encode_mask(mask),
+                img.shape[0],
+                img.shape[1],
+                f"synthetic:{domain}:seed={seed}:{split}:{i}",
+                flags,
+            )
+    return writer.close(
+        (lambda folder: contact_sheet(folder, folder / "contact_sheet.png")) if sheets else None
+    )
 
 
 def contact_sheet(

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from orchestrator.cli import main as cli
-from orchestrator.datasets import ingest_convlora, ingest_folders, iter_rows, load_manifest
+from orchestrator.datasets import (
+    IngestError,
+    ingest_convlora,
+    ingest_folders,
+    iter_rows,
+    load_manifest,
+)
 
 
 def _png(arr, mode=None) -> bytes:
@@ -291,8 +297,21 @@ def test_cli_exit_codes_and_messages(tmp_path, capsys):
 def test_changed_shard_is_detected_by_verify(tmp_path, capsys):
     build_convlora_fixture(tmp_path / "bench")
     manifest = ingest_convlora(tmp_path / "bench", tmp_path / "out")
+    dataset = str(tmp_path / "out" / "bench")
     shard = tmp_path / "out" / "bench" / manifest["shards"][0]["path"]
-    table = pq.read_table(shard)
-    pq.write_table(table.slice(0, 1), shard)
-    assert cli(["data", "inspect", str(tmp_path / "out" / "bench"), "--verify"]) == 2
+    original = shard.read_bytes()
+    # a same-size edit: only the checksum can see it
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    assert cli(["data", "inspect", dataset]) == 0
+    capsys.readouterr()
+    assert cli(["data", "inspect", dataset, "--verify"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
+    # a truncated copy is found whenever the manifest is loaded, without --verify
+    shard.write_bytes(original[: len(original) // 2])
+    assert cli(["data", "inspect", dataset]) == 2
+    err = capsys.readouterr().err
+    assert manifest["shards"][0]["path"] in err and "truncated or changed" in err
+    with pytest.raises(IngestError, match="truncated"):
+        load_manifest(dataset)
