@@ -36,7 +36,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import (  # the decoders PIL_FORMATS names, registered before the first open
+    BmpImagePlugin,  # noqa: F401
+    Image,
+    JpegImagePlugin,  # noqa: F401
+    MpoImagePlugin,  # noqa: F401  (JPEG's factory opens multi-picture files with it)
+    PngImagePlugin,  # noqa: F401
+    WebPImagePlugin,  # noqa: F401
+)
 
 from orchestrator.storage import atomic_write_json, exclusive, safe_component, swap_dir
 
@@ -99,8 +106,8 @@ MAX_DECODED_BYTES = 3 << 28  # 768 MiB: an 8-bit RGB image of MAX_PIXELS; 16-bit
 MAX_FILE_BYTES = 1 << 30  # an encoded file larger than this is refused before it is read
 MAX_TIFF_PAGES = 64  # a TIFF with more pages is a stack; read only its header
 # The image formats PIL may decode (TIFF goes through tifffile): PIL otherwise sniffs every format
-# it knows (EPS runs Ghostscript). MPO is the multi-picture JPEG some cameras write.
-PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "WEBP")
+# it knows (EPS runs Ghostscript). JPEG includes MPO, the multi-picture JPEG of some cameras.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 # Below this many images decoding threads are not worth starting.
 POOL_MIN_ITEMS = 32
 
@@ -127,15 +134,16 @@ _limit_previous: int | None = None
 
 
 @contextlib.contextmanager
-def _pixel_limit(limit: int):
-    """PIL's decompression-bomb limit while any ingest decodes (importing us changes nothing).
-    PIL reads one global: decoding threads share one raise and the last one out restores it,
-    so no thread decodes a large tile under PIL's default and the caller's value comes back."""
+def _pil_check_off():
+    """PIL's own decompression-bomb check off while any of our decoders runs: `check_budget`
+    decides from the header instead, with one limit and one message for every format (PIL's
+    would stop at 2x its 89 M px default). PIL reads one global: decoding threads share one
+    change and the last one out restores the caller's value (importing us changes nothing)."""
     global _limit_users, _limit_previous
     with _limit_lock:
         if _limit_users == 0:
             _limit_previous = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = limit
+            Image.MAX_IMAGE_PIXELS = None
         _limit_users += 1
     try:
         yield
@@ -154,7 +162,7 @@ def check_budget(width: int, height: int, channels: int, itemsize: int, what: st
     if pixels > MAX_PIXELS or decoded > MAX_DECODED_BYTES:
         raise Rejected(
             f"{what} declares {width}x{height} px x {channels} channel(s) of {itemsize} byte(s) "
-            f"({decoded / 2**20:.0f} MiB decoded), over the limit of {MAX_PIXELS} px and "
+            f"({decoded / 2**20:.1f} MiB decoded), over the limit of {MAX_PIXELS} px and "
             f"{MAX_DECODED_BYTES >> 20} MiB (orchestrator.datasets.MAX_PIXELS); tile it into "
             "smaller images"
         )
@@ -180,7 +188,7 @@ def open_encoded(data: bytes, what: str, working_itemsize: int | None = None) ->
     decode here."""
     _check_file_size(data, what)
     try:
-        with _pixel_limit(MAX_PIXELS):
+        with _pil_check_off():
             img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             itemsize = working_itemsize or _MODE_BYTES.get(img.mode, 1)
             check_budget(*img.size, len(img.getbands()), itemsize, what)
@@ -222,8 +230,8 @@ def read_tiff(data: bytes, what: str, working_itemsize: int | None = None) -> np
                     f"{what} is a TIFF of shape {shape} (a stack or volume); save one 2-D plane "
                     "per file"
                 )
-            h, w, *c = sorted(planes, reverse=True) if planes else (1, 1)
-            check_budget(w, h, c[0] if c else 1, working_itemsize or dtype.itemsize, what)
+            h, w, c = _plane_dims(planes)
+            check_budget(w, h, c, working_itemsize or dtype.itemsize, what)
             arr = series.asarray()
     except Rejected:
         raise
@@ -237,6 +245,16 @@ def read_tiff(data: bytes, what: str, working_itemsize: int | None = None) -> np
             f"{what} is a TIFF of shape {arr.shape} (a stack or volume); save one 2-D plane per file"
         )
     return arr
+
+
+def _plane_dims(planes: list[int]) -> tuple[int, int, int]:
+    """(height, width, channels) of a TIFF series' non-singleton dims, channels last or first."""
+    if len(planes) == 3:
+        if planes[-1] in (3, 4):
+            return planes[0], planes[1], planes[2]
+        return planes[1], planes[2], planes[0]
+    padded = [1] * (2 - len(planes)) + planes
+    return padded[0], padded[1], 1
 
 
 def _to_uint8(arr: np.ndarray, stretch: bool) -> np.ndarray:
