@@ -112,9 +112,12 @@ def load_reference_relation(path: str | os.PathLike) -> RelationModule:
 
 
 def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: TuningConfig) -> None:
-    """A self-contained student: the full state_dict plus what is needed to rebuild its modules."""
+    """A self-contained student: the full state_dict plus what is needed to rebuild its modules.
+    Written to a temporary file and renamed: a crash never leaves a truncated export."""
     import dataclasses
 
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(
         {
             "infosam_export": {
@@ -124,8 +127,9 @@ def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: Tunin
             },
             "state_dict": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
         },
-        os.fspath(path),
+        tmp,
     )
+    os.replace(tmp, path)
 
 
 def load_exported(path: str | os.PathLike) -> Sam:

@@ -39,6 +39,7 @@ from orchestrator.cells import (
 from orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.stats import compare
+from orchestrator.storage import atomic_write, atomic_write_json
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import (
     close_child_runs,
@@ -288,7 +289,7 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             }
         )
         state["parent_run_id"] = parent.run_id
-        state_file.write_text(json.dumps(state, indent=2))
+        atomic_write_json(state_file, state, indent=2)
     todo: list[CellJob] = []
     for i, cell in enumerate(cells, 1):
         done = state["cells"].get(cell.key)
@@ -349,7 +350,7 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
             start = out.starts[-1][1] if out.starts else out.failed_at
             end, node = out.failed_at, (out.starts[-1][0][:6] if out.starts else "?")
         state["cells"][cell.key] = entry
-        state_file.write_text(json.dumps(state, indent=2))
+        atomic_write_json(state_file, state, indent=2)
         n_done = sum(1 for e in state["cells"].values() if e.get("status") == "FINISHED")
         print(f"[benchmark] {n_done}/{len(cells)} {msg}", flush=True)
         timeline.append(
@@ -617,7 +618,7 @@ def _write_outputs(
         f"(mean over its cells) on the right.{units}\n\n{table.to_markdown()}\n{missing}"
         f"{differences}{_category_markdown(scores, bench)}"
     )
-    Path(files["markdown"]).write_text(md)
+    atomic_write(files["markdown"], md)
     raw.to_csv(files["csv"], index=False)
     _bar_chart(raw, bench, files["chart"])
     print(md, flush=True)

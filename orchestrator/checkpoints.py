@@ -21,6 +21,7 @@ from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_st
 from orchestrator.config import Config, ConfigError
 from orchestrator.models import unwrap
 from orchestrator.runtime import teacher_checkpoint
+from orchestrator.storage import atomic_file, atomic_write, atomic_write_json
 
 __all__ = [
     "HISTORY_FILE",
@@ -74,12 +75,12 @@ def save_checkpoint(
     }
     directory = Path(directory)
     (directory / HISTORY_FILE).unlink(missing_ok=True)
-    torch.save(state, directory / f"{STATE_FILE}.tmp")
-    os.replace(directory / f"{STATE_FILE}.tmp", directory / STATE_FILE)
-    (directory / "config.yaml").write_text(cfg.to_yaml())
+    with atomic_file(directory / STATE_FILE) as f:
+        torch.save(state, f)
+    atomic_write(directory / "config.yaml", cfg.to_yaml())
     if history:
-        (directory / "metrics.json").write_text(json.dumps(history[-1], indent=2))
-    (directory / HISTORY_FILE).write_text(json.dumps(history))  # last: marks it complete
+        atomic_write_json(directory / "metrics.json", history[-1], indent=2)
+    atomic_write(directory / HISTORY_FILE, json.dumps(history))  # last: marks it complete
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from infosam.sam import PromptableSam, build_sam, load_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
 from orchestrator.datasets import Rejected, decode_image, open_encoded
+from orchestrator.storage import atomic_file, atomic_write_json
 
 __all__ = [
     "Prompt",
@@ -277,7 +278,7 @@ def predict_dataset(
                 written.append(entry)
         Image.fromarray(shown).save(out / f"{name}_overlay.png")
         Image.fromarray(labels).save(out / f"{name}_instances.png")
-    (out / "predictions.json").write_text(json.dumps(written, indent=2) + "\n")
+    atomic_write_json(out / "predictions.json", written, indent=2)
     return written
 
 
@@ -295,7 +296,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
             f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
             "self-contained export: load it with `infosam.sam.load_exported(path)`"
         )
-    torch.save(merge_for_export(sam), out)
+    with atomic_file(out) as f:
+        torch.save(merge_for_export(sam), f)
     how = (
         f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"
         if cfg.model.variant != "tiny"

@@ -18,9 +18,11 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "LockedError",
+    "atomic_file",
     "atomic_write",
     "atomic_write_json",
     "exclusive",
@@ -63,25 +65,17 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part.
-
-    Local: a temporary file in the same folder, fsync, rename, fsync the folder. Remote
-    (s3://...): one PUT, which object stores apply whole."""
-    raw = data.encode() if isinstance(data, str) else data
-    if is_remote(path):
-        import pyarrow.fs as pafs
-
-        fs, where = pafs.FileSystem.from_uri(os.fspath(path))
-        with fs.open_output_stream(where) as f:
-            f.write(raw)
-        return
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file object whose content replaces `path` only when the block ends without an
+    error: a temporary file in the same folder, fsync, rename, fsync the folder (for writers
+    such as `torch.save` that want a file, not bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,6 +84,22 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part.
+
+    Local: `atomic_file`. Remote (s3://...): one PUT, which object stores apply whole."""
+    raw = data.encode() if isinstance(data, str) else data
+    if is_remote(path):
+        import pyarrow.fs as pafs
+
+        fs, where = pafs.FileSystem.from_uri(os.fspath(path))
+        with fs.open_output_stream(where) as f:
+            f.write(raw)
+        return
+    with atomic_file(path) as f:
+        f.write(raw)
 
 
 def atomic_write_json(path: str | os.PathLike, data: object, **dumps: object) -> None:

@@ -40,6 +40,7 @@ from orchestrator.datasets import (
     shard_paths,
 )
 from orchestrator.pipeline import columns, decode_images
+from orchestrator.storage import atomic_write
 
 __all__ = [
     "CACHE_VERSION",
@@ -107,11 +108,7 @@ def _read_json(location: str) -> dict | None:
 
 
 def _write_json(location: str, data: dict) -> None:
-    fs, path = _fs(location)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2).encode())
-    fs.move(tmp, path)  # atomic on local disks; the last write wins on object stores
+    atomic_write(location, json.dumps(data, indent=2))  # one PUT on object stores
 
 
 def image_rows(manifest: dict, split: str) -> int:
@@ -316,12 +313,14 @@ def build_teacher_cache(
             "workers": workers,
             "device": "gpu" if use_gpu else "cpu",
         }
+        # The generation just superseded stays (a run that opened it may still be streaming
+        # it); the one before goes, only once the new cache.json points elsewhere.
+        kept = sorted({p.split("/")[0] for p in previous["files"]} - {name}) if previous else []
+        meta["splits"][split]["previous"] = kept
         _write_json(_join(location, "cache.json"), meta)
-        if previous:  # superseded files go only once the new cache.json points elsewhere
-            old = {p.split("/")[0] for p in previous["files"]}
-            for d in old - {name}:
-                with contextlib.suppress(OSError):
-                    fs.delete_dir(_join(root, d))
+        for d in set((previous or {}).get("previous", [])) - {name, *kept}:
+            with contextlib.suppress(OSError):
+                fs.delete_dir(_join(root, d))
         if not quiet:
             print(
                 f"[infosam] teacher cache {split}: {rows} images in {seconds:.1f} s "

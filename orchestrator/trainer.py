@@ -54,6 +54,7 @@ from orchestrator.runtime import (
     teacher_checkpoint,
     teacher_hash,
 )
+from orchestrator.storage import atomic_write
 from orchestrator.tracking import RunLogger, closing_on_exit, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import open_run as tracking_open_run
@@ -674,7 +675,7 @@ def open_training_run(
         return logger
     if run_id_file is not None:
         run_id_file.parent.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(logger.run_id)
+        atomic_write(run_id_file, logger.run_id)
     logger.log_params(flatten(cfg.to_dict()))
     logger.log_params(
         {

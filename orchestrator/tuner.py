@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.storage import atomic_write
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import closing_on_exit, open_run, resolve_tracking_uri
 
@@ -368,12 +369,13 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         }
         best_cfg = base.with_values(trial_values(best_sampled))
         best_yaml = out_dir / "best.yaml"
-        best_yaml.write_text(
+        atomic_write(
+            best_yaml,
             f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
-            + best_cfg.to_yaml()
+            + best_cfg.to_yaml(),
         )
-        (out_dir / "trials.csv").write_text(table.to_csv(index=False))
-        (out_dir / "trials.md").write_text(table.to_markdown(index=False) + "\n")
+        atomic_write(out_dir / "trials.csv", table.to_csv(index=False))
+        atomic_write(out_dir / "trials.md", table.to_markdown(index=False) + "\n")
         _scatter(table, tcfg, out_dir / "weights_vs_metric.png")
         for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
             parent.log_artifact(out_dir / name, "sweep")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +248,21 @@ def test_concurrent_runs_build_the_cache_once(ray_local, dataset):
     assert not errors and len(results) == 2
     assert results[0]["files"] == results[1]["files"]
     assert len(list((dataset / "camouflage").glob("teacher_cache/*/val-*"))) == 1
+
+
+@pytest.mark.slow
+def test_a_rebuild_keeps_the_generation_a_running_reader_streams(ray_local, dataset):
+    """A rebuild never deletes the files a run opened a moment ago: the superseded generation
+    stays until the next rebuild, and only the one before it goes."""
+    root = dataset / "camouflage"
+    gens = []
+    for _ in range(3):
+        build_teacher_cache(root, ["val"], _key(), checkpoint=TEACHER, quiet=True)
+        opened = open_teacher_cache(root, "val", _key())
+        gens.append({Path(f).parent.name for f in opened["files"]})
+        folders = {p.name for p in root.glob("teacher_cache/*/val-*")}
+        assert gens[-1] <= folders
+        if len(gens) > 1:
+            assert gens[-2] <= folders, "the generation a reader may stream was deleted"
+        if len(gens) > 2:
+            assert not gens[0] & folders, "generations before the previous one are removed"
