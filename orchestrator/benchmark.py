@@ -36,10 +36,24 @@ from orchestrator.cells import (
     timeline_stats,
     write_timeline,
 )
-from orchestrator.config import Config, ConfigError, apply_overrides, load_config
+from orchestrator.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_changes,
+    load_config,
+    result_view,
+    resume_refusal,
+)
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.stats import compare
-from orchestrator.storage import atomic_write, atomic_write_json
+from orchestrator.storage import (
+    LockedError,
+    atomic_write,
+    atomic_write_json,
+    exclusive,
+    safe_component,
+)
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import (
     close_child_runs,
@@ -220,13 +234,54 @@ def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> in
     return max(1, int(cpus // max(need, 1e-6)))
 
 
-def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -> dict[str, Any]:
-    """Run (or resume) every cell; returns the table, files written and the parent run id."""
+def _check_finished_cells(
+    bench: BenchmarkConfig,
+    cells: list[Cell],
+    configs: dict[str, Config],
+    state: dict[str, Any],
+    allow: bool,
+) -> None:
+    """Before Ray starts: a re-run skips a FINISHED cell only if it ran with this config."""
+    changed = []
+    for cell in cells:
+        done = state["cells"].get(cell.key) or {}
+        if done.get("status", "FINISHED") == "FINISHED":
+            changes = config_changes(done.get("config"), configs[cell.key])
+            if changes:
+                changed.append((cell.key, changes))
+    if changed and not allow:
+        keys = ", ".join(k for k, _ in changed)
+        raise resume_refusal(f"benchmark {bench.name!r} (finished cells {keys})", changed[0][1])
+
+
+def run_benchmark(
+    bench: BenchmarkConfig,
+    base: Config,
+    *,
+    quiet: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) every cell; returns the table, files written and the parent run id.
+
+    One driver per benchmark folder at a time (a lock: a second gets `LockedError` naming the
+    first). A re-run skips FINISHED cells only when their recorded configuration is this one
+    (`config.check_resume`; `allow_config_change` keeps them whatever changed)."""
+    try:
+        safe_component(bench.name, "benchmark.name")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir / ".lock", f"benchmark {bench.name!r} ({out_dir})"):
+        return _run_benchmark(bench, base, out_dir, quiet, allow_config_change)
+
+
+def _run_benchmark(
+    bench: BenchmarkConfig, base: Config, out_dir: Path, quiet: bool, allow_config_change: bool
+) -> dict[str, Any]:
     from orchestrator.trainer import prepare_data
 
     started = time.perf_counter()
-    out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     state_file = out_dir / "cells.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"cells": {}}
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
@@ -256,6 +311,7 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
         )
         for c in cells
     }
+    _check_finished_cells(bench, cells, configs, state, allow_config_change)
     init_ray(log_to_driver=not quiet)
     laptop = on_one_machine()
     shared: dict[tuple[str, bool], Any] = {}
@@ -293,10 +349,10 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
     todo: list[CellJob] = []
     for i, cell in enumerate(cells, 1):
         done = state["cells"].get(cell.key)
+        cfg = configs[cell.key]
         if done and done.get("status", "FINISHED") == "FINISHED":
             print(f"[benchmark] {i}/{len(cells)} {cell.key}: done earlier, skipped", flush=True)
             continue
-        cfg = configs[cell.key]
         todo.append(
             CellJob(
                 cell=cell,
@@ -324,7 +380,12 @@ def run_benchmark(bench: BenchmarkConfig, base: Config, *, quiet: bool = True) -
 
     def record(out: CellOutcome) -> None:
         cell = out.cell
-        entry: dict[str, Any] = {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
+        entry: dict[str, Any] = {
+            "method": cell.method,
+            "dataset": cell.dataset,
+            "seed": cell.seed,
+            "config": result_view(configs[cell.key]),  # what a re-run must match to skip it
+        }
         attempts = max(len(out.starts), 1)
         if out.ok:
             r = out.result
@@ -429,12 +490,17 @@ def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | N
     )
     p.add_argument("--config", default=str(default_config or DEMO))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="re-run with a changed configuration: keep the cells finished under the old one",
+    )
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         bench, base = load_benchmark(args.config, args.overrides)
-        result = run_benchmark(bench, base)
-    except (ConfigError, FileNotFoundError) as exc:
+        result = run_benchmark(bench, base, allow_config_change=args.allow_config_change)
+    except (ConfigError, FileNotFoundError, LockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED

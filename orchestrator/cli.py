@@ -225,6 +225,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resume_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run or benchmark of the same name although its configuration changed "
+        "(refused otherwise, listing the changed keys)",
+    )
+
+
 def _load(args: argparse.Namespace):
     from orchestrator.config import load_config
 
@@ -237,7 +246,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args)
-        result = fit(cfg)
+        result = fit(cfg, allow_config_change=args.allow_config_change)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -361,7 +370,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     argv = (["--config", args.config] if args.config else []) + [
         f"--set={o}" for o in args.overrides
     ]
-    return benchmark_main(argv)
+    return benchmark_main(argv + (["--allow-config-change"] if args.allow_config_change else []))
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -394,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     t = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow")
     _add_config_args(t)
+    _add_resume_flag(t)
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("evaluate", help="metrics of a training checkpoint on a dataset split")
     e.add_argument("--checkpoint", help="a checkpoint_epoch_* directory of a run")
@@ -441,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=_cmd_tune)
     b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
     _add_config_args(b)
+    _add_resume_flag(b)
     b.set_defaults(func=_cmd_benchmark)
     tr = sub.add_parser("tracking", help="the team's MLflow server (PostgreSQL, basic auth)")
     trsub = tr.add_subparsers(dest="tracking_command", required=True)

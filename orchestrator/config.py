@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from infosam.engine import LossConfig
+from infosam.metrics import METRICS
 from infosam.sam import SAM_VARIANTS
 from infosam.speed import ATTENTION_KINDS
 from infosam.tuning import TUNING_METHODS, TuningConfig
@@ -206,22 +207,7 @@ class Config:
         return Config.from_dict(data).validate()
 
     def validate(self) -> Config:
-        checks = [
-            ("data.prompt", self.data.prompt, ("mixed", "box", "point")),
-            ("data.eval_prompt", self.data.eval_prompt, ("box", "point")),
-            ("data.channel_order", self.data.channel_order, ("rgb", "bgr")),
-            ("data.augment", self.data.augment, ("none", "hflip")),
-            ("speed.attention", self.speed.attention, ATTENTION_KINDS),
-            ("optim.optimizer", self.optim.optimizer, ("adam", "adamw")),
-            ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
-            ("optim.precision", self.optim.precision, ("fp32", "bf16")),
-            ("optim.eval_protocol", self.optim.eval_protocol, ("clean", "paper")),
-            ("tuning.method", self.tuning.method, tuple(TUNING_METHODS)),
-            ("model.variant", self.model.variant, tuple(SAM_VARIANTS)),
-        ]
-        for key, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+        check_ranges(self)
         if self.speed.teacher_cache and self.data.augment != "none":
             raise ConfigError(
                 f"speed.teacher_cache=true with data.augment={self.data.augment!r}: cached teacher "
@@ -265,6 +251,174 @@ class Config:
                 "0 on every worker; gather relations or raise optim.batch_size"
             )
         return self
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    """A range check and its text: lo <= v (lo < v when `lo_open`) and v <= hi."""
+
+    def ok(v: Any) -> bool:
+        if v is None:
+            return True  # optional values (grad_clip) are checked only when set
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return hi is None or v <= hi
+
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"<= {hi:g}")
+    return ok, " and ".join(parts)
+
+
+def _every(check):
+    """A check applied to each value of a list or dict."""
+    ok, text = check
+
+    def each(v: Any) -> bool:
+        values = v.values() if isinstance(v, dict) else (v or [])
+        return all(ok(x) for x in values)
+
+    return each, f"each {text}"
+
+
+def _one_of(allowed) -> tuple[Any, str]:
+    allowed = tuple(allowed)
+    return (lambda v: v in allowed), f"one of {list(allowed)}"
+
+
+def _all_of(allowed) -> tuple[Any, str]:
+    allowed = tuple(allowed)
+    return (
+        lambda v: bool(v) and all(x in allowed for x in v)
+    ), f"a non-empty list of {list(allowed)}"
+
+
+def _workers(v: Any) -> bool:
+    if isinstance(v, list):
+        return len(v) == 2 and all(isinstance(x, int) for x in v) and 1 <= v[0] <= v[1]
+    return v >= 0
+
+
+# Every numeric and named value, the range it may take: checked before Ray starts, so a value
+# that cannot work fails at once with its key (a table test walks every field).
+RANGES: dict[str, tuple[Any, str]] = {
+    "seed": _num(0),
+    "data.prompt": _one_of(("mixed", "box", "point")),
+    "data.eval_prompt": _one_of(("box", "point")),
+    "data.channel_order": _one_of(("rgb", "bgr")),
+    "data.augment": _one_of(("none", "hflip")),
+    "data.synth_scale": _num(0, lo_open=True),
+    "data.synth_seed": _num(0),
+    "data.synth_counts": _every(_num(1)),
+    "data.box_jitter": _num(0),
+    "data.num_positive_points": _num(0),
+    "data.num_negative_points": _num(0),
+    "data.eval_box_jitter": _num(0),
+    "data.shuffle_buffer": _num(0),
+    "data.materialize_max_mb": _num(0),
+    "model.variant": _one_of(SAM_VARIANTS),
+    "tuning.method": _one_of(TUNING_METHODS),
+    "tuning.lora_rank": _num(1),
+    "tuning.lora_alpha": _num(0, lo_open=True),
+    "tuning.lora_dropout": _num(0, 1),
+    "tuning.adapter_ratio": _num(0, lo_open=True),
+    "tuning.adapter_blocks": _every(_num(0)),
+    "loss.weight_compression": _num(0),
+    "loss.weight_distillation": _num(0),
+    "loss.infosam_scale": _num(0),
+    "loss.distillation_weight": _num(0),
+    "loss.kd_temperature": _num(0, lo_open=True),
+    "optim.optimizer": _one_of(("adam", "adamw")),
+    "optim.lr": _num(0, lo_open=True),
+    "optim.weight_decay": _num(0),
+    "optim.schedule": _one_of(("cosine", "constant")),
+    "optim.min_lr_ratio": _num(0, 1),
+    "optim.epochs": _num(1),
+    "optim.batch_size": _num(1),
+    "optim.precision": _one_of(("fp32", "bf16")),
+    "optim.grad_clip": _num(0, lo_open=True),
+    "optim.eval_protocol": _one_of(("clean", "paper")),
+    "optim.metrics": _all_of(METRICS),
+    "optim.eval_batch_size": _num(1),
+    "scaling.num_workers": (_workers, ">= 0, or an elastic range [min, max] with 1 <= min <= max"),
+    "scaling.cpus_per_worker": _num(0),
+    "scaling.gpus_per_worker": _num(0),
+    "scaling.max_failures": _num(-1),
+    "scaling.max_preemption_failures": _num(-1),
+    "scaling.preemption_check_steps": _num(0),
+    "scaling.elastic_resize_interval_s": _num(0, lo_open=True),
+    "scaling.worker_resources": _every(_num(0)),
+    "scaling.data_cpus": _num(0, lo_open=True),
+    "speed.attention": _one_of(ATTENTION_KINDS),
+    "tracking.overlays": _num(0),
+}
+# Keys whose value may differ when a run or benchmark resumes: where it runs and is tracked,
+# and switches that are numerically equivalent (SpeedConfig). Every other key is the result's.
+RESUME_NEUTRAL = (
+    "tracking.",
+    "storage.",
+    "scaling.",
+    "speed.",
+    "data.root",
+    "data.synthesize",
+    "data.materialize_max_mb",
+)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every value in `RANGES` within its range; a ConfigError names the key, the value and
+    what is allowed."""
+    flat = flatten(cfg.to_dict())
+    for key, (ok, allowed) in RANGES.items():
+        value = flat[key] if key in flat else _section_value(cfg, key)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+
+
+def _section_value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def result_view(cfg: Config) -> dict[str, Any]:
+    """The config values that make a run's result what it is (`RESUME_NEUTRAL` left out): what
+    a checkpoint or a benchmark cell records, and a resume compares."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith(RESUME_NEUTRAL)}
+
+
+def config_changes(recorded: dict[str, Any] | None, cfg: Config) -> list[str]:
+    """`key: old -> new` for each result-relevant value that differs from `recorded` (none
+    when nothing was recorded: a run from before records existed)."""
+    if recorded is None:
+        return []
+    now = result_view(cfg)
+    keys = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys]
+
+
+def resume_refusal(what: str, changes: list[str]) -> ConfigError:
+    """The error for resuming `what` with `changes`, and how to do it on purpose."""
+    shown = ", ".join(changes[:8]) + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else "")
+    return ConfigError(
+        f"{what} was started with another configuration ({shown}); resuming it would mix the "
+        "two. Use a new name (storage.name / benchmark.name), or pass --allow-config-change to "
+        "resume with the new values on purpose"
+    )
+
+
+def check_resume(recorded: dict[str, Any] | None, cfg: Config, what: str, allow: bool) -> None:
+    """Refuse to resume `what` with a configuration other than the one it was started with:
+    ConfigError listing the changed keys, unless `allow` (`--allow-config-change`)."""
+    changes = config_changes(recorded, cfg)
+    if changes and not allow:
+        raise resume_refusal(what, changes)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

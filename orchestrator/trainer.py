@@ -36,7 +36,7 @@ from orchestrator.checkpoints import (
     save_checkpoint,
     write_scores,
 )
-from orchestrator.config import Config, ConfigError, flatten
+from orchestrator.config import Config, ConfigError, check_resume, flatten, result_view
 from orchestrator.datasets import load_manifest
 from orchestrator.epoch_log import checkpoint_history, log_epochs
 from orchestrator.evaluation import (
@@ -54,7 +54,7 @@ from orchestrator.runtime import (
     teacher_checkpoint,
     teacher_hash,
 )
-from orchestrator.storage import atomic_write
+from orchestrator.storage import atomic_write, atomic_write_json
 from orchestrator.tracking import RunLogger, closing_on_exit, resolve_tracking_uri
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import open_run as tracking_open_run
@@ -622,6 +622,27 @@ def _run_dir(storage: str, name: str) -> Path | None:
     return None if "://" in storage else Path(storage) / name
 
 
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> None:
+    """Check a resumed run against the configuration it was started with (its
+    `run_config.json`, else its newest checkpoint's config.yaml), then record this one."""
+    recorded = None
+    path = run_dir / RUN_CONFIG_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+    else:
+        saved = sorted(run_dir.glob("checkpoint_*/config.yaml"), key=lambda p: p.stat().st_mtime)
+        if saved:  # a run started before run_config.json existed
+            import yaml
+
+            recorded = result_view(Config.from_dict(yaml.safe_load(saved[-1].read_text())))
+    check_resume(recorded, cfg, what, allow)
+    if recorded != result_view(cfg):
+        atomic_write_json(path, result_view(cfg), indent=2)
+
+
 def eval_unit(manifest: dict) -> str:
     """What a metric is a mean over: images, or instances for instance datasets (COCO, labels)."""
     return "instance" if manifest.get("kind") == "instances" else "image"
@@ -703,13 +724,16 @@ def fit(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+    allow_config_change: bool = False,
 ) -> FitResult:
     """Train one configuration on Ray Train; returns final metrics and the last checkpoint.
 
     Run state stays out of `cfg`: `run_name` (MLflow), `storage_name` (Ray Train's run
     directory; re-using one resumes it), `parent_run_id` and `tags` are arguments, defaulting to
     the user-facing `tracking.run_name`, `storage.name` and `tracking.parent_run_id`. `shared`
-    skips data preparation (a benchmark prepares each dataset once for all its cells).
+    skips data preparation (a benchmark prepares each dataset once for all its cells). A run
+    resumed under its storage name must have the configuration it started with
+    (`config.check_resume`) unless `allow_config_change`.
     `FitResult.timings`: start-up (config, teacher hash, Ray, MLflow), data, training and
     evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
     checkpoints) and logging (curves, closing the run).
@@ -730,6 +754,8 @@ def fit(
     init_ray()
     storage, name = _storage(cfg, storage_name, run_name)
     run_dir = _run_dir(storage, name)
+    if run_dir is not None:
+        record_run_config(run_dir, cfg, f"run {name!r} in {storage}", allow_config_change)
     timings["startup_s"] = time.perf_counter() - t_start
     owns_logger = logger is None
     t_data = time.perf_counter()

@@ -115,6 +115,26 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
     assert len(client.search_runs([exp.experiment_id])) == 3
+    # Same name, changed configuration: refused before Ray starts, naming cell and key...
+    changed = [*_args(tmp_path, synthetic_root), "--set", "optim.lr=3e-3"]
+    assert benchmark_all.main(changed) == 2
+    err = capsys.readouterr().err
+    assert (
+        "adapter_infosam/camouflage/seed0" in err
+        and "zero_shot/camouflage" in err
+        and "optim.lr: 0.001 -> 0.003" in err
+    )
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # ...unless asked for: the finished cells are kept.
+    assert benchmark_all.main([*changed, "--allow-config-change"]) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2
+    # A second driver of the same benchmark while one runs: told who holds it.
+    from orchestrator.storage import exclusive
+
+    with exclusive(tmp_path / "runs" / "reduced" / ".lock", "test"):
+        assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 2
+    err = capsys.readouterr().err
+    assert "benchmark 'reduced'" in err and f"pid {os.getpid()}" in err
 
 
 def test_a_failing_cell_is_recorded_failed_and_only_it_runs_again(

@@ -15,3 +15,124 @@ def test_elastic_range_must_keep_the_global_batch_evenly_shared():
     for bad in ("[2, 1]", "[0, 2]", "[1, 2, 3]"):
         with pytest.raises(ConfigError, match=r"\[min, max\]"):
             load_config(None, [f"scaling.num_workers={bad}"])
+
+
+# A value each key cannot take (the table test below fails when a new field has none).
+BAD_VALUES = {
+    "seed": -1,
+    "data.prompt": "boxes",
+    "data.eval_prompt": "mixed",
+    "data.channel_order": "rbg",
+    "data.augment": "flip",
+    "data.synth_scale": 0,
+    "data.synth_seed": -3,
+    "data.synth_counts": {"test": 0},
+    "data.box_jitter": -1,
+    "data.num_positive_points": -1,
+    "data.num_negative_points": -2,
+    "data.eval_box_jitter": -0.5,
+    "data.shuffle_buffer": -1,
+    "data.materialize_max_mb": -1,
+    "model.variant": "vit_x",
+    "tuning.method": "lorax",
+    "tuning.lora_rank": 0,
+    "tuning.lora_alpha": 0,
+    "tuning.lora_dropout": 1.5,
+    "tuning.adapter_ratio": 0,
+    "tuning.adapter_blocks": [-1],
+    "loss.weight_compression": -1,
+    "loss.weight_distillation": -0.5,
+    "loss.infosam_scale": -1,
+    "loss.distillation_weight": -1,
+    "loss.kd_temperature": 0,
+    "optim.optimizer": "sgd",
+    "optim.lr": -1e-4,
+    "optim.weight_decay": -0.1,
+    "optim.schedule": "linear",
+    "optim.min_lr_ratio": 2,
+    "optim.epochs": 0,
+    "optim.batch_size": 0,
+    "optim.precision": "fp16",
+    "optim.grad_clip": 0,
+    "optim.eval_protocol": "strict",
+    "optim.metrics": ["iou", "ioux"],
+    "optim.eval_batch_size": 0,
+    "scaling.num_workers": -2,
+    "scaling.cpus_per_worker": -1,
+    "scaling.gpus_per_worker": -1,
+    "scaling.max_failures": -2,
+    "scaling.max_preemption_failures": -2,
+    "scaling.preemption_check_steps": -1,
+    "scaling.elastic_resize_interval_s": 0,
+    "scaling.worker_resources": {"slot": -1},
+    "scaling.data_cpus": 0,
+    "speed.attention": "flash",
+    "tracking.overlays": -1,
+}
+# Fields with no range: free text, paths, switches, ids.
+NO_RANGE = {
+    "data.root",
+    "data.dataset",
+    "data.train_split",
+    "data.val_split",
+    "data.test_split",
+    "data.synthesize",
+    "model.checkpoint",
+    "tuning.train_decoder",
+    "loss.segmentation",  # checked by LossConfig itself
+    "loss.legacy_bce",
+    "loss.infosam",
+    "loss.distillation",  # checked by LossConfig itself
+    "optim.zero_shot_eval",
+    "scaling.use_gpu",
+    "scaling.all_gather_relations",
+    "speed.checkpointing",
+    "speed.compile",
+    "speed.teacher_cache",
+    "speed.teacher_bf16",
+    "tracking.uri",
+    "tracking.experiment",
+    "tracking.run_name",
+    "tracking.parent_run_id",
+    "storage.path",
+    "storage.name",
+}
+
+
+def test_every_value_is_range_checked_before_anything_runs():
+    """Table-driven over every config field: a value that cannot work is a ConfigError naming
+    the key, the value and what is allowed, raised by load_config (before Ray or data)."""
+    from orchestrator.config import RANGES, Config, flatten
+
+    optional = {"tuning.adapter_blocks", "optim.grad_clip"}  # None by default
+    maps = {"data.synth_counts", "scaling.worker_resources"}  # {} by default: flatten drops them
+    fields = set(flatten(Config().to_dict())) | optional | maps
+    assert fields == set(BAD_VALUES) | NO_RANGE, "a new config field needs a range or an exemption"
+    assert set(RANGES) == set(BAD_VALUES)
+    import yaml
+
+    for key, bad in BAD_VALUES.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"{key}={yaml.safe_dump(bad, default_flow_style=True).strip()}"])
+        assert key in str(info.value), (key, str(info.value))
+        assert "must be" in str(info.value) or "choose" in str(info.value), str(info.value)
+    load_config(None, [])  # the defaults are all in range
+
+
+def test_a_changed_config_is_refused_on_resume_unless_asked_for():
+    from orchestrator.config import check_resume, result_view
+
+    old = load_config(None, ["optim.lr=1e-4"])
+    recorded = result_view(old)
+    check_resume(recorded, old, "run r", allow=False)  # unchanged: resumes as before
+    # where it runs and how fast: not the result's
+    moved = load_config(None, ["optim.lr=1e-4", "scaling.num_workers=0", "tracking.overlays=0"])
+    check_resume(recorded, moved, "run r", allow=False)
+    new = load_config(None, ["optim.lr=3e-4", "loss.weight_distillation=5"])
+    with pytest.raises(ConfigError) as info:
+        check_resume(recorded, new, "run r", allow=False)
+    message = str(info.value)
+    assert "run r" in message and "optim.lr: 0.0001 -> 0.0003" in message
+    assert "loss.weight_distillation: 0.5 -> 5.0" in message
+    assert "--allow-config-change" in message
+    check_resume(recorded, new, "run r", allow=True)

@@ -5,16 +5,19 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli
+from orchestrator.config import ConfigError
 from orchestrator.evaluation import evaluate_checkpoint
 from orchestrator.trainer import fit
 from tests.helpers import train_config
 
 pytestmark = pytest.mark.timeout(420)
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.yaml"
 
 
 def _artifacts(client, run_id, path=""):
@@ -270,3 +273,41 @@ def test_metric_steps_logged_exactly_once_when_workers_die_around_reports(
     # The value kept for a re-run epoch is the one of the attempt that counts (the checkpoint's).
     logged = {p.step: p.value for p in client.get_metric_history(result.run_id, "train/loss")}
     assert logged == pytest.approx({int(h["epoch"]): h["train/loss"] for h in result.history})
+
+
+def test_resuming_a_run_name_with_another_config_is_refused(
+    ray_local, tmp_path, synthetic_root, capsys
+):
+    """Re-using `storage.name` resumes the run; with a changed configuration it would resume
+    the old optimiser state under new MLflow parameters, so it is refused unless asked for."""
+    args = ["scaling.num_workers=0", "optim.epochs=1", "storage.name=r", "tracking.overlays=0"]
+    first = fit(train_config(tmp_path, synthetic_root, *args), quiet=True)
+    assert [int(h["epoch"]) for h in first.history] == [0]
+    again = fit(train_config(tmp_path, synthetic_root, *args), quiet=True)  # unchanged: resumes
+    assert again.run_id == first.run_id
+    changed = train_config(tmp_path, synthetic_root, *args, "optim.lr=0.05")
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.05"):
+        fit(changed, quiet=True)
+    sets = [
+        x
+        for a in [
+            *args,
+            f"data.root={synthetic_root}",
+            "data.synthesize=false",
+            f"storage.path={tmp_path / 'runs'}",
+            "tracking.experiment=test",
+            "optim.lr=0.05",
+        ]
+        for x in ("--set", a)
+    ]
+    capsys.readouterr()
+    assert cli(["train", "--config", str(SMOKE), *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run 'r'") and "--allow-config-change" in err
+    assert "Traceback" not in err
+    recorded = json.loads((tmp_path / "runs" / "r" / "run_config.json").read_text())
+    assert recorded["optim.lr"] == 0.001
+    resumed = fit(changed, quiet=True, allow_config_change=True)
+    assert resumed.run_id == first.run_id
+    recorded = json.loads((tmp_path / "runs" / "r" / "run_config.json").read_text())
+    assert recorded["optim.lr"] == 0.05
