@@ -45,10 +45,10 @@ from orchestrator.config import (
     result_view,
     resume_refusal,
 )
+from orchestrator.errors import reported
 from orchestrator.runtime import init_ray, on_one_machine, teacher_hash
 from orchestrator.stats import compare
 from orchestrator.storage import (
-    LockedError,
     atomic_write,
     atomic_write_json,
     exclusive,
@@ -56,6 +56,7 @@ from orchestrator.storage import (
 )
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import (
+    check_tracking_server,
     close_child_runs,
     closing_on_exit,
     open_run,
@@ -285,6 +286,7 @@ def _run_benchmark(
     state_file = out_dir / "cells.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"cells": {}}
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
+    check_tracking_server(uri)  # in seconds, before Ray and the data
     teacher_sha = teacher_hash(base)
     provenance = {
         "benchmark": bench.name,
@@ -496,13 +498,14 @@ def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | N
         help="re-run with a changed configuration: keep the cells finished under the old one",
     )
     args = p.parse_args(argv)
+    return reported(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         bench, base = load_benchmark(args.config, args.overrides)
         result = run_benchmark(bench, base, allow_config_change=args.allow_config_change)
-    except (ConfigError, FileNotFoundError, LockedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
         return 130
     print(

@@ -27,46 +27,38 @@ def _cmd_data_ingest(args: argparse.Namespace) -> int:
         "shard_bytes": int(args.shard_mb * (1 << 20)),
         "workers": args.workers,
     }
-    try:
-        if args.format == "coco":
-            if len(args.rest) != 2:
-                raise IngestError("--format coco takes SRC.json IMAGES_DIR OUT")
-            kwargs["images_dir"], out = args.rest
-            kwargs["more"] = [tuple(v) for v in args.coco_split or []]
-            kwargs["categories"] = args.category
-        elif len(args.rest) != 1:
-            raise IngestError(f"--format {args.format} takes SRC OUT")
-        else:
-            out = args.rest[0]
-        if args.coco_split and args.format != "coco":
-            raise IngestError("--also is for --format coco (one annotation file per split)")
-        if args.category and args.format != "coco":
-            raise IngestError("--category is for --format coco (label images have no categories)")
-        if args.format != "convlora":
-            kwargs["split"] = args.split
-            kwargs["holdout"] = parse_holdout(args.holdout)
-        if args.format in ("folders", "labels"):
-            for key in ("preset", "images", "masks", "mask_name", "image_glob"):
-                kwargs[key] = getattr(args, key)
-        if args.format in ("coco", "labels"):
-            kwargs["min_area"] = args.min_area
-        manifest = ingest(args.format, args.src, out, **kwargs)
-    except IngestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.format == "coco":
+        if len(args.rest) != 2:
+            raise IngestError("--format coco takes SRC.json IMAGES_DIR OUT")
+        kwargs["images_dir"], out = args.rest
+        kwargs["more"] = [tuple(v) for v in args.coco_split or []]
+        kwargs["categories"] = args.category
+    elif len(args.rest) != 1:
+        raise IngestError(f"--format {args.format} takes SRC OUT")
+    else:
+        out = args.rest[0]
+    if args.coco_split and args.format != "coco":
+        raise IngestError("--also is for --format coco (one annotation file per split)")
+    if args.category and args.format != "coco":
+        raise IngestError("--category is for --format coco (label images have no categories)")
+    if args.format != "convlora":
+        kwargs["split"] = args.split
+        kwargs["holdout"] = parse_holdout(args.holdout)
+    if args.format in ("folders", "labels"):
+        for key in ("preset", "images", "masks", "mask_name", "image_glob"):
+            kwargs[key] = getattr(args, key)
+    if args.format in ("coco", "labels"):
+        kwargs["min_area"] = args.min_area
+    manifest = ingest(args.format, args.src, out, **kwargs)
     print(summarise(manifest))
     print(f"  written to {out}/{manifest['dataset']}/ (manifest.json lists every reject)")
     return 0
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import IngestError, load_manifest, summarise
+    from orchestrator.datasets import load_manifest, summarise
 
-    try:
-        manifest = load_manifest(args.dataset, verify=args.verify)
-    except IngestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = load_manifest(args.dataset, verify=args.verify)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
@@ -79,7 +71,6 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
     from infosam.sam import checkpoint_sha256
     from orchestrator.config import ConfigError
-    from orchestrator.datasets import IngestError
     from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint
     from orchestrator.teacher_cache import (
         CacheKey,
@@ -88,38 +79,34 @@ def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
         open_teacher_cache,
     )
 
-    try:
-        cfg = _load(args)
-        data_dir = ensure_data(cfg)
-        path = teacher_checkpoint(cfg)
-        if path is None:
-            raise ConfigError("model.checkpoint is null: a random teacher cannot be cached")
-        key = CacheKey.for_config(cfg, checkpoint_sha256(path))
-        splits = args.splits or [cfg.data.train_split]
-        todo = []
-        for split in splits:
-            try:
-                cache = open_teacher_cache(data_dir, split, key)
-                if args.rebuild:
-                    todo.append(split)
-                else:
-                    print(f"[infosam] teacher cache {split}: up to date ({cache['rows']} rows)")
-            except TeacherCacheError as exc:
-                print(f"[infosam] {exc}: building")
+    cfg = _load(args)
+    data_dir = ensure_data(cfg)
+    path = teacher_checkpoint(cfg)
+    if path is None:
+        raise ConfigError("model.checkpoint is null: a random teacher cannot be cached")
+    key = CacheKey.for_config(cfg, checkpoint_sha256(path))
+    splits = args.splits or [cfg.data.train_split]
+    todo = []
+    for split in splits:
+        try:
+            cache = open_teacher_cache(data_dir, split, key)
+            if args.rebuild:
                 todo.append(split)
-        if todo:
-            init_ray()
-            build_teacher_cache(
-                data_dir,
-                todo,
-                key,
-                checkpoint=path,
-                use_gpu=cfg.scaling.use_gpu or None,
-                batch_size=args.batch_size,
-            )
-    except (ConfigError, IngestError, TeacherCacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            else:
+                print(f"[infosam] teacher cache {split}: up to date ({cache['rows']} rows)")
+        except TeacherCacheError as exc:
+            print(f"[infosam] {exc}: building")
+            todo.append(split)
+    if todo:
+        init_ray()
+        build_teacher_cache(
+            data_dir,
+            todo,
+            key,
+            checkpoint=path,
+            use_gpu=cfg.scaling.use_gpu or None,
+            batch_size=args.batch_size,
+        )
     return 0
 
 
@@ -241,15 +228,11 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.config import ConfigError
     from orchestrator.trainer import fit
 
     try:
         cfg = _load(args)
         result = fit(cfg, allow_config_change=args.allow_config_change)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: the run is KILLED
         return 130
     shown = {
@@ -266,30 +249,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from infosam.sam import CheckpointMismatchError, PromptableSam
+    from infosam.sam import PromptableSam
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.datasets import IngestError
     from orchestrator.evaluation import evaluate_checkpoint, evaluate_model
 
-    try:
-        if args.reference:
-            from infosam.reference import load_reference_student
+    if args.reference:
+        from infosam.reference import load_reference_student
 
-            sam, tuning = load_reference_student(args.reference, args.variant)
-            cfg = load_config(args.config, [f"model.variant={args.variant}", *args.overrides])
-            metrics = evaluate_model(
-                PromptableSam(sam), cfg, args.data, split=args.split, protocol=args.protocol
-            )
-            metrics["tuning"] = tuning.method
-        elif args.checkpoint:
-            metrics = evaluate_checkpoint(
-                args.checkpoint, args.data, split=args.split, protocol=args.protocol
-            )
-        else:
-            raise ConfigError("give --checkpoint DIR (a training checkpoint) or --reference FILE")
-    except (ConfigError, IngestError, FileNotFoundError, CheckpointMismatchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        sam, tuning = load_reference_student(args.reference, args.variant)
+        cfg = load_config(args.config, [f"model.variant={args.variant}", *args.overrides])
+        metrics = evaluate_model(
+            PromptableSam(sam), cfg, args.data, split=args.split, protocol=args.protocol
+        )
+        metrics["tuning"] = tuning.method
+    elif args.checkpoint:
+        metrics = evaluate_checkpoint(
+            args.checkpoint, args.data, split=args.split, protocol=args.protocol
+        )
+    else:
+        raise ConfigError("give --checkpoint DIR (a training checkpoint) or --reference FILE")
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -374,16 +352,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from orchestrator.config import ConfigError
     from orchestrator.tracking import view_hint
     from orchestrator.tuner import load_tune, run_sweep
 
     try:
         tcfg, base = load_tune(args.config, args.overrides)
         result = run_sweep(tcfg, base)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # the sweep's runs are closed as KILLED
         return 130
     print(f"[tune] best config: {result['best_yaml']}")
@@ -482,8 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: its exit code; the project's own errors as one `error: ...` line on
+    stderr and exit 2, never a traceback."""
+    from orchestrator.errors import reported
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return reported(lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.config import ConfigError
+
 __all__ = ["check_cluster_config", "load_cluster_yaml"]
 
 _IMAGE_VERSION = re.compile(r"^rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)")
@@ -23,7 +25,7 @@ def load_cluster_yaml(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a YAML mapping")
+        raise ConfigError(f"{path}: not a YAML mapping (expected a Ray cluster-launcher config)")
     return data
 
 

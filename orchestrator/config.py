@@ -24,6 +24,7 @@ from infosam.metrics import METRICS
 from infosam.sam import SAM_VARIANTS
 from infosam.speed import ATTENTION_KINDS
 from infosam.tuning import TUNING_METHODS, TuningConfig
+from orchestrator.storage import has_password, password_refusal
 
 __all__ = [
     "BUILTIN_TEACHER",
@@ -208,6 +209,8 @@ class Config:
 
     def validate(self) -> Config:
         check_ranges(self)
+        if self.tracking.uri and has_password(self.tracking.uri):
+            raise ConfigError(password_refusal("tracking.uri"))
         if self.speed.teacher_cache and self.data.augment != "none":
             raise ConfigError(
                 f"speed.teacher_cache=true with data.augment={self.data.augment!r}: cached teacher "

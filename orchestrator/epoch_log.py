@@ -108,8 +108,21 @@ def checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
         return read_history(d)
 
 
+def permanent(exc: Exception) -> bool:
+    """An MLflow error no retry can mend: a 4xx answer (bad credentials, a deleted run, an
+    invalid value), except 408 and 429, which mean "later"."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
 class Outbox:
-    """Runs tracking writes on one background thread, in order, each retried until it succeeds.
+    """Runs tracking writes on one background thread, in order, each retried until it succeeds
+    or the server refuses it for good (`permanent`: dropped and said once, so one refused write
+    never holds back the ones behind it).
 
     A write must be idempotent (retried after a reply was lost) and must change local state
     only after its MLflow calls succeeded. Nothing here blocks the caller.
@@ -121,6 +134,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self.retries = 0
         self.last_error: str | None = None
+        self.dropped: list[str] = []  # writes the server refused for good (4xx)
 
     def put(self, what: str, write: Callable[[], Any]) -> None:
         if self._thread is None:
@@ -146,7 +160,16 @@ class Outbox:
                 try:
                     write()
                     break
-                except Exception as exc:  # the server is down or refused: keep it, try again
+                except Exception as exc:
+                    if permanent(exc):  # retrying cannot help; later writes must not wait
+                        self.dropped.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+                        print(
+                            f"[infosam] MLflow refused a write and it is dropped, not retried "
+                            f"({self.dropped[-1]}); check the run and the credentials",
+                            flush=True,
+                        )
+                        break
+                    # the server is down or overloaded: keep it, try again
                     self.retries += 1
                     first = self.last_error is None
                     self.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:200]}"

@@ -26,7 +26,9 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "exclusive",
+    "has_password",
     "is_remote",
+    "password_refusal",
     "safe_component",
     "swap_dir",
 ]
@@ -39,6 +41,25 @@ class LockedError(RuntimeError):
 def is_remote(location: str | os.PathLike) -> bool:
     """A URI such as s3://bucket/x (object storage), not a local path."""
     return "://" in os.fspath(location)
+
+
+def has_password(uri: str) -> bool:
+    """A URI whose user-info holds a password (`scheme://user:pw@host`)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(uri).password is not None
+    except ValueError:
+        return False
+
+
+def password_refusal(where: str) -> str:
+    """Why a URI with a password is refused, and where credentials go instead."""
+    return (
+        f"{where} holds a password, which would be printed, logged as a run parameter and saved "
+        "in checkpoints: drop it from the URI and give it as MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD (an MLflow server) or PGPASSWORD / ~/.pgpass (PostgreSQL)"
+    )
 
 
 def safe_component(name: str, what: str = "name") -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from orchestrator.datasets import DatasetWriter, encode_mask, iter_rows
+from orchestrator.datasets import DatasetWriter, IngestError, encode_mask, iter_rows
 
 __all__ = ["DOMAINS", "contact_sheet", "generate_sample", "synthesize"]
 
@@ -298,7 +298,7 @@ def synthesize(
     for domain in domains or list(DOMAINS):
         spec = DOMAINS.get(domain)
         if spec is None:
-            raise ValueError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
+            raise IngestError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
         sizes = split_sizes(domain, scale, counts)
         writer = DatasetWriter(
             out,

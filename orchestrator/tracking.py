@@ -19,11 +19,15 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from orchestrator.storage import has_password, password_refusal
+
 __all__ = [
     "EXPERIMENT_KIND",
     "Interrupted",
     "RunLogger",
+    "TrackingError",
     "artifact_root",
+    "check_tracking_server",
     "close_child_runs",
     "closing_on_exit",
     "default_tracking_uri",
@@ -47,19 +51,69 @@ def default_tracking_uri(storage_path: str | os.PathLike) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+class TrackingError(ValueError):
+    """The tracking URI is unusable (a password inside it, the file store) or the server is
+    unreachable or refuses the credentials; the message says which and the fix."""
+
+
 def resolve_tracking_uri(uri: str | None, storage_path: str | os.PathLike) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI (set on clusters), else SQLite under storage."""
+    """Config value, else $MLFLOW_TRACKING_URI (set on clusters), else SQLite under storage.
+    A URI with a password in it is refused (TrackingError): every process prints and passes
+    the URI around, credentials travel in MLflow's own variables instead."""
+    where = "tracking.uri" if uri else "$MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if has_password(uri):
+            raise TrackingError(password_refusal(where))
         if uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "databricks")):
             return uri
         if uri.startswith("file:") or "://" not in uri:
-            raise ValueError(
+            raise TrackingError(
                 f"tracking.uri={uri!r}: MLflow 3.17 refuses the plain file store; use "
                 "sqlite:///<abs path>/mlflow.db locally or http://<server>:5000 on a cluster"
             )
         return uri
     return default_tracking_uri(storage_path)
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow server answers and accepts this process's credentials, in seconds, before
+    anything starts (else MLflow's client retries for minutes, after Ray and the data are up).
+    Local stores (sqlite, databases) need no server: nothing to check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "POST",
+            max_retries=0,
+            timeout=timeout_s,
+            raise_on_status=False,
+            json={"max_results": 1},
+        )
+    except MlflowException as exc:
+        reason = str(exc).split("\n")[0][:200]
+        raise TrackingError(
+            f"the MLflow server {uri} does not answer ({reason}): start it (`infosam tracking "
+            "serve`), or check MLFLOW_TRACKING_URI / tracking.uri and the network"
+        ) from None
+    if response.status_code in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        raise TrackingError(
+            f"the MLflow server {uri} refused the credentials (HTTP {response.status_code}, user "
+            f"{who!r}): set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD to an account "
+            "with access to the experiment"
+        )
+    if response.status_code >= 400:
+        raise TrackingError(
+            f"the MLflow server {uri} answered HTTP {response.status_code} to a search: is it an "
+            "MLflow 3 tracking server?"
+        )
 
 
 def artifact_root(storage_path: str, experiment: str) -> str | None:

@@ -112,15 +112,19 @@ def migrate(backend_uri: str) -> None:
 
         SqlAlchemyStore(backend_uri, tempfile.gettempdir()).engine.dispose()
         return
-    done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "db", "upgrade", backend_uri],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
+    # in this process, as `mlflow db upgrade` does: a child's argv would show the password
+    from mlflow.store.db.utils import _upgrade_db
+
+    engine = create_engine(backend_uri)
+    try:
+        _upgrade_db(engine)
+    except Exception as exc:
         raise TrackingServerError(
-            f"mlflow db upgrade {redact(backend_uri)} failed:\n{done.stderr[-2000:]}"
-        )
+            f"upgrading the schema of {redact(backend_uri)} failed: {type(exc).__name__}: "
+            f"{redact(str(exc))[:2000]}"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 class TrackingServer:
@@ -397,17 +401,33 @@ def _group_of(user: str) -> int:
     return pwd.getpwnam(user).pw_gid
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: a server there is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(args: Any) -> int:
-    """`infosam tracking serve`: migrate, then run the server in the foreground until signalled."""
+    """`infosam tracking serve`: migrate, then run the server in the foreground until signalled;
+    its temporary auth ini is deleted when it stops."""
+    if not args.auth and not is_loopback(args.host):
+        raise TrackingServerError(
+            f"--host {args.host} without --auth would let anyone who reaches that address read "
+            "and write every run: add --auth (MLflow's basic-auth app), or bind 127.0.0.1"
+        )
     backend = args.backend_store_uri or read_secret("INFOSAM_TRACKING_DB_URI", required=False)
     if not backend:
-        print(
-            "error: no tracking database: pass --backend-store-uri, or set "
-            "INFOSAM_TRACKING_DB_URI (or INFOSAM_TRACKING_DB_URI_FILE, a file holding "
-            "postgresql://user:password@host:5432/mlflow)",
-            file=sys.stderr,
+        raise TrackingServerError(
+            "no tracking database: pass --backend-store-uri, or set INFOSAM_TRACKING_DB_URI "
+            "(or INFOSAM_TRACKING_DB_URI_FILE, a file holding "
+            "postgresql://user:password@host:5432/mlflow)"
         )
-        return 2
     server = TrackingServer(
         backend,
         args.artifacts_destination,
@@ -417,17 +437,29 @@ def serve(args: Any) -> int:
         auth=args.auth,
         auth_db_uri=args.auth_db_uri,
     )
+    with server:  # migrates, starts, waits for /health; closing removes the auth ini
+        print(
+            f"[tracking] {redact(backend)} migrated; serving {server.url} "
+            f"({'basic auth' if args.auth else 'NO authentication'}), artifacts in "
+            f"{args.artifacts_destination}",
+            flush=True,
+        )
+        return _wait(server)
+
+
+def _wait(server: TrackingServer) -> int:
+    """Until the server exits, or SIGTERM/SIGINT stop it (by its own process group)."""
+    stopping = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+        server.stop()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        env = server.environment()
-        migrate(backend)
-    except TrackingServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"[tracking] {redact(backend)} migrated; serving {server.url} "
-        f"({'basic auth' if args.auth else 'NO authentication'}), artifacts in "
-        f"{args.artifacts_destination}",
-        flush=True,
-    )
-    os.execvpe(sys.executable, server.command(), env)
-    return 0  # not reached
+        proc = server.proc
+        code = proc.wait() if proc is not None else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopping else code

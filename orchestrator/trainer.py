@@ -55,7 +55,12 @@ from orchestrator.runtime import (
     teacher_hash,
 )
 from orchestrator.storage import atomic_write, atomic_write_json
-from orchestrator.tracking import RunLogger, closing_on_exit, resolve_tracking_uri
+from orchestrator.tracking import (
+    RunLogger,
+    check_tracking_server,
+    closing_on_exit,
+    resolve_tracking_uri,
+)
 from orchestrator.tracking import artifact_root as tracking_artifact_root
 from orchestrator.tracking import open_run as tracking_open_run
 
@@ -660,6 +665,12 @@ def data_counts(cfg: Config, manifest: dict) -> dict[str, int]:
     return out
 
 
+def _tracking_uri(cfg: Config) -> str:
+    return resolve_tracking_uri(
+        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
+    )
+
+
 def open_training_run(
     cfg: Config,
     *,
@@ -670,9 +681,7 @@ def open_training_run(
     shared: SharedData,
 ) -> RunLogger:
     """The run's MLflow run: re-opened (RUNNING again) when this Train run resumes, else new."""
-    uri = resolve_tracking_uri(
-        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
-    )
+    uri = _tracking_uri(cfg)
     run_id_file = run_dir / "mlflow_run_id" if run_dir else None
     previous = run_id_file.read_text().strip() if run_id_file and run_id_file.is_file() else None
     logger, resumed = tracking_open_run(
@@ -751,6 +760,8 @@ def fit(
             "[infosam] WARNING: model.checkpoint is null: the teacher is randomly initialised",
             flush=True,
         )
+    if logger is None:  # before Ray and the data: an unreachable server fails in seconds
+        check_tracking_server(_tracking_uri(cfg))
     init_ray()
     storage, name = _storage(cfg, storage_name, run_name)
     run_dir = _run_dir(storage, name)

@@ -24,7 +24,12 @@ import yaml
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
 from orchestrator.storage import atomic_write
 from orchestrator.tracking import artifact_root as tracking_artifact_root
-from orchestrator.tracking import closing_on_exit, open_run, resolve_tracking_uri
+from orchestrator.tracking import (
+    check_tracking_server,
+    closing_on_exit,
+    open_run,
+    resolve_tracking_uri,
+)
 
 __all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
@@ -274,6 +279,8 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
 
     from orchestrator.runtime import ensure_data, init_ray, on_one_machine
 
+    uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
+    check_tracking_server(uri)  # in seconds, before the data and Ray
     ensure_data(base)  # synthesise once here, not concurrently in every trial
     init_ray()
     laptop = on_one_machine()
@@ -284,7 +291,6 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     )
     out_dir = Path(storage) / tcfg.name if "://" not in storage else Path(tcfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
     artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
     parent, _ = open_run(
         uri,

@@ -97,3 +97,78 @@ def test_secrets_come_from_the_environment_or_a_file_never_a_default(tmp_path, m
     assert redact("postgresql://mlflow:hunter2@db:5432/mlflow") == (
         "postgresql://mlflow:***@db:5432/mlflow"
     )
+
+
+def test_the_outbox_drops_a_refused_write_and_keeps_going(tmp_path, capsys):
+    """A write MLflow refuses for good (a deleted run: HTTP 400 class) is dropped and said
+    once; the writes queued behind it still land, instead of waiting forever."""
+    from orchestrator.epoch_log import Outbox
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = ensure_experiment(client, "outbox", str(tmp_path / "art"))
+    gone = client.create_run(exp).info.run_id
+    alive = client.create_run(exp).info.run_id
+    client.delete_run(gone)
+    box = Outbox()
+    box.put("epoch 0 (deleted run)", lambda: client.log_metric(gone, "loss", 1.0, step=0))
+    box.put("epoch 0", lambda: client.log_metric(alive, "loss", 2.0, step=0))
+    assert box.flush(30), "a refused write held back the queue"
+    assert [m.value for m in client.get_metric_history(alive, "loss")] == [2.0]
+    assert len(box.dropped) == 1 and "deleted run" in box.dropped[0]
+    assert box.retries == 0
+    assert "dropped, not retried" in capsys.readouterr().out
+
+
+def test_a_password_in_the_tracking_uri_is_refused_before_anything_runs(
+    tmp_path, synthetic_root, monkeypatch, capsys
+):
+    from orchestrator.cli import main as cli
+    from orchestrator.config import ConfigError
+    from orchestrator.tracking import TrackingError, resolve_tracking_uri
+
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
+        train_config(tmp_path, synthetic_root, "tracking.uri=http://jobs:s3cret-pw@127.0.0.1:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3cret-pw@db:5432/mlflow")
+    with pytest.raises(TrackingError, match="PGPASSWORD"):
+        resolve_tracking_uri(None, tmp_path)
+    capsys.readouterr()
+    assert cli(["train", "--set", "tracking.uri=http://u:s3cret-pw@127.0.0.1:1"]) == 2
+    captured = capsys.readouterr()
+    assert "s3cret-pw" not in captured.err + captured.out
+    assert captured.err.startswith("error: tracking.uri holds a password")
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_before_ray(tmp_path, synthetic_root):
+    """A real `infosam train`: no Ray start, no data preparation, no minutes of retries."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    sets = [f"data.root={synthetic_root}", "data.synthesize=false"]
+    sets += [f"storage.path={tmp_path / 'runs'}", f"tracking.uri=http://127.0.0.1:{port}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "train",
+            *[x for v in sets for x in ("--set", v)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert time.monotonic() - start < 30
+    assert done.stderr.startswith(
+        f"error: the MLflow server http://127.0.0.1:{port} does not answer"
+    )
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "Ray" not in done.stdout and not (tmp_path / "runs").exists()
