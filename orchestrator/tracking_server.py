@@ -255,18 +255,20 @@ class TrackingServer:
             return False
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to the server's own process group (its PID), SIGKILL if it lingers."""
+        """SIGTERM to the server's own process group (its PID), SIGKILL if it lingers; returns
+        once no process of the group is left (its job runners outlive the main process)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        deadline = time.monotonic() + timeout_s
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            proc.poll()  # reaps the main process once it exits
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()
@@ -401,6 +403,18 @@ def _group_of(user: str) -> int:
     return pwd.getpwnam(user).pw_gid
 
 
+def _group_alive(pgid: int) -> bool:
+    """A process of group `pgid` still runs (zombies waiting for their parent do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: a server there is reachable from this machine only."""
     import ipaddress
@@ -447,19 +461,27 @@ def serve(args: Any) -> int:
         return _wait(server)
 
 
-def _wait(server: TrackingServer) -> int:
-    """Until the server exits, or SIGTERM/SIGINT stop it (by its own process group)."""
-    stopping = []
+def _wait(server: TrackingServer, grace_s: float = 20.0) -> int:
+    """Until the server exits, or SIGTERM/SIGINT stop it: the handler only forwards the signal
+    to the server's own process group; this loop waits, and kills what lingers past `grace_s`."""
+    proc = server.proc
+    if proc is None:
+        return 0
+    stopping: list[float] = []
 
-    def stop(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-        server.stop()
+    def forward(signum: int, frame: Any) -> None:
+        stopping.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        proc = server.proc
-        code = proc.wait() if proc is not None else 0
+        while proc.poll() is None:
+            if stopping and time.monotonic() - stopping[0] > grace_s:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if stopping else code
+    return 0 if stopping else proc.returncode

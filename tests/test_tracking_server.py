@@ -7,6 +7,7 @@ server is a child process stopped by its own process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,6 +64,38 @@ def auth_server(postgres, tmp_path_factory):
                 os.environ[k] = v
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(e.split("=", 1) for e in raw.decode(errors="replace").split("\0") if "=" in e)
+
+
 @pytest.fixture
 def admin_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
@@ -80,7 +113,10 @@ def test_cluster_command_serves_a_fresh_database_from_secret_files(postgres, tmp
     """What cluster.yaml runs on the head: `infosam tracking serve --auth`, secrets in files."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir(mode=0o700)
-    (secrets_dir / "db").write_text(postgres.uri("cli") + "\n")
+    # a password in the URI (the local server trusts loopback, so it is not checked): it must
+    # never reach a command line or the log
+    db_uri = postgres.uri("cli").replace("@", ":db-secret-in-uri@", 1)
+    (secrets_dir / "db").write_text(db_uri + "\n")
     (secrets_dir / "admin").write_text("a-password-from-a-file\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "INFOSAM_"))}
     env.update(
@@ -107,12 +143,27 @@ def test_cluster_command_serves_a_fresh_database_from_secret_files(postgres, tmp
         auth = ("admin", "a-password-from-a-file")
         assert requests.get(url, auth=auth, timeout=30).status_code == 200
         assert requests.get(url, timeout=30).status_code == 401
+        # no process of it holds the database password on its command line (`ps` shows
+        # those); the auth ini it wrote exists while it serves
+        db_password = "db-secret-in-uri"
+        tree = _descendants(proc.pid)
+        assert len(tree) >= 2
+        for pid in [proc.pid, *tree]:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone meanwhile
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                assert db_password not in cmdline, cmdline
+        inis = {_environ(pid).get("MLFLOW_AUTH_CONFIG_PATH") for pid in tree} - {None}
+        assert len(inis) == 1 and Path(next(iter(inis))).is_file()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group
+        os.killpg(proc.pid, signal.SIGTERM)  # the command's own process group
         proc.wait(30)
         log.close()
+    assert proc.returncode == 0
+    assert not Path(next(iter(inis))).exists(), "the temporary auth ini outlived the server"
+    assert not [p for p in tree if _alive(p)], "a server process lingers"
     out = (tmp_path / "serve.log").read_text()
     assert "a-password-from-a-file" not in out and "migrated" in out
+    assert "db-secret-in-uri" not in out
     # the schema is in PostgreSQL, created once by the command before the server started
     assert MlflowClient(postgres.uri("cli")).get_experiment("0").name == "Default"
 
