@@ -84,8 +84,14 @@ def save_checkpoint(
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
-    """The raw `state.pt` of a checkpoint directory."""
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=device, weights_only=True)
+    """The raw `state.pt` of a checkpoint directory; a ConfigError says what to point at."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{checkpoint_dir} is not a training checkpoint (no {STATE_FILE} in it): give a "
+            "checkpoint_epoch_* directory of a run, e.g. runs/<name>/checkpoint_epoch_0009"
+        )
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def write_scores(scores: list[dict[str, Any]], path: str | os.PathLike) -> None:

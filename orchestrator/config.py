@@ -449,7 +449,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}

@@ -43,6 +43,11 @@ def load_model(
 ) -> tuple[PromptableSam, str]:
     """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant)."""
     path = Path(checkpoint)
+    if not path.exists():
+        raise ValueError(
+            f"checkpoint not found: {path} (a training checkpoint directory, an `infosam export` "
+            "file or plain SAM weights such as sam_vit_b_01ec64.pth)"
+        )
     if path.is_dir():
         from orchestrator.checkpoints import load_trained
 

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from orchestrator.cli import main as cli
+from orchestrator.datasets import ingest_folders
 
 ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "infosam" / "assets" / "tiny_teacher.pth"
 
 
 def _cases(tmp: Path) -> dict[str, list[str]]:
@@ -19,6 +23,13 @@ def _cases(tmp: Path) -> dict[str, list[str]]:
     (tmp / "bad.yaml").write_text("optim: [1, 2]\n")
     (tmp / "cluster.yaml").write_text("- a list\n")
     (tmp / "image.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp / "ok.png")
+    for sub in ("images", "masks"):  # a one-split (train) dataset
+        (tmp / "src" / sub).mkdir(parents=True)
+        Image.fromarray(np.full((32, 48), 255 * (sub == "masks"), np.uint8)).save(
+            tmp / "src" / sub / "a.png"
+        )
+    ingest_folders(tmp / "src", tmp / "ds")
     bad_set = ["--set", "optim.batch_size=0"]
     return {
         "synth: unknown domain": ["data", "synth", str(tmp / "s"), "--domains", "forest"],
@@ -45,8 +56,16 @@ def _cases(tmp: Path) -> dict[str, list[str]]:
             *("--box", "1,1,5,5", "--out", str(tmp / "p")),
         ],
         "predict: unreadable image": [
-            *("predict", "--checkpoint", "builtin:tiny_teacher", "--variant", "tiny"),
+            *("predict", "--checkpoint", str(TEACHER), "--variant", "tiny"),
             *("--images", str(tmp / "image.png"), "--box", "1,1,5,5", "--out", str(tmp / "p")),
+        ],
+        "predict: weights of another variant": [
+            *("predict", "--checkpoint", str(TEACHER), "--variant", "vit_b"),
+            *("--images", str(tmp / "ok.png"), "--box", "1,1,5,5", "--out", str(tmp / "p")),
+        ],
+        "evaluate: a split the dataset lacks": [
+            *("evaluate", "--reference", str(TEACHER), "--variant", "tiny"),
+            *("--data", str(tmp / "ds" / "src"), "--split", "val"),
         ],
         "export: missing checkpoint": [
             *("export", "--checkpoint", str(tmp / "none"), "--out", str(tmp / "e.pth")),
