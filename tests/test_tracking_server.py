@@ -226,6 +226,26 @@ def test_benchmark_through_the_server_is_complete_in_postgresql_and_shown_in_the
     finally:
         del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     assert "results/results.md" in files
+    # The jobs' password is nowhere a run keeps or prints: parameters, tags, every artifact,
+    # every file under storage (checkpoints, cells.json, scores) and the job's output.
+    secret = "jobs-password-1234"
+    for r in runs:
+        assert secret not in repr(r.data.params) + repr(r.data.tags), r.info.run_name
+    downloaded = tmp_path / "downloaded"
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = (
+        "infosam-jobs",
+        secret,
+    )
+    try:
+        for r in runs:
+            artifacts.download_artifacts(r.info.run_id, "", str(downloaded / r.info.run_id))
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    searched = [p for d in (downloaded, tmp_path / "runs") for p in d.rglob("*") if p.is_file()]
+    assert len(searched) > 20 and any(p.name == "state.pt" for p in searched)
+    leaks = [p for p in searched if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert secret not in job.stdout + job.stderr
 
     # The page a user opens from that link: the runs table, parent expanded to its children.
     from playwright.sync_api import sync_playwright
