@@ -42,6 +42,58 @@ def _commands(cfg: dict[str, Any], *keys: str) -> str:
     return "\n".join(str(c) for k in keys for c in (cfg.get(k) or []))
 
 
+# What only the tracking server may hold: its database URI (with the database password), the
+# admin password and the Flask session key, as variables, files named by them, or the file
+# cluster.yaml used to mount.
+SERVER_SECRETS = (
+    "INFOSAM_TRACKING_DB_URI",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_BACKEND_STORE_URI",
+    "mlflow-server.env",
+)
+_ALL_COMMANDS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
+
+
+def _server_secret_problems(config: dict[str, Any]) -> list[str]:
+    """A tracking-server secret on a Ray node is readable by every job there: jobs, the Ray
+    processes and anything the setup starts run as one user in one container. File mounts
+    reach every node, head included."""
+    problems = []
+    mounts = config.get("file_mounts") or {}
+    synced = [*mounts.items(), *((f, f) for f in config.get("cluster_synced_files") or [])]
+    node_commands = [
+        str(c)
+        for node in (config.get("available_node_types") or {}).values()
+        for c in node.get("worker_setup_commands") or []
+    ]
+    commands = _commands(config, *_ALL_COMMANDS) + "\n" + "\n".join(node_commands)
+    for secret in SERVER_SECRETS:
+        hits = [f"file_mounts {target}" for target, src in synced if secret in f"{target} {src}"]
+        if secret in commands:
+            hits.append("the nodes' commands")
+        if hits:
+            problems.append(
+                f"the tracking server's secret {secret} reaches the Ray nodes ({', '.join(hits)}): "
+                "every job runs as the same user there and can read it; run `infosam tracking "
+                "serve` on its own host and give the nodes only the jobs' account "
+                "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+            )
+    if "tracking serve" in commands or "mlflow server" in commands:
+        problems.append(
+            "the MLflow server runs on a Ray node, where every job can read its environment "
+            "(the database password, the admin password); run it on its own host"
+        )
+    return problems
+
+
 def check_cluster_config(config: dict[str, Any]) -> list[str]:
     """Problems found (empty list = OK)."""
     import ray
@@ -144,6 +196,7 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
             "the MLflow server runs without authentication: anyone in the VPC can read and "
             "write every run; add --auth (`infosam tracking serve --auth`)"
         )
+    problems += _server_secret_problems(config)
     if "mlflow[auth,db]==3.17.2" not in _commands(
         config, "setup_commands", "head_setup_commands", "worker_setup_commands"
     ):

@@ -94,6 +94,20 @@ BROKEN = {
         _set(["head_setup_commands"], ["infosam tracking serve --host 10.0.0.1"]),
         "without authentication",
     ),
+    "server secrets mounted on every node": (
+        _set(
+            ["file_mounts", "/home/ray/secrets/mlflow-server.env"], "~/.infosam/mlflow-server.env"
+        ),
+        "secret mlflow-server.env reaches the Ray nodes (file_mounts",
+    ),
+    "server secrets in a setup command": (
+        _set(["head_setup_commands"], ["export MLFLOW_AUTH_ADMIN_PASSWORD=$(cat /tmp/pw)"]),
+        "secret MLFLOW_AUTH_ADMIN_PASSWORD reaches the Ray nodes (the nodes' commands)",
+    ),
+    "server on a Ray node": (
+        _set(["head_setup_commands"], ["infosam tracking serve --auth --host 10.0.0.1"]),
+        "the MLflow server runs on a Ray node",
+    ),
     "schema violation": (_set(["max_workers"], "many"), "Ray schema"),
     "unknown head type": (_set(["head_node_type"], "nope"), "head_node_type"),
 }

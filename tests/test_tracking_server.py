@@ -110,7 +110,7 @@ def test_requests_without_valid_credentials_are_refused(auth_server):
 
 
 def test_cluster_command_serves_a_fresh_database_from_secret_files(postgres, tmp_path):
-    """What cluster.yaml runs on the head: `infosam tracking serve --auth`, secrets in files."""
+    """What the tracking host runs: `infosam tracking serve --auth`, secrets in files."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir(mode=0o700)
     # a password in the URI (the local server trusts loopback, so it is not checked): it must
