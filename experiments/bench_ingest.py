@@ -81,7 +81,9 @@ def run(fmt: str, root: Path, out: Path, workers: int) -> tuple[float, int]:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     if fmt == "coco":
-        manifest = ingest("coco", root / "coco.json", out, images_dir=root / "images", workers=workers)
+        manifest = ingest(
+            "coco", root / "coco.json", out, images_dir=root / "images", workers=workers
+        )
     elif fmt == "labels":
         manifest = ingest("labels", root, out, masks="labels", images="images", workers=workers)
     else:

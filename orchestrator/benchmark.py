@@ -235,6 +235,11 @@ def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> in
     return max(1, int(cpus // max(need, 1e-6)))
 
 
+def _cell_view(cell: Cell, cfg: Config) -> dict[str, Any]:
+    """The values a cell's result depends on (a zero-shot row: no training values)."""
+    return result_view(cfg, zero_shot=METHODS[cell.method] is None)
+
+
 def _check_finished_cells(
     bench: BenchmarkConfig,
     cells: list[Cell],
@@ -247,7 +252,7 @@ def _check_finished_cells(
     for cell in cells:
         done = state["cells"].get(cell.key) or {}
         if done.get("status", "FINISHED") == "FINISHED":
-            changes = config_changes(done.get("config"), configs[cell.key])
+            changes = config_changes(done.get("config"), _cell_view(cell, configs[cell.key]))
             if changes:
                 changed.append((cell.key, changes))
     if changed and not allow:
@@ -266,7 +271,7 @@ def run_benchmark(
 
     One driver per benchmark folder at a time (a lock: a second gets `LockedError` naming the
     first). A re-run skips FINISHED cells only when their recorded configuration is this one
-    (`config.check_resume`; `allow_config_change` keeps them whatever changed)."""
+    (`config.config_changes`; `allow_config_change` keeps them whatever changed)."""
     try:
         safe_component(bench.name, "benchmark.name")
     except ValueError as exc:
@@ -386,7 +391,7 @@ def _run_benchmark(
             "method": cell.method,
             "dataset": cell.dataset,
             "seed": cell.seed,
-            "config": result_view(configs[cell.key]),  # what a re-run must match to skip it
+            "config": _cell_view(cell, configs[cell.key]),  # what a re-run must match to skip it
         }
         attempts = max(len(out.starts), 1)
         if out.ok:

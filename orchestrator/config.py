@@ -390,18 +390,26 @@ def _section_value(cfg: Config, key: str) -> Any:
     return node
 
 
-def result_view(cfg: Config) -> dict[str, Any]:
-    """The config values that make a run's result what it is (`RESUME_NEUTRAL` left out): what
-    a checkpoint or a benchmark cell records, and a resume compares."""
-    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith(RESUME_NEUTRAL)}
+# What a zero-shot (teacher-only) result depends on: the data, the model and how it is scored.
+ZERO_SHOT_KEYS = ("data.", "model.", "seed", "optim.eval_protocol", "optim.metrics")
 
 
-def config_changes(recorded: dict[str, Any] | None, cfg: Config) -> list[str]:
-    """`key: old -> new` for each result-relevant value that differs from `recorded` (none
-    when nothing was recorded: a run from before records existed)."""
+def result_view(cfg: Config, *, zero_shot: bool = False) -> dict[str, Any]:
+    """The config values that make a run's result what it is (`RESUME_NEUTRAL` left out; for a
+    zero-shot evaluation only `ZERO_SHOT_KEYS`): what a checkpoint or a benchmark cell records,
+    and a resume compares."""
+    return {
+        k: v
+        for k, v in flatten(cfg.to_dict()).items()
+        if not k.startswith(RESUME_NEUTRAL) and (not zero_shot or k.startswith(ZERO_SHOT_KEYS))
+    }
+
+
+def config_changes(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each value of `now` (a `result_view`) that differs from
+    `recorded` (none when nothing was recorded: a run from before records existed)."""
     if recorded is None:
         return []
-    now = result_view(cfg)
     keys = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
     return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys]
 
@@ -414,14 +422,6 @@ def resume_refusal(what: str, changes: list[str]) -> ConfigError:
         "two. Use a new name (storage.name / benchmark.name), or pass --allow-config-change to "
         "resume with the new values on purpose"
     )
-
-
-def check_resume(recorded: dict[str, Any] | None, cfg: Config, what: str, allow: bool) -> None:
-    """Refuse to resume `what` with a configuration other than the one it was started with:
-    ConfigError listing the changed keys, unless `allow` (`--allow-config-change`)."""
-    changes = config_changes(recorded, cfg)
-    if changes and not allow:
-        raise resume_refusal(what, changes)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -651,8 +651,9 @@ class DatasetWriter:
         try:
             for split in list(self.open):
                 self._flush(split)
-            if not self.counts:
-                raise IngestError(no_sample_message(self.rejected))
+            empty = self.empty_splits()
+            if empty:
+                raise IngestError(no_sample_message(self.rejected, empty, bool(self.counts)))
             manifest = self._manifest()
             atomic_write_json(self.tmp / "manifest.json", manifest, indent=2, ensure_ascii=False)
             if finalize is not None:
@@ -665,6 +666,13 @@ class DatasetWriter:
         self.closed = True
         self._lock.close()
         return manifest
+
+    def empty_splits(self) -> list[str]:
+        """Splits that had inputs but not one usable sample (all if nothing was found)."""
+        seen = {r["split"] for r in self.rejected if r.get("split")} | set(self.counts)
+        if not seen:
+            return [""]
+        return sorted(s for s in seen if not self.counts.get(s))
 
     def _manifest(self) -> dict:
         manifest = {
@@ -687,15 +695,20 @@ class DatasetWriter:
         return manifest
 
 
-def no_sample_message(rejected: list[dict]) -> str:
-    """Why an ingest wrote nothing: the reject reasons, most frequent first."""
-    if not rejected:
+def no_sample_message(rejected: list[dict], empty: list[str], others: bool) -> str:
+    """Why an ingest wrote nothing: per empty split, its reject reasons, most frequent first."""
+    if empty == [""]:
         return "no sample found in the source: nothing was written (check the layout and paths)"
-    reasons = Counter(re.sub(r"\s*\[.*\]$", "", r["reason"]) for r in rejected)
-    top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+    parts = []
+    for split in empty:
+        mine = [r for r in rejected if r.get("split") == split]
+        reasons = Counter(re.sub(r"\s*\[.*\]$", "", r["reason"]) for r in mine)
+        top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+        parts.append(f"split {split!r}: all {len(mine)} input(s) rejected ({top})")
+    kept = " (the other splits were fine)" if others else ""
     return (
-        f"no usable sample: all {len(rejected)} input(s) were rejected ({top}); nothing was "
-        "written and any previous dataset of this name is unchanged"
+        f"no usable sample in {'; '.join(parts)}{kept}; nothing was written and any previous "
+        "dataset of this name is unchanged"
     )
 
 
@@ -720,7 +733,7 @@ def check_output(final: Path, sources: Sequence[str | os.PathLike]) -> None:
 
 
 # Files a dataset folder of ours may hold besides its shards and manifest.
-OWN_SIDE_FILES = {"manifest.json", "contact_sheet.png", "teacher_cache", ".synth.lock"}
+OWN_SIDE_FILES = {"manifest.json", "contact_sheet.png", "teacher_cache"}
 PARTIAL_MARKER = ".infosam-partial"
 
 

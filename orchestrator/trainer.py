@@ -36,7 +36,14 @@ from orchestrator.checkpoints import (
     save_checkpoint,
     write_scores,
 )
-from orchestrator.config import Config, ConfigError, check_resume, flatten, result_view
+from orchestrator.config import (
+    Config,
+    ConfigError,
+    config_changes,
+    flatten,
+    result_view,
+    resume_refusal,
+)
 from orchestrator.datasets import load_manifest
 from orchestrator.epoch_log import checkpoint_history, log_epochs
 from orchestrator.evaluation import (
@@ -630,22 +637,28 @@ def _run_dir(storage: str, name: str) -> Path | None:
 RUN_CONFIG_FILE = "run_config.json"
 
 
-def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> None:
+def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> list[str]:
     """Check a resumed run against the configuration it was started with (its
-    `run_config.json`, else its newest checkpoint's config.yaml), then record this one."""
+    `run_config.json`, else its newest checkpoint's config.yaml), then record this one; returns
+    the changes taken (`key: old -> new`). Refused (ConfigError) only when the run has a
+    checkpoint to resume from: a run that failed before its first checkpoint starts afresh."""
     recorded = None
     path = run_dir / RUN_CONFIG_FILE
+    saved = sorted(run_dir.glob("checkpoint_*/config.yaml"), key=lambda p: p.stat().st_mtime)
     if path.is_file():
         recorded = json.loads(path.read_text())
-    else:
-        saved = sorted(run_dir.glob("checkpoint_*/config.yaml"), key=lambda p: p.stat().st_mtime)
-        if saved:  # a run started before run_config.json existed
-            import yaml
+    elif saved:  # a run started before run_config.json existed
+        import yaml
 
-            recorded = result_view(Config.from_dict(yaml.safe_load(saved[-1].read_text())))
-    check_resume(recorded, cfg, what, allow)
-    if recorded != result_view(cfg):
-        atomic_write_json(path, result_view(cfg), indent=2)
+        recorded = result_view(Config.from_dict(yaml.safe_load(saved[-1].read_text())))
+    now = result_view(cfg)
+    changes = config_changes(recorded, now)
+    resumable = any((p.parent / "history.json").is_file() for p in saved)
+    if changes and resumable and not allow:
+        raise resume_refusal(what, changes)
+    if recorded != now:
+        atomic_write_json(path, now, indent=2)
+    return changes
 
 
 def eval_unit(manifest: dict) -> str:
@@ -742,7 +755,7 @@ def fit(
     the user-facing `tracking.run_name`, `storage.name` and `tracking.parent_run_id`. `shared`
     skips data preparation (a benchmark prepares each dataset once for all its cells). A run
     resumed under its storage name must have the configuration it started with
-    (`config.check_resume`) unless `allow_config_change`.
+    (`record_run_config`) unless `allow_config_change`.
     `FitResult.timings`: start-up (config, teacher hash, Ray, MLflow), data, training and
     evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
     checkpoints) and logging (curves, closing the run).
@@ -765,8 +778,9 @@ def fit(
     init_ray()
     storage, name = _storage(cfg, storage_name, run_name)
     run_dir = _run_dir(storage, name)
+    changes = []
     if run_dir is not None:
-        record_run_config(run_dir, cfg, f"run {name!r} in {storage}", allow_config_change)
+        changes = record_run_config(run_dir, cfg, f"run {name!r} in {storage}", allow_config_change)
     timings["startup_s"] = time.perf_counter() - t_start
     owns_logger = logger is None
     t_data = time.perf_counter()
@@ -780,7 +794,12 @@ def fit(
             run_name=run_name or name,
             run_dir=run_dir,
             parent_run_id=parent_run_id,
-            tags={"infosam.storage_name": name, **(tags or {})},
+            tags={
+                "infosam.storage_name": name,
+                # its params are those it started with (MLflow keeps a param's first value)
+                **({"infosam.config_changes": "; ".join(changes)[:5000]} if changes else {}),
+                **(tags or {}),
+            },
             shared=shared,
         )
     # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close

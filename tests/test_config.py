@@ -119,20 +119,21 @@ def test_every_value_is_range_checked_before_anything_runs():
     load_config(None, [])  # the defaults are all in range
 
 
-def test_a_changed_config_is_refused_on_resume_unless_asked_for():
-    from orchestrator.config import check_resume, result_view
+def test_a_resume_compares_the_values_that_shape_the_result():
+    from orchestrator.config import config_changes, result_view, resume_refusal
 
     old = load_config(None, ["optim.lr=1e-4"])
     recorded = result_view(old)
-    check_resume(recorded, old, "run r", allow=False)  # unchanged: resumes as before
+    assert config_changes(recorded, result_view(old)) == []  # unchanged: resumes as before
+    assert config_changes(None, result_view(old)) == []  # nothing recorded (an older run)
     # where it runs and how fast: not the result's
     moved = load_config(None, ["optim.lr=1e-4", "scaling.num_workers=0", "tracking.overlays=0"])
-    check_resume(recorded, moved, "run r", allow=False)
+    assert config_changes(recorded, result_view(moved)) == []
     new = load_config(None, ["optim.lr=3e-4", "loss.weight_distillation=5"])
-    with pytest.raises(ConfigError) as info:
-        check_resume(recorded, new, "run r", allow=False)
-    message = str(info.value)
+    changes = config_changes(recorded, result_view(new))
+    assert changes == ["loss.weight_distillation: 0.5 -> 5.0", "optim.lr: 0.0001 -> 0.0003"]
+    message = str(resume_refusal("run r", changes))
     assert "run r" in message and "optim.lr: 0.0001 -> 0.0003" in message
-    assert "loss.weight_distillation: 0.5 -> 5.0" in message
     assert "--allow-config-change" in message
-    check_resume(recorded, new, "run r", allow=True)
+    # a zero-shot result does not depend on training values
+    assert config_changes(result_view(old, zero_shot=True), result_view(new, zero_shot=True)) == []

@@ -277,3 +277,16 @@ def test_a_damaged_manifest_is_an_error_naming_the_file(tmp_path):
     manifest.write_text(manifest.read_text()[:100])
     with pytest.raises(IngestError, match=r"manifest\.json is damaged"):
         load_manifest(tmp_path / "out" / "src")
+
+
+def test_a_split_without_a_usable_sample_fails_naming_it(tmp_path, capsys):
+    """train is fine but every test row is broken: a benchmark would silently lose its test
+    split, so the ingest fails and says which split and why."""
+    src = _kvasir(tmp_path / "bench", n=2)
+    (src / "train.csv").write_text("image,label\nimages/im0.png,masks/im0.png\n")
+    (src / "test.csv").write_text("image,label\nimages/none.png,masks/im1.png\n,\n")
+    assert cli(["data", "ingest", "--format", "convlora", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "split 'test': all 2 input(s) rejected" in err and "image file not found" in err
+    assert "the other splits were fine" in err
+    assert not (tmp_path / "out" / "bench").exists()

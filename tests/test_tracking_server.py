@@ -109,6 +109,24 @@ def test_requests_without_valid_credentials_are_refused(auth_server):
     assert requests.get(url, auth=("admin", ADMIN_PASSWORD), timeout=30).status_code == 200
 
 
+def test_wrong_credentials_fail_in_seconds_before_anything_starts(
+    auth_server, tmp_path, synthetic_root, monkeypatch, capsys
+):
+    from orchestrator.cli import main as cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    sets = [f"data.root={synthetic_root}", "data.synthesize=false"]
+    sets += [f"storage.path={tmp_path / 'runs'}", f"tracking.uri={auth_server.url}"]
+    start = time.monotonic()
+    assert cli(["train", *[x for v in sets for x in ("--set", v)]]) == 2
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the MLflow server {auth_server.url} refused the credentials")
+    assert "HTTP 401" in err and "'admin'" in err and "not-the-password" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cluster_command_serves_a_fresh_database_from_secret_files(postgres, tmp_path):
     """What the tracking host runs: `infosam tracking serve --auth`, secrets in files."""
     secrets_dir = tmp_path / "secrets"
