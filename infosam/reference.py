@@ -24,7 +24,14 @@ import torch
 from segment_anything.modeling import Sam
 
 from infosam.relation import RelationModule
-from infosam.sam import CheckpointMismatchError, build_sam, load_sam_state_dict
+from infosam.sam import (  # the exports live with SAM's other loaders; re-exported here
+    EXPORT_FORMAT,
+    CheckpointMismatchError,
+    build_sam,
+    load_exported,
+    load_sam_state_dict,
+    save_exported,
+)
 from infosam.tuning import TuningConfig, apply_tuning
 
 __all__ = [
@@ -36,7 +43,6 @@ __all__ = [
     "save_exported",
 ]
 
-EXPORT_FORMAT = 1
 _ADAPTER = re.compile(
     r"^image_encoder\.blocks\.(\d+)\.(Space|MLP)_Adapter_Series\.D_fc[12]\.(weight|bias)$"
 )
@@ -109,42 +115,3 @@ def load_reference_relation(path: str | os.PathLike) -> RelationModule:
     module = RelationModule(dim)
     module.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
     return module
-
-
-def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: TuningConfig) -> None:
-    """A self-contained student: the full state_dict plus what is needed to rebuild its modules.
-    Written to a temporary file and renamed: a crash never leaves a truncated export."""
-    import dataclasses
-
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(
-        {
-            "infosam_export": {
-                "format": EXPORT_FORMAT,
-                "variant": variant,
-                "tuning": dataclasses.asdict(tuning),
-            },
-            "state_dict": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def load_exported(path: str | os.PathLike) -> Sam:
-    """Load a self-contained export (`infosam export` of an adapter student) in one line."""
-    obj = _load(path)
-    meta = obj.get("infosam_export")
-    if not isinstance(meta, Mapping):
-        raise CheckpointMismatchError(
-            f"{path} is not a self-contained infosam export; plain SAM weights load with "
-            "segment_anything.sam_model_registry[variant](checkpoint=path)"
-        )
-    sam = build_sam(meta["variant"])
-    tuning = TuningConfig(**meta["tuning"])
-    if tuning.method in ("adapter", "lora"):
-        apply_tuning(sam, tuning)
-    load_sam_state_dict(sam, obj["state_dict"])
-    sam.requires_grad_(False)
-    return sam.eval()

@@ -25,8 +25,11 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
+from infosam.tuning import TuningConfig, apply_tuning
+
 __all__ = [
     "BUILTIN_CHECKPOINTS",
+    "EXPORT_FORMAT",
     "SAM_VARIANTS",
     "CheckpointMismatchError",
     "PromptableSam",
@@ -39,6 +42,7 @@ __all__ = [
     "load_sam_state_dict",
     "read_state_dict",
     "resolve_checkpoint",
+    "save_exported",
 ]
 
 
@@ -374,8 +378,45 @@ class PromptableSam(nn.Module):
         return SamOutput(image_embeddings, logits, iou, captured[-1])
 
 
+# Self-contained exports (`infosam export` of a student with modules plain SAM lacks): the
+# full state_dict plus what rebuilds those modules.
+EXPORT_FORMAT = 1
+
+
+def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: TuningConfig) -> None:
+    """A self-contained student: the full state_dict plus what is needed to rebuild its modules.
+    Written to a temporary file and renamed: a crash never leaves a truncated export."""
+    import dataclasses
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(
+        {
+            "infosam_export": {
+                "format": EXPORT_FORMAT,
+                "variant": variant,
+                "tuning": dataclasses.asdict(tuning),
+            },
+            "state_dict": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
 def load_exported(path: str | os.PathLike) -> Sam:
     """One-line loader for a self-contained `infosam export` (e.g. an adapter student)."""
-    from infosam.reference import load_exported as _load_exported
-
-    return _load_exported(path)
+    obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    meta = obj.get("infosam_export") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise CheckpointMismatchError(
+            f"{path} is not a self-contained infosam export; plain SAM weights load with "
+            "segment_anything.sam_model_registry[variant](checkpoint=path)"
+        )
+    sam = build_sam(meta["variant"])
+    tuning = TuningConfig(**meta["tuning"])
+    if tuning.method in ("adapter", "lora"):
+        apply_tuning(sam, tuning)
+    load_sam_state_dict(sam, obj["state_dict"])
+    sam.requires_grad_(False)
+    return sam.eval()

@@ -20,7 +20,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import IngestError, ingest, parse_holdout, summarise
+    from orchestrator.datasets import IngestError, parse_holdout, summarise
+    from orchestrator.formats import ingest
 
     kwargs: dict = {
         "name": args.name,
@@ -132,7 +133,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("ingest", help="image/mask pairs -> parquet shards + manifest")
     i.add_argument(
         "--format",
-        choices=["convlora", "folders", "coco", "labels"],
+        choices=["convlora", "folders", "coco", "labels"],  # formats.FORMATS
         required=True,
         help="binary masks: convlora, folders; instances: coco (JSON), labels (label images)",
     )

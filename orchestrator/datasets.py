@@ -59,7 +59,6 @@ __all__ = [
     "Rejected",
     "decode_image",
     "decode_mask",
-    "ingest",
     "ingest_convlora",
     "ingest_folders",
     "load_manifest",
@@ -1224,20 +1223,6 @@ def ingest_folders(
     with writer:
         _write_pairs(writer, [(*p, None) for p in pairs], workers)
         return writer.close()
-
-
-def ingest(fmt: str, src: str | os.PathLike, out: str | os.PathLike, **kwargs: object) -> dict:
-    if fmt == "convlora":
-        return ingest_convlora(src, out, **kwargs)
-    if fmt == "folders":
-        return ingest_folders(src, out, **kwargs)
-    if fmt in ("coco", "labels"):
-        from orchestrator import instances
-
-        return (instances.ingest_coco if fmt == "coco" else instances.ingest_labels)(
-            src, out, **kwargs
-        )
-    raise IngestError(f"unknown format {fmt!r}: use convlora, folders, coco or labels")
 
 
 # ----------------------------------------------------------------------------- reading

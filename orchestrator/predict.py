@@ -14,7 +14,7 @@ from PIL import Image
 
 from infosam.engine import predict_logits
 from infosam.prompts import PromptBatch
-from infosam.sam import PromptableSam, build_sam, load_exported
+from infosam.sam import PromptableSam, build_sam, load_exported, save_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
 from orchestrator.datasets import Rejected, decode_image, open_encoded
@@ -290,7 +290,6 @@ def predict_dataset(
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:
     """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
     adapters give a self-contained file for `infosam.sam.load_exported`."""
-    from infosam.reference import save_exported
     from orchestrator.checkpoints import load_trained
 
     model, cfg, _ = load_trained(checkpoint)
