@@ -901,6 +901,14 @@ def ingest_convlora(
         fmt="convlora",
         sources=[src],
     )
+    with writer:
+        _write_pairs(writer, _convlora_pairs(src, frames), workers)
+        return writer.close()
+
+
+def _convlora_pairs(src: Path, frames: list[tuple[str, object]]) -> list[tuple]:
+    """(split, id, image, mask, row) per CSV row; a row whose cells are empty or lead out of
+    the folder gets the reason in its mask's place (`_write_pairs`)."""
     pairs: list[tuple] = []
     for split, df in frames:
         for row, (image_rel, label_rel) in enumerate(zip(df["image"], df["label"], strict=True)):
@@ -915,9 +923,7 @@ def ingest_convlora(
                 continue
             sample_id = str(Path(image_rel).with_suffix("")).replace(os.sep, "/")
             pairs.append((split, sample_id, image_path, label_path, row))
-    with writer:
-        _write_pairs(writer, pairs, workers)
-        return writer.close()
+    return pairs
 
 
 # ----------------------------------------------------------------------------- folders layout

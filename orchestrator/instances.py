@@ -188,7 +188,8 @@ def decode_coco_image(item: tuple) -> tuple:
     return ("ok", h, w, stored, flags, None, decoded)
 
 
-def _load_coco(path: Path) -> dict:
+def _load_coco(path: Path, images_root: Path) -> dict:
+    """A COCO file's JSON, checked to be an instances file whose images folder exists."""
     if not path.is_file():
         raise IngestError(f"COCO annotation file not found: {printable(path)}")
     try:
@@ -202,6 +203,11 @@ def _load_coco(path: Path) -> dict:
         )
     if not isinstance(data.get("annotations"), list):
         raise IngestError(f"{printable(path)} has no 'annotations' list: not a COCO instances file")
+    if not images_root.is_dir():
+        raise IngestError(
+            f"images folder not found: {printable(images_root)} (the folder that the file_name "
+            f"entries of {printable(path)} are relative to)"
+        )
     return data
 
 
@@ -233,15 +239,7 @@ def ingest_coco(
         raise IngestError(f"each COCO file needs its own split, got splits {names}")
     if holdout and len(sources) > 1:
         raise IngestError("--holdout splits one COCO file; with one file per split, drop it")
-    loaded = []
-    for split_name, path, root in sources:
-        data = _load_coco(path)
-        if not root.is_dir():
-            raise IngestError(
-                f"images folder not found: {printable(root)} (the folder that the file_name "
-                f"entries of {printable(path)} are relative to)"
-            )
-        loaded.append((split_name, path, root, data))
+    loaded = [(s, path, root, _load_coco(path, root)) for s, path, root in sources]
     selected = _check_selection(categories, loaded)
     writer = DatasetWriter(
         out,
