@@ -47,7 +47,8 @@ def run(
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.benchmark import load_benchmark, run_benchmark
+    from orchestrator.benchmark.config import load_benchmark
+    from orchestrator.benchmark.run import run_benchmark
 
     if ray.is_initialized():
         ray.shutdown()

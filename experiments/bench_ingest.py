@@ -75,10 +75,7 @@ def build(root: Path, n: int) -> None:
 
 
 def run(fmt: str, root: Path, out: Path, workers: int) -> tuple[float, int]:
-    try:
-        from orchestrator.formats import ingest
-    except ImportError:  # a checkout from before the formats registry, measured for comparison
-        from orchestrator.datasets import ingest
+    from orchestrator.data.formats import ingest
 
     if out.exists():
         shutil.rmtree(out)

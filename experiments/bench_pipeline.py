@@ -20,9 +20,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from orchestrator.datasets import DatasetWriter, encode_mask
-from orchestrator.pipeline import decode_batch, read_split
-from orchestrator.synthetic import generate_sample
+from orchestrator.data.codec import encode_mask
+from orchestrator.data.reader import decode_batch, read_split
+from orchestrator.data.synthetic import generate_sample
+from orchestrator.data.writer import DatasetWriter
 
 
 def make_dataset(root: str, n: int, source_px: int) -> str:

@@ -48,7 +48,7 @@ class HoldAfterEpoch:
     def __call__(self, loop_config: dict[str, Any]) -> None:
         import ray.train
 
-        from orchestrator.trainer import train_loop_per_worker
+        from orchestrator.train.worker import train_loop_per_worker
 
         real = ray.train.report
         world = ray.train.get_context().get_world_size()
@@ -135,7 +135,7 @@ def _epochs_on(run_dir: Path, cfg: Any, world: int) -> bool:
     """Whether MLflow holds an epoch trained by `world` workers (metric `scaling/world_size`)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking.runs import resolve_tracking_uri
 
     id_file = run_dir / "mlflow_run_id"
     if not id_file.is_file():
@@ -198,7 +198,7 @@ def run(
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.trainer import fit
+    from orchestrator.train.driver import fit
 
     if drill not in ("node-loss", "preemption", "elastic"):
         raise ValueError(f"unknown drill {drill!r}: node-loss, preemption or elastic")

@@ -29,8 +29,8 @@ from infosam.prompts import sample_prompts
 from infosam.sam import SAM_VARIANTS, PromptableSam, build_sam
 from infosam.speed import use_attention
 from orchestrator.config import Config
-from orchestrator.models import autocast_dtype, build_models
-from orchestrator.trainer import make_optimizer
+from orchestrator.train.models import autocast_dtype, build_models
+from orchestrator.train.worker import make_optimizer
 
 # Each configuration is a set of config values, applied by the same code training runs
 # (`orchestrator.models.build_models`, `orchestrator.trainer.make_optimizer`).

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.tracking_server import LocalPostgres, TrackingServer
+from orchestrator.tracking.server import LocalPostgres, TrackingServer
 
 KEYS = ("train/loss", "train/segmentation", "val/iou")
 

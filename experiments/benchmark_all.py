@@ -19,7 +19,7 @@ DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.benchmark import main as benchmark_main
+    from orchestrator.benchmark.run import main as benchmark_main
 
     return benchmark_main(argv, default_config=DEMO)
 

@@ -25,7 +25,7 @@ from infosam.engine import LossConfig, eval_step, train_step
 from infosam.prompts import sample_prompts
 from infosam.sam import PromptableSam, build_sam
 from infosam.transforms import prepare_pair
-from orchestrator.synthetic import DOMAINS, generate_sample
+from orchestrator.data.synthetic import DOMAINS, generate_sample
 
 SIZE = 256
 SEGMENTATION_ONLY = LossConfig(infosam=False)  # pre-training: no teacher, no InfoSAM

@@ -8,8 +8,8 @@ import sys
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import summarise
-    from orchestrator.synthetic import DOMAINS, synthesize
+    from orchestrator.data.manifest import summarise
+    from orchestrator.data.synthetic import DOMAINS, synthesize
 
     domains = args.domains or list(DOMAINS)
     manifests = synthesize(args.out, domains, seed=args.seed, scale=args.scale)
@@ -20,8 +20,10 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import IngestError, parse_holdout, summarise
-    from orchestrator.formats import ingest
+    from orchestrator.data.codec import IngestError
+    from orchestrator.data.formats import ingest
+    from orchestrator.data.formats.folders import parse_holdout
+    from orchestrator.data.manifest import summarise
 
     kwargs: dict = {
         "name": args.name,
@@ -57,7 +59,7 @@ def _cmd_data_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import load_manifest, summarise
+    from orchestrator.data.manifest import load_manifest, summarise
 
     manifest = load_manifest(args.dataset, verify=args.verify)
     if args.json:
@@ -71,14 +73,16 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_data_teacher_cache(args: argparse.Namespace) -> int:
     from infosam.sam import checkpoint_sha256
+    from orchestrator.cluster.ray_env import init_ray
     from orchestrator.config import ConfigError
-    from orchestrator.runtime import ensure_data, init_ray, teacher_checkpoint
-    from orchestrator.teacher_cache import (
+    from orchestrator.data.synthetic import ensure_data
+    from orchestrator.data.teacher_cache import (
         CacheKey,
         TeacherCacheError,
         build_teacher_cache,
         open_teacher_cache,
     )
+    from orchestrator.train.models import teacher_checkpoint
 
     cfg = _load(args)
     data_dir = ensure_data(cfg)
@@ -229,7 +233,7 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.trainer import fit
+    from orchestrator.train.driver import fit
 
     try:
         cfg = _load(args)
@@ -243,7 +247,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     print(f"[infosam] finished: {json.dumps(shown)}")
     print(f"[infosam] checkpoint: {result.checkpoint_dir}")
-    from orchestrator.tracking import view_hint
+    from orchestrator.tracking.runs import view_hint
 
     print(f"[infosam] MLflow: {view_hint(result.tracking_uri, result.run_id)}")
     return 0
@@ -252,7 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from infosam.sam import PromptableSam
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.evaluation import evaluate_checkpoint, evaluate_model
+    from orchestrator.train.evaluation import evaluate_checkpoint, evaluate_model
 
     if args.reference:
         from infosam.reference import load_reference_student
@@ -282,7 +286,7 @@ def _cuda() -> bool:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.datasets import IngestError
+    from orchestrator.data.codec import IngestError
     from orchestrator.predict import load_model, parse_prompts, predict_dataset, predict_files
 
     try:
@@ -291,7 +295,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if args.data:  # prompts from each sample's (instance's) own mask
             cfg = None
             if Path(args.checkpoint).is_dir():
-                from orchestrator.checkpoints import load_trained
+                from orchestrator.train.checkpoints import load_trained
 
                 model, cfg, _ = load_trained(args.checkpoint, args.device)
             else:
@@ -334,7 +338,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_check(args: argparse.Namespace) -> int:
-    from orchestrator.cluster_check import check_cluster_config, load_cluster_yaml
+    from orchestrator.cluster.check import check_cluster_config, load_cluster_yaml
 
     problems = check_cluster_config(load_cluster_yaml(args.path))
     for p in problems:
@@ -344,7 +348,7 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from orchestrator.benchmark import main as benchmark_main
+    from orchestrator.benchmark.run import main as benchmark_main
 
     argv = (["--config", args.config] if args.config else []) + [
         f"--set={o}" for o in args.overrides
@@ -353,8 +357,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import view_hint
-    from orchestrator.tuner import load_tune, run_sweep
+    from orchestrator.sweep import load_tune, run_sweep
+    from orchestrator.tracking.runs import view_hint
 
     try:
         tcfg, base = load_tune(args.config, args.overrides)
@@ -367,7 +371,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_tracking_serve(args: argparse.Namespace) -> int:
-    from orchestrator.tracking_server import serve
+    from orchestrator.tracking.server import serve
 
     return serve(args)
 

@@ -14,11 +14,11 @@ def project_errors() -> tuple[type[BaseException], ...]:
     without MLflow or Ray."""
     from infosam.sam import CheckpointMismatchError
     from orchestrator.config import ConfigError
-    from orchestrator.datasets import IngestError
+    from orchestrator.data.codec import IngestError
+    from orchestrator.data.teacher_cache import TeacherCacheError
     from orchestrator.storage import LockedError
-    from orchestrator.teacher_cache import TeacherCacheError
-    from orchestrator.tracking import TrackingError
-    from orchestrator.tracking_server import TrackingServerError
+    from orchestrator.tracking.runs import TrackingError
+    from orchestrator.tracking.server import TrackingServerError
 
     return (
         CheckpointMismatchError,

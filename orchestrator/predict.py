@@ -17,7 +17,7 @@ from infosam.prompts import PromptBatch
 from infosam.sam import PromptableSam, build_sam, load_exported, save_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
-from orchestrator.datasets import Rejected, decode_image, open_encoded
+from orchestrator.data.codec import Rejected, decode_image, open_encoded
 from orchestrator.storage import atomic_file, atomic_write_json
 
 __all__ = [
@@ -49,7 +49,7 @@ def load_model(
             "file or plain SAM weights such as sam_vit_b_01ec64.pth)"
         )
     if path.is_dir():
-        from orchestrator.checkpoints import load_trained
+        from orchestrator.train.checkpoints import load_trained
 
         model, cfg, _ = load_trained(path, device)
         return model, cfg.model.variant
@@ -146,7 +146,7 @@ def predict_files(
     """Masks at original resolution: `<stem>_mask.png` (0/255) per image with one prompt,
     `<stem>_<k>_mask.png` per object when an image has a list of prompts, and one
     `<stem>_overlay.png` per image (each object in its own colour)."""
-    from orchestrator.visualize import overlay
+    from orchestrator.plots import overlay
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +226,10 @@ def predict_dataset(
     the instance's category)."""
 
     from orchestrator.config import Config
-    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows
-    from orchestrator.evaluation import draw_prompts
-    from orchestrator.pipeline import decode_batch
-    from orchestrator.visualize import overlay
+    from orchestrator.data.manifest import INSTANCE_COLUMNS, iter_rows
+    from orchestrator.data.reader import decode_batch
+    from orchestrator.plots import overlay
+    from orchestrator.train.evaluation import draw_prompts
 
     cfg = cfg or Config()
     out = Path(out_dir)
@@ -290,7 +290,7 @@ def predict_dataset(
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:
     """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
     adapters give a self-contained file for `infosam.sam.load_exported`."""
-    from orchestrator.checkpoints import load_trained
+    from orchestrator.train.checkpoints import load_trained
 
     model, cfg, _ = load_trained(checkpoint)
     sam = model.sam

@@ -83,7 +83,7 @@ def ray_local(_ray_session):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """Small synthetic camouflage datasets shared by the training tests."""
-    from orchestrator.synthetic import synthesize
+    from orchestrator.data.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("synthetic")
     synthesize(

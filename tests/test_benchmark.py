@@ -320,7 +320,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
 
 
 def test_comparison_pairs_are_declared_in_the_config_with_defaults():
-    from orchestrator.benchmark import load_benchmark
+    from orchestrator.benchmark.config import load_benchmark
     from orchestrator.config import ConfigError
 
     bench, _ = load_benchmark(DEMO_CONFIG, ["benchmark.methods=[zero_shot,lora,lora_infosam]"])

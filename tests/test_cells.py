@@ -4,8 +4,9 @@ import io
 
 import pytest
 
-from orchestrator.benchmark import METHODS, BenchmarkConfig, cell_config, load_benchmark
-from orchestrator.cells import Progress, timeline_stats, write_timeline
+from orchestrator.benchmark.cells import Progress, timeline_stats, write_timeline
+from orchestrator.benchmark.config import BenchmarkConfig, cell_config, load_benchmark
+from orchestrator.benchmark.methods import METHODS
 from orchestrator.config import Config, ConfigError
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.cli import main as cli
-from orchestrator.datasets import ingest_folders
+from orchestrator.data.formats.folders import ingest_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "infosam" / "assets" / "tiny_teacher.pth"

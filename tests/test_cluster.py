@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main as cli
-from orchestrator.cluster_check import check_cluster_config, load_cluster_yaml
+from orchestrator.cluster.check import check_cluster_config, load_cluster_yaml
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

@@ -10,13 +10,10 @@ import pytest
 from PIL import Image
 
 from orchestrator.cli import main as cli
-from orchestrator.datasets import (
-    IngestError,
-    ingest_convlora,
-    ingest_folders,
-    iter_rows,
-    load_manifest,
-)
+from orchestrator.data.codec import IngestError
+from orchestrator.data.formats.convlora import ingest_convlora
+from orchestrator.data.formats.folders import ingest_folders
+from orchestrator.data.manifest import iter_rows, load_manifest
 
 
 def _png(arr, mode=None) -> bytes:

@@ -78,7 +78,7 @@ def test_infosam_imports_no_ray_mlflow_or_orchestrator():
 
 def test_the_cli_offers_every_registered_format():
     from orchestrator.cli import build_parser
-    from orchestrator.formats import FORMATS
+    from orchestrator.data.formats import FORMATS
 
     ingest = build_parser().parse_args(["data", "ingest", "--format", "coco", "a", "b", "c"])
     assert ingest.format == "coco"

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator import datasets
 from orchestrator.cli import main as cli
-from orchestrator.datasets import IngestError, ingest_convlora, ingest_folders, load_manifest
-from orchestrator.instances import coco_mask, ingest_coco
-from orchestrator.pipeline import decode_batch
+from orchestrator.data import codec
+from orchestrator.data.codec import IngestError
+from orchestrator.data.formats.coco import coco_mask, ingest_coco
+from orchestrator.data.formats.convlora import ingest_convlora
+from orchestrator.data.formats.folders import ingest_folders
+from orchestrator.data.manifest import iter_rows, load_manifest
+from orchestrator.data.reader import decode_batch
 
 RGB = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
 MASK = np.zeros((40, 60), np.uint8)
@@ -172,7 +175,7 @@ def test_bombs_and_unsupported_formats_are_rejected_and_the_rest_ingested(tmp_pa
     # 16-bit RGBA is counted at 2 bytes a channel: within the pixel limit, over the bytes
     tifffile.imwrite(src / "images" / "deep.tif", np.zeros((40, 60, 4), np.uint16))
     (src / "masks" / "deep.png").write_bytes(_png(MASK))
-    monkeypatch.setattr(datasets, "MAX_DECODED_BYTES", 40 * 60 * 4 * 2 - 1)
+    monkeypatch.setattr(codec, "MAX_DECODED_BYTES", 40 * 60 * 4 * 2 - 1)
     manifest = ingest_folders(src, tmp_path / "out")
     assert manifest["counts"] == {"train": 2}
     reasons = {Path(r["source"]).stem: r["reason"] for r in manifest["rejected"]}
@@ -185,12 +188,12 @@ def test_bombs_and_unsupported_formats_are_rejected_and_the_rest_ingested(tmp_pa
 def test_the_reader_decodes_whatever_ingest_accepted(tmp_path, monkeypatch):
     """One pixel budget: an image within ingest's limit never fails later in training, whatever
     PIL's own global says (its default stops at 89 M px, ingest's at 268 M)."""
-    monkeypatch.setattr(datasets, "MAX_PIXELS", 5000)
+    monkeypatch.setattr(codec, "MAX_PIXELS", 5000)
     src = _kvasir(tmp_path / "src", n=1)
     manifest = ingest_folders(src, tmp_path / "out")
     assert manifest["counts"] == {"train": 1}  # 2400 px, within the budget
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a caller's stricter PIL limit
-    row = next(datasets.iter_rows(tmp_path / "out" / "src", "train"))
+    row = next(iter_rows(tmp_path / "out" / "src", "train"))
     batch = {k: np.array([row[k]], dtype=object) for k in ("id", "image", "mask", "source")}
     out = decode_batch(batch, 64)
     assert out["image"].shape == (1, 3, 64, 64) and out["mask"].any()
@@ -262,11 +265,11 @@ def test_an_rle_whose_runs_overflow_the_image_is_rejected_before_decoding():
     # the runs of a 40x40 mask declared as 4x4: pycocotools would write 1600 bytes into 16
     big = mask_utils.encode(np.asfortranarray(np.ones((40, 40), np.uint8)))
     hostile = {"size": [4, 4], "counts": big["counts"].decode()}
-    with pytest.raises(datasets.Rejected, match="sum to 1600, not 16"):
+    with pytest.raises(codec.Rejected, match="sum to 1600, not 16"):
         coco_mask(hostile, 4, 4)
-    with pytest.raises(datasets.Rejected, match=r"outside .0.\.\..o."):
+    with pytest.raises(codec.Rejected, match=r"outside .0.\.\..o."):
         coco_mask({"size": [4, 4], "counts": "~~~"}, 4, 4)
-    with pytest.raises(datasets.Rejected, match="negative"):
+    with pytest.raises(codec.Rejected, match="negative"):
         coco_mask({"size": [4, 4], "counts": [20, -4]}, 4, 4)
 
 

@@ -16,16 +16,12 @@ import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from orchestrator.datasets import (
-    IngestError,
-    assign_holdout,
-    ingest_folders,
-    iter_rows,
-    load_manifest,
-    shard_paths,
-)
-from orchestrator.instances import coco_mask, ingest_coco, ingest_labels
-from orchestrator.pipeline import decode_batch
+from orchestrator.data.codec import IngestError
+from orchestrator.data.formats.coco import coco_mask, ingest_coco
+from orchestrator.data.formats.folders import assign_holdout, ingest_folders
+from orchestrator.data.formats.labels import ingest_labels
+from orchestrator.data.manifest import iter_rows, load_manifest, shard_paths
+from orchestrator.data.reader import decode_batch
 
 SIZES = [(96, 128), (112, 112), (128, 96)]  # (h, w) of the three COCO images
 
@@ -487,7 +483,7 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.cli import main as cli
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking.runs import default_tracking_uri
 
     data = tmp_path / "data"
     if fmt == "coco":

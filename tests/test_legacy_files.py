@@ -14,10 +14,11 @@ from torch.nn import functional as F
 from infosam.engine import predict_logits
 from infosam.prompts import PromptBatch
 from infosam.sam import PromptableSam, checkpoint_sha256, load_exported, resolve_checkpoint
-from orchestrator.checkpoints import load_trained, read_history
 from orchestrator.config import BUILTIN_TEACHER
-from orchestrator.datasets import decode_image, iter_rows, load_manifest
-from orchestrator.teacher_cache import CacheKey, open_teacher_cache
+from orchestrator.data.codec import decode_image
+from orchestrator.data.manifest import iter_rows, load_manifest
+from orchestrator.data.teacher_cache import CacheKey, open_teacher_cache
+from orchestrator.train.checkpoints import load_trained, read_history
 
 V1 = Path(__file__).resolve().parent / "fixtures" / "v1"
 EXPECTED = json.loads((V1 / "expected.json").read_text())

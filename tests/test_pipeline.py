@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from infosam.transforms import prepare_pair
-from orchestrator.datasets import ingest_folders, iter_rows
-from orchestrator.pipeline import collate, read_split
+from orchestrator.data.formats.folders import ingest_folders
+from orchestrator.data.manifest import iter_rows
+from orchestrator.data.reader import collate, read_split
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -64,7 +64,7 @@ def test_reclaim_notice_checkpoints_mid_epoch_and_the_run_resumes_there(_ray_ses
 def test_elastic_run_shrinks_and_grows_back_on_the_same_loss_trajectory(
     _ray_session, tmp_path_factory
 ):
-    from orchestrator.synthetic import synthesize
+    from orchestrator.data.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("four")
     synthesize(root, ["camouflage"], seed=1, counts={"train": 4, "val": 2, "test": 2}, sheets=False)

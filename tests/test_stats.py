@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from orchestrator.stats import compare, hierarchical_bootstrap, paired_matrix
+from orchestrator.benchmark.stats import compare, hierarchical_bootstrap, paired_matrix
 
 
 def _differences(rng, effect, *, seeds=3, images=200, seed_sd=0.5, shared_sd=5.0, noise_sd=8.0):

@@ -2,8 +2,8 @@ import numpy as np
 from PIL import Image
 
 from orchestrator.cli import main as cli
-from orchestrator.datasets import load_manifest
-from orchestrator.synthetic import DOMAINS, generate_sample, synthesize
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.synthetic import DOMAINS, generate_sample, synthesize
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

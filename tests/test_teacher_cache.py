@@ -14,15 +14,15 @@ from infosam.relation import RelationModule
 from infosam.sam import PromptableSam, build_sam, checkpoint_sha256, resolve_checkpoint
 from infosam.transforms import random_hflip
 from orchestrator.config import BUILTIN_TEACHER, ConfigError
-from orchestrator.pipeline import read_split, to_torch
-from orchestrator.teacher_cache import (
+from orchestrator.data.reader import read_split, to_torch
+from orchestrator.data.teacher_cache import (
     CacheKey,
     TeacherCacheError,
     build_teacher_cache,
     ensure_teacher_cache,
     open_teacher_cache,
 )
-from orchestrator.trainer import fit
+from orchestrator.train.driver import fit
 from tests.helpers import train_config
 
 pytestmark = pytest.mark.timeout(420)

@@ -11,9 +11,9 @@ import pytest
 from helpers import signal_driver_when, train_config
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import EXPERIMENT_KIND, ensure_experiment, experiment_url, view_hint
-from orchestrator.tracking_server import TrackingServerError, read_secret, redact
-from orchestrator.trainer import fit
+from orchestrator.tracking.runs import EXPERIMENT_KIND, ensure_experiment, experiment_url, view_hint
+from orchestrator.tracking.server import TrackingServerError, read_secret, redact
+from orchestrator.train.driver import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -102,7 +102,7 @@ def test_secrets_come_from_the_environment_or_a_file_never_a_default(tmp_path, m
 def test_the_outbox_drops_a_refused_write_and_keeps_going(tmp_path, capsys):
     """A write MLflow refuses for good (a deleted run: HTTP 400 class) is dropped and said
     once; the writes queued behind it still land, instead of waiting forever."""
-    from orchestrator.epoch_log import Outbox
+    from orchestrator.train.epoch_log import Outbox
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = ensure_experiment(client, "outbox", str(tmp_path / "art"))
@@ -124,7 +124,7 @@ def test_a_password_in_the_tracking_uri_is_refused_before_anything_runs(
 ):
     from orchestrator.cli import main as cli
     from orchestrator.config import ConfigError
-    from orchestrator.tracking import TrackingError, resolve_tracking_uri
+    from orchestrator.tracking.runs import TrackingError, resolve_tracking_uri
 
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
         train_config(tmp_path, synthetic_root, "tracking.uri=http://jobs:s3cret-pw@127.0.0.1:5000")

@@ -22,9 +22,9 @@ from helpers import train_config
 from mlflow.tracking import MlflowClient
 from test_benchmark import _args
 
-from orchestrator.tracking import experiment_url
-from orchestrator.tracking_server import LocalPostgres, TrackingServer, free_port
-from orchestrator.trainer import fit
+from orchestrator.tracking.runs import experiment_url
+from orchestrator.tracking.server import LocalPostgres, TrackingServer, free_port
+from orchestrator.train.driver import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError
-from orchestrator.evaluation import evaluate_checkpoint
-from orchestrator.trainer import fit
+from orchestrator.train.driver import fit
+from orchestrator.train.evaluation import evaluate_checkpoint
 from tests.helpers import train_config
 
 pytestmark = pytest.mark.timeout(420)
@@ -70,7 +70,7 @@ def test_local_mode_beats_zero_shot_teacher_and_is_tracked(
 
 
 def test_two_workers_match_one_worker_with_gathered_relations(ray_local, tmp_path_factory):
-    from orchestrator.synthetic import synthesize
+    from orchestrator.data.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("four")
     synthesize(root, ["camouflage"], seed=1, counts={"train": 4, "val": 2, "test": 2}, sheets=False)
@@ -187,7 +187,7 @@ class _Faults:
     def __call__(self, loop_config: dict) -> None:
         import ray.train
 
-        from orchestrator.trainer import train_loop_per_worker
+        from orchestrator.train.worker import train_loop_per_worker
 
         rank = ray.train.get_context().get_world_rank()
         snapshot = os.path.join(

@@ -7,8 +7,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.trainer import fit
-from orchestrator.tuner import load_tune, run_sweep, trial_values
+from orchestrator.sweep import load_tune, run_sweep, trial_values
+from orchestrator.train.driver import fit
 
 pytestmark = pytest.mark.timeout(480)
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tune_smoke.yaml"

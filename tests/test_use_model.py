@@ -22,10 +22,10 @@ from infosam.sam import (
 )
 from infosam.transforms import prepare_pair
 from infosam.tuning import TuningConfig, apply_tuning
-from orchestrator.checkpoints import save_checkpoint
 from orchestrator.cli import main as cli
-from orchestrator.models import build_models
-from orchestrator.trainer import make_optimizer
+from orchestrator.train.checkpoints import save_checkpoint
+from orchestrator.train.models import build_models
+from orchestrator.train.worker import make_optimizer
 from tests.helpers import train_config
 
 

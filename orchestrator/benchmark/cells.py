@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Config
+from orchestrator.plots import timeline_chart
 
 __all__ = [
     "Cell",
@@ -30,6 +31,7 @@ __all__ = [
     "timeline_stats",
     "write_timeline",
 ]
+
 
 CELL_TAG = "infosam.cell"
 
@@ -103,7 +105,7 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
         metrics, run_id, timings, scores = _zero_shot_cell(job)
         params = 0
     else:
-        from orchestrator.trainer import fit
+        from orchestrator.train.driver import fit
 
         result = fit(
             job.cfg,
@@ -140,8 +142,8 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
 def _zero_shot_cell(
     job: CellJob,
 ) -> tuple[dict[str, float], str, dict[str, float], list[dict[str, Any]]]:
-    from orchestrator.evaluation import log_category_results, zero_shot
-    from orchestrator.tracking import open_run
+    from orchestrator.tracking.runs import open_run
+    from orchestrator.train.evaluation import log_category_results, zero_shot
 
     t0 = time.perf_counter()
     cfg = job.cfg
@@ -373,11 +375,7 @@ def timeline_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def write_timeline(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
     """timeline.csv (one row per cell) and timeline.png (Gantt chart, lanes per node)."""
-    import matplotlib
     import pandas as pd
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     frame = pd.DataFrame(rows)
     files = {
@@ -390,7 +388,22 @@ def write_timeline(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
         frame["end_s"] = frame["end"] - t0
         frame["duration_s"] = frame["end"] - frame["start"]
     frame.to_csv(files["timeline_csv"], index=False)
-    lanes: list[tuple[str, float]] = []  # (node, end of its last cell): one row per slot
+    bars, ticks = _lanes(frame)
+    stats = timeline_stats(rows)
+    title = (
+        f"{len(frame)} cells, makespan {stats['makespan_s']:.0f}s, peak concurrency "
+        f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+        f"idle {100 * stats['slot_idle_fraction']:.0f}% of the slots"
+        if stats
+        else ""
+    )
+    timeline_chart(bars, ticks, title, files["timeline"])
+    return files
+
+
+def _lanes(frame: Any) -> tuple[list[tuple[int, Any]], list[str]]:
+    """Each cell on a lane of its node: a lane is one slot that runs one cell at a time."""
+    lanes: list[tuple[str, float]] = []  # (node, end of its last cell)
     ticks: list[str] = []
     bars = []
     for _, r in frame.sort_values(["node", "start_s"]).iterrows() if not frame.empty else []:
@@ -405,38 +418,4 @@ def write_timeline(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
         else:
             lanes[lane] = (r["node"], r["end_s"])
         bars.append((lane, r))
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.45 * max(len(lanes), 2)))
-    colors: dict[str, Any] = {}
-    cmap = plt.get_cmap("tab20")
-    for lane, r in bars:
-        color = colors.setdefault(r["method"], cmap(len(colors) % 20))
-        failed = r["status"] != "FINISHED"
-        ax.barh(
-            lane,
-            r["duration_s"],
-            left=r["start_s"],
-            color="#d62728" if failed else color,
-            edgecolor="black",
-            linewidth=0.4,
-            hatch="//" if failed else None,
-        )
-    ax.set_yticks(range(len(ticks)))
-    ax.set_yticklabels(ticks, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since the first cell started")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    if handles:
-        ax.legend(handles, list(colors), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    stats = timeline_stats(rows)
-    if stats:
-        ax.set_title(
-            f"{len(frame)} cells, makespan {stats['makespan_s']:.0f}s, peak concurrency "
-            f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
-            f"idle {100 * stats['slot_idle_fraction']:.0f}% of the slots",
-            fontsize=9,
-        )
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(files["timeline"], dpi=110)
-    plt.close(fig)
-    return files
+    return bars, ticks

@@ -38,7 +38,10 @@ __all__ = [
     "view_hint",
 ]
 
+
 _PARAM_MAX = 6000
+
+
 # MLflow 3.17 opens an experiment without a kind in its GenAI overview (traces, tokens); this tag
 # marks ours as model training. The 3.17 UI also keeps a per-browser GenAI / Model training
 # switch, so the links we print carry `workflowType=machine_learning` (see `experiment_url`).
@@ -260,7 +263,13 @@ class RunLogger:
         self.client.log_text(self.run_id, text, name)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
+        """Log a matplotlib figure as a PNG artifact, then release it."""
+        try:
+            self.client.log_figure(self.run_id, figure, name)
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
 
     def log_rows(self, rows: list[dict[str, Any]], name: str) -> None:
         """Rows (dicts) as a CSV artifact, e.g. `scores/test_scores.csv`."""
@@ -294,7 +303,11 @@ class RunLogger:
 
 
 RUN_FAILED = RunStatus.to_string(RunStatus.FAILED)
+
+
 RUN_FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+
+
 RUN_KILLED = RunStatus.to_string(RunStatus.KILLED)
 
 

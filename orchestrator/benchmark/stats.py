@@ -30,6 +30,7 @@ __all__ = [
     "paired_matrix",
 ]
 
+
 LOWER_IS_BETTER = frozenset({"mae"})
 
 

@@ -22,16 +22,15 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.plots import sweep_scatter
 from orchestrator.storage import atomic_write
-from orchestrator.tracking import artifact_root as tracking_artifact_root
-from orchestrator.tracking import (
+from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
+from orchestrator.tracking.runs import (
     check_tracking_server,
     closing_on_exit,
     open_run,
     resolve_tracking_uri,
 )
-
-__all__ = ["TuneConfig", "load_tune", "run_sweep", "search_space", "trial_values"]
 
 TRIAL_TAG = "infosam.trial_id"
 
@@ -140,7 +139,7 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.trainer import fit
+    from orchestrator.train.driver import fit
 
     trial_id = tune.get_context().get_trial_id()
     cfg = context.base.with_values(trial_values(config))
@@ -277,7 +276,8 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     from ray import tune
     from ray.tune.search import Searcher
 
-    from orchestrator.runtime import ensure_data, init_ray, on_one_machine
+    from orchestrator.cluster.ray_env import init_ray, on_one_machine
+    from orchestrator.data.synthetic import ensure_data
 
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
     check_tracking_server(uri)  # in seconds, before the data and Ray
@@ -382,7 +382,7 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         )
         atomic_write(out_dir / "trials.csv", table.to_csv(index=False))
         atomic_write(out_dir / "trials.md", table.to_markdown(index=False) + "\n")
-        _scatter(table, tcfg, out_dir / "weights_vs_metric.png")
+        sweep_scatter(table, tcfg.metric, tcfg.name, out_dir / "weights_vs_metric.png")
         for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
             parent.log_artifact(out_dir / name, "sweep")
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
@@ -421,39 +421,3 @@ def _tune_sigint_handler_off():
 
 def _py(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
-
-
-def _scatter(table, tcfg: TuneConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    numeric = [
-        c
-        for c in table.columns
-        if c not in ("trial", "status", "epochs", tcfg.metric)
-        and not c.endswith("__off")
-        and table[c].dtype.kind in "fi"
-    ]
-    numeric = numeric or ["epochs"]
-    fig, axes = plt.subplots(1, len(numeric), figsize=(4.2 * len(numeric), 3.6), squeeze=False)
-    for ax, col in zip(axes[0], numeric):
-        ok = table["status"] == "OK"
-        ax.scatter(table.loc[ok, col], table.loc[ok, tcfg.metric], c="#1f77b4", label="trial")
-        if (~ok).any():
-            ax.scatter(
-                table.loc[~ok, col], [0] * int((~ok).sum()), marker="x", c="#d62728", label="failed"
-            )
-        if col.startswith("loss.weight") or col == "optim.lr":
-            positive = table[col][table[col] > 0]
-            if not positive.empty:
-                ax.set_xscale("symlog", linthresh=float(positive.min()))
-        ax.set_xlabel(col)
-        ax.set_ylabel(tcfg.metric)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"sweep {tcfg.name}: sampled values vs {tcfg.metric}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -15,13 +15,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from infosam.transforms import pad_to_square, preprocess_shape, resize_longest_side
-from orchestrator.datasets import (
-    INSTANCE_COLUMNS,
-    binarise_mask,
-    load_manifest,
-    open_encoded,
-    shard_paths,
-)
+from orchestrator.data.codec import binarise_mask, open_encoded
+from orchestrator.data.manifest import INSTANCE_COLUMNS, load_manifest, shard_paths
 
 __all__ = [
     "COLUMNS",
@@ -34,6 +29,7 @@ __all__ = [
     "read_split",
     "to_torch",
 ]
+
 
 COLUMNS = ["id", "dataset", "split", "image", "mask", "height", "width", "source"]
 

@@ -18,6 +18,7 @@ from orchestrator.config import ConfigError
 
 __all__ = ["check_cluster_config", "load_cluster_yaml"]
 
+
 _IMAGE_VERSION = re.compile(r"^rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)")
 
 
@@ -52,6 +53,8 @@ SERVER_SECRETS = (
     "MLFLOW_BACKEND_STORE_URI",
     "mlflow-server.env",
 )
+
+
 _ALL_COMMANDS = (
     "initialization_commands",
     "setup_commands",

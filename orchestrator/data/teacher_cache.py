@@ -31,15 +31,9 @@ import numpy as np
 import torch
 
 from infosam.sam import SAM_VARIANTS
-from orchestrator.datasets import (
-    INSTANCE_SCHEMA,
-    _fs,
-    _join,
-    load_manifest,
-    printable,
-    shard_paths,
-)
-from orchestrator.pipeline import columns, decode_images
+from orchestrator.data.codec import printable
+from orchestrator.data.manifest import INSTANCE_SCHEMA, _fs, _join, load_manifest, shard_paths
+from orchestrator.data.reader import columns, decode_images
 from orchestrator.storage import atomic_write
 
 __all__ = [
@@ -54,7 +48,10 @@ __all__ = [
     "open_teacher_cache",
 ]
 
+
 CACHE_VERSION = 1
+
+
 EMBEDDING_COLUMN = "teacher_embedding"
 
 

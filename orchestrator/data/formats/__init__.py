@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from orchestrator.datasets import IngestError, ingest_convlora, ingest_folders
-from orchestrator.instances import ingest_coco, ingest_labels
+from orchestrator.data.codec import IngestError
+from orchestrator.data.formats.coco import ingest_coco
+from orchestrator.data.formats.convlora import ingest_convlora
+from orchestrator.data.formats.folders import ingest_folders
+from orchestrator.data.formats.labels import ingest_labels
 
 __all__ = ["FORMATS", "ingest"]
+
 
 FORMATS: dict[str, Callable[..., dict]] = {
     "convlora": ingest_convlora,

@@ -17,7 +17,7 @@ from infosam.engine import eval_step, predict_logits
 from infosam.prompts import sample_prompts
 from infosam.sam import PromptableSam
 from orchestrator.config import Config
-from orchestrator.models import autocast_dtype, build_teacher
+from orchestrator.train.models import autocast_dtype, build_teacher
 
 __all__ = [
     "category_table",
@@ -30,6 +30,7 @@ __all__ = [
     "per_category",
     "zero_shot",
 ]
+
 
 # The columns of a score row that are not metrics.
 SCORE_FIELDS = ("model", "image_id", "prompt", "image", "category")
@@ -69,7 +70,7 @@ def evaluate_split(
     the sample's image, every metric): what a paired comparison of two methods on the same
     images needs. A sample is an image, or one instance of it (`image#instance`).
     """
-    from orchestrator.pipeline import to_torch
+    from orchestrator.data.reader import to_torch
 
     sums: dict[str, dict[str, float]] = {name: {} for name in models}
     count = 0
@@ -195,13 +196,10 @@ def log_category_results(logger: Any, scores: list[dict[str, Any]], model: str =
     )
     logger.log_rows(table, "scores/per_category.csv")
     logger.log_text(category_table(table), "scores/per_category.md")
-    from orchestrator.visualize import category_figure
+    from orchestrator.plots import category_figure
 
     fig = category_figure(table, metrics[0])
     logger.log_figure(fig, "plots/per_category.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 def evaluate_checkpoint(
@@ -213,7 +211,7 @@ def evaluate_checkpoint(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Metrics of a trained checkpoint on a dataset split, without Ray (same code as training)."""
-    from orchestrator.checkpoints import load_trained
+    from orchestrator.train.checkpoints import load_trained
 
     model, cfg, _ = load_trained(checkpoint_dir)
     return evaluate_model(
@@ -234,8 +232,8 @@ def evaluate_model(
     """Evaluate any PromptableSam with a run's evaluation settings (prompts, protocol, metrics).
 
     `scores` (a list) receives one row per image, see `evaluate_split`."""
-    from orchestrator.datasets import INSTANCE_COLUMNS, iter_rows, load_manifest
-    from orchestrator.pipeline import decode_batch
+    from orchestrator.data.manifest import INSTANCE_COLUMNS, iter_rows, load_manifest
+    from orchestrator.data.reader import decode_batch
 
     optim = dataclasses.replace(
         cfg.optim, eval_protocol=protocol or cfg.optim.eval_protocol, eval_batch_size=batch_size

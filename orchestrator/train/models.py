@@ -7,16 +7,41 @@ switch applied before it would be silently dropped.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from infosam.relation import RelationModule
-from infosam.sam import SAM_VARIANTS, PromptableSam, build_sam
+from infosam.sam import (
+    SAM_VARIANTS,
+    PromptableSam,
+    build_sam,
+    checkpoint_sha256,
+    resolve_checkpoint,
+)
 from infosam.speed import checkpoint_blocks, compile_blocks, use_attention
 from infosam.tuning import apply_tuning
-from orchestrator.config import Config
-from orchestrator.runtime import teacher_checkpoint
+from orchestrator.config import Config, ConfigError
+
+
+def teacher_checkpoint(cfg: Config) -> str | None:
+    """The teacher's weights file (None = random init); a missing file says where to get it."""
+    path = resolve_checkpoint(cfg.model.checkpoint)
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(
+            f"model.checkpoint not found: {path}. Download the official SAM weights for "
+            f"{cfg.model.variant} ({SAM_VARIANTS[cfg.model.variant].official_checkpoint}) from "
+            "facebookresearch/segment-anything and set model.checkpoint to their path"
+        )
+    return path
+
+
+def teacher_hash(cfg: Config) -> str | None:
+    """sha256 of the teacher's weights (None for a random teacher): computed once per run."""
+    path = teacher_checkpoint(cfg)
+    return checkpoint_sha256(path) if path else None
+
 
 __all__ = ["apply_speed", "autocast_dtype", "build_models", "build_teacher", "unwrap"]
 

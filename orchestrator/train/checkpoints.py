@@ -19,9 +19,8 @@ import torch
 from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
 from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
 from orchestrator.config import Config, ConfigError
-from orchestrator.models import unwrap
-from orchestrator.runtime import teacher_checkpoint
 from orchestrator.storage import atomic_file, atomic_write, atomic_write_json
+from orchestrator.train.models import teacher_checkpoint, unwrap
 
 __all__ = [
     "HISTORY_FILE",
@@ -36,8 +35,13 @@ __all__ = [
     "write_scores",
 ]
 
+
 STATE_FILE = "state.pt"
+
+
 HISTORY_FILE = "history.json"
+
+
 SCORES_FILE = "test_scores.csv"  # the final checkpoint's per-image test scores
 
 

@@ -12,6 +12,7 @@ Every sample is a pure function of (seed, domain, split, index): same seed, same
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 from collections.abc import Callable
@@ -21,14 +22,64 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from orchestrator.datasets import DatasetWriter, IngestError, encode_mask, iter_rows
+from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError
+from orchestrator.data.codec import IngestError, encode_mask
+from orchestrator.data.manifest import iter_rows, load_manifest
+from orchestrator.data.writer import DatasetWriter
+
+
+def ensure_data(cfg: Config) -> Path | str:
+    """The dataset folder; synthesises an embedded domain on first use (under a file lock)."""
+    if "://" in cfg.data.root:  # shared storage on clusters (s3://...): must be ingested already
+        uri = f"{cfg.data.root.rstrip('/')}/{cfg.data.dataset}"
+        load_manifest(uri)
+        return uri
+    root = Path(cfg.data.root).expanduser().resolve()
+    path = root / cfg.data.dataset
+    if (path / "manifest.json").is_file() and not _stale_synthetic(cfg, path):
+        return path
+    if not (cfg.data.synthesize and cfg.data.dataset in SYNTHETIC_DOMAINS):
+        raise ConfigError(
+            f"dataset not found: {path} has no manifest.json. For the paper benchmarks, download "
+            "the Conv-LoRA dataset zips (polyp, camo_sem_seg, isic2017, leaf_disease_segmentation, "
+            f"road_segmentation), unzip each, and run `infosam data ingest --format convlora "
+            f"<unzipped folder> {root}`; or point data.root/data.dataset at an ingested dataset"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".synth.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "manifest.json").is_file() or _stale_synthetic(cfg, path):
+            print(
+                f"[infosam] generating synthetic domain {cfg.data.dataset!r} in {root}", flush=True
+            )
+            synthesize(  # replaces our own stale domain whole (DatasetWriter), nothing else
+                root,
+                [cfg.data.dataset],
+                seed=cfg.data.synth_seed,
+                scale=cfg.data.synth_scale,
+                counts=cfg.data.synth_counts,
+            )
+    return path
+
+
+def _stale_synthetic(cfg: Config, path: Path) -> bool:
+    """A synthetic domain this project generated with other split sizes or seed than `cfg`'s."""
+    if not (cfg.data.synthesize and cfg.data.dataset in SYNTHETIC_DOMAINS):
+        return False
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())  # no shard checks: just sizes
+    generator = manifest.get("generator") or {}
+    if manifest.get("format") != "synthetic" or not generator:
+        return False  # a user's dataset under a synthetic name: never touched
+    wanted = split_sizes(cfg.data.dataset, cfg.data.synth_scale, cfg.data.synth_counts)
+    return generator.get("splits") != wanted or generator.get("seed") != cfg.data.synth_seed
+
 
 __all__ = ["DOMAINS", "contact_sheet", "generate_sample", "synthesize"]
 
+
 Sample = tuple[np.ndarray, np.ndarray]
-
-
-# ----------------------------------------------------------------------------- textures
 
 
 def fractal_noise(
@@ -79,9 +130,6 @@ def colourise(t: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, 3).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- shapes
 
 
 def _ellipse(rng, h, w, scale) -> np.ndarray:
@@ -146,9 +194,6 @@ def _size(rng: np.random.Generator) -> tuple[int, int]:
 def _finish(img: np.ndarray, rng: np.random.Generator, noise: float = 6.0) -> np.ndarray:
     img = img + rng.normal(0, noise, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- domains
 
 
 def gen_general(rng: np.random.Generator) -> Sample:
@@ -253,7 +298,11 @@ DOMAINS: dict[str, DomainSpec] = {
         "low-contrast soft-bordered blobs on skin-like backgrounds",
     ),
 }
+
+
 _DOMAIN_INDEX = {name: i for i, name in enumerate(DOMAINS)}
+
+
 _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 

@@ -40,7 +40,10 @@ __all__ = [
     "read_secret",
 ]
 
+
 MIN_ADMIN_PASSWORD = 12  # MLflow's basic-auth app refuses shorter admin passwords
+
+
 PG_BIN = Path(os.environ.get("INFOSAM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 

@@ -44,8 +44,8 @@ from ray.train.v2._internal.execution.callback import (
     WorkerGroupCallback,
 )
 
-from orchestrator.checkpoints import HISTORY_FILE, read_checkpoint_file, read_history
-from orchestrator.tracking import RunLogger
+from orchestrator.tracking.runs import RunLogger
+from orchestrator.train.checkpoints import HISTORY_FILE, read_checkpoint_file, read_history
 
 __all__ = [
     "MARKER_KEY",
@@ -56,9 +56,12 @@ __all__ = [
     "log_epochs",
 ]
 
+
 # Present in the report of a checkpoint taken mid-epoch on a preemption notice: its value is the
 # number of the epoch's steps done. Such a report is not an epoch and is never logged as one.
 PARTIAL_KEY = "partial_epoch_steps"
+
+
 # Every epoch logs this key in the same batch as all its other metrics, so its steps are the
 # epochs MLflow already holds.
 MARKER_KEY = "train/loss"

@@ -1,0 +1,376 @@
+"""The paper's comparison: methods x datasets x seeds, each cell a Ray Train run + MLflow child run.
+
+A benchmark YAML is a training config (the base every cell starts from) plus a `benchmark:`
+section. Cells run concurrently as Ray tasks (`orchestrator.cells`): as many at once as the
+cluster's resources allow (or `benchmark.max_concurrent_cells`). What cells of one dataset share
+(the dataset folder, its decoded small splits, the teacher cache, the teacher hash) is prepared
+once here, in the driver. Finished cells are recorded in `<storage>/<name>/cells.json`, so
+re-running the same benchmark name runs only unfinished or failed cells (an interrupted cell
+resumes from its Ray Train checkpoint, since its run name is deterministic); a new name starts
+fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.benchmark.cells import (
+    CELL_TAG,
+    Cell,
+    CellJob,
+    CellOutcome,
+    cell_cpus,
+    run_cells,
+    timeline_stats,
+    write_timeline,
+)
+from orchestrator.benchmark.config import BenchmarkConfig, _metrics_for, cell_config, load_benchmark
+from orchestrator.benchmark.methods import METHODS
+from orchestrator.benchmark.report import _write_cell_scores, _write_outputs, results_table
+from orchestrator.cluster.ray_env import init_ray, on_one_machine
+from orchestrator.config import (
+    Config,
+    ConfigError,
+    config_changes,
+    result_view,
+    resume_refusal,
+)
+from orchestrator.errors import reported
+from orchestrator.storage import (
+    atomic_write_json,
+    exclusive,
+    safe_component,
+)
+from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
+from orchestrator.tracking.runs import (
+    check_tracking_server,
+    close_child_runs,
+    closing_on_exit,
+    open_run,
+    resolve_tracking_uri,
+    view_hint,
+)
+from orchestrator.train.models import teacher_hash
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
+
+
+def _shared_key(cell: Cell, cfg: Config) -> tuple[str, bool]:
+    """Cells of one dataset share prepared data; those streaming the teacher cache their own."""
+    cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
+    return cell.dataset, bool(cached)
+
+
+def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> int | None:
+    """`max_concurrent_cells`, else no cap on a cluster, else what this machine's CPUs hold."""
+    import ray
+
+    if bench.max_concurrent_cells is not None:
+        return bench.max_concurrent_cells
+    if not laptop:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    need = max((cell_cpus(c) for c in cfgs), default=1.0)
+    return max(1, int(cpus // max(need, 1e-6)))
+
+
+def _cell_view(cell: Cell, cfg: Config) -> dict[str, Any]:
+    """The values a cell's result depends on (a zero-shot row: no training values)."""
+    return result_view(cfg, zero_shot=METHODS[cell.method] is None)
+
+
+def _check_finished_cells(
+    bench: BenchmarkConfig,
+    cells: list[Cell],
+    configs: dict[str, Config],
+    state: dict[str, Any],
+    allow: bool,
+) -> None:
+    """Before Ray starts: a re-run skips a FINISHED cell only if it ran with this config."""
+    changed = []
+    for cell in cells:
+        done = state["cells"].get(cell.key) or {}
+        if done.get("status", "FINISHED") == "FINISHED":
+            changes = config_changes(done.get("config"), _cell_view(cell, configs[cell.key]))
+            if changes:
+                changed.append((cell.key, changes))
+    if changed and not allow:
+        keys = ", ".join(k for k, _ in changed)
+        raise resume_refusal(f"benchmark {bench.name!r} (finished cells {keys})", changed[0][1])
+
+
+def run_benchmark(
+    bench: BenchmarkConfig,
+    base: Config,
+    *,
+    quiet: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) every cell; returns the table, files written and the parent run id.
+
+    One driver per benchmark folder at a time (a lock: a second gets `LockedError` naming the
+    first). A re-run skips FINISHED cells only when their recorded configuration is this one
+    (`config.config_changes`; `allow_config_change` keeps them whatever changed)."""
+    try:
+        safe_component(bench.name, "benchmark.name")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir / ".lock", f"benchmark {bench.name!r} ({out_dir})"):
+        return _run_benchmark(bench, base, out_dir, quiet, allow_config_change)
+
+
+def _run_benchmark(
+    bench: BenchmarkConfig, base: Config, out_dir: Path, quiet: bool, allow_config_change: bool
+) -> dict[str, Any]:
+    from orchestrator.train.inputs import prepare_data
+
+    started = time.perf_counter()
+    state_file = out_dir / "cells.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"cells": {}}
+    uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
+    check_tracking_server(uri)  # in seconds, before Ray and the data
+    teacher_sha = teacher_hash(base)
+    provenance = {
+        "benchmark": bench.name,
+        "model": base.model.variant,
+        "checkpoint": base.model.checkpoint,
+        "checkpoint_sha256": teacher_sha or "random-init",
+        "protocol": base.optim.eval_protocol,
+        "epochs": base.optim.epochs,
+        "batch_size": base.optim.batch_size,
+        "lr": base.optim.lr,
+        "checkpoint_selection": "last epoch (no test-set selection)",
+    }
+    # Typed configs for every cell, checked before anything runs.
+    cells = [Cell(m, d, s) for d in bench.datasets for m in bench.methods for s in bench.seeds]
+    no_teacher_eval = {"optim.zero_shot_eval": False} if "zero_shot" in bench.methods else {}
+    configs = {
+        c.key: cell_config(
+            base,
+            c.method,
+            c.dataset,
+            c.seed,
+            {**no_teacher_eval, **bench.overrides.get(c.dataset, {})},
+            _metrics_for(bench, c.dataset),
+        )
+        for c in cells
+    }
+    _check_finished_cells(bench, cells, configs, state, allow_config_change)
+    init_ray(log_to_driver=not quiet)
+    laptop = on_one_machine()
+    shared: dict[tuple[str, bool], Any] = {}
+    t_prep = time.perf_counter()
+    for cell in cells:  # the work cells of one dataset share, done once per dataset
+        cfg = configs[cell.key]
+        key = _shared_key(cell, cfg)
+        if key in shared:
+            continue
+        shared[key] = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
+        m = shared[key].manifest
+        digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
+        provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
+    prep_s = time.perf_counter() - t_prep
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
+    parent, resumed = open_run(
+        uri,
+        base.tracking.experiment,
+        f"benchmark:{bench.name}",
+        resume_run_id=state.get("parent_run_id"),
+        artifact_root=artifact_root,
+        tags={"infosam.benchmark": bench.name},
+    )
+    if not resumed:
+        parent.log_params(
+            {
+                **provenance,
+                "methods": ",".join(bench.methods),
+                "datasets": ",".join(bench.datasets),
+                "seeds": ",".join(map(str, bench.seeds)),
+            }
+        )
+        state["parent_run_id"] = parent.run_id
+        atomic_write_json(state_file, state, indent=2)
+    todo: list[CellJob] = []
+    for i, cell in enumerate(cells, 1):
+        done = state["cells"].get(cell.key)
+        cfg = configs[cell.key]
+        if done and done.get("status", "FINISHED") == "FINISHED":
+            print(f"[benchmark] {i}/{len(cells)} {cell.key}: done earlier, skipped", flush=True)
+            continue
+        todo.append(
+            CellJob(
+                cell=cell,
+                cfg=cfg,
+                zero_shot=METHODS[cell.method] is None,
+                storage_name=f"{bench.name}/{cell.method}-{cell.dataset}-seed{cell.seed}",
+                parent_run_id=parent.run_id,
+                tracking_uri=uri,
+                tags={
+                    "infosam.benchmark": bench.name,
+                    "infosam.method": cell.method,
+                    CELL_TAG: cell.key,
+                },
+                shared=shared[_shared_key(cell, cfg)],
+                artifact_root=artifact_root,
+            )
+        )
+    cap = _default_cap(bench, [j.cfg for j in todo], laptop)
+    print(
+        f"[benchmark] {bench.name}: {len(todo)} of {len(cells)} cells to run, at most "
+        f"{cap or 'as many as the cluster holds'} at once; shared data prepared in {prep_s:.1f}s",
+        flush=True,
+    )
+    timeline: list[dict[str, Any]] = []
+
+    def record(out: CellOutcome) -> None:
+        cell = out.cell
+        entry: dict[str, Any] = {
+            "method": cell.method,
+            "dataset": cell.dataset,
+            "seed": cell.seed,
+            "config": _cell_view(cell, configs[cell.key]),  # what a re-run must match to skip it
+        }
+        attempts = max(len(out.starts), 1)
+        if out.ok:
+            r = out.result
+            entry.update(
+                status="FINISHED",
+                run_id=r["run_id"],
+                metrics=r["metrics"],
+                seconds=round(r["end"] - r["start"], 1),
+                node=r["node_ip"],
+                timings={k: round(v, 2) for k, v in (r.get("timings") or {}).items()},
+                trainable_params=r.get("trainable_params", 0),
+                scores=_write_cell_scores(out_dir, cell, r.get("scores") or []),
+            )
+            shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
+            msg = f"{cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
+            start, end, node = r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
+        else:
+            close_child_runs(
+                uri, parent.run_id, "FAILED", tags={CELL_TAG: cell.key}, error=out.error
+            )
+            entry.update(status="FAILED", error=out.error, metrics={})
+            msg = f"{cell.key}: FAILED after {attempts} attempt(s): {out.error}"
+            start = out.starts[-1][1] if out.starts else out.failed_at
+            end, node = out.failed_at, (out.starts[-1][0][:6] if out.starts else "?")
+        state["cells"][cell.key] = entry
+        atomic_write_json(state_file, state, indent=2)
+        n_done = sum(1 for e in state["cells"].values() if e.get("status") == "FINISHED")
+        print(f"[benchmark] {n_done}/{len(cells)} {msg}", flush=True)
+        timeline.append(
+            {
+                "cell": cell.key,
+                "method": cell.method,
+                "dataset": cell.dataset,
+                "seed": cell.seed,
+                "status": entry["status"],
+                "node": node,
+                "start": start,
+                "end": end,
+                "attempts": attempts,
+                "resources": json.dumps(out.result.get("resources", {})),
+                **{f"time_{k}": v for k, v in (out.result.get("timings") or {}).items()},
+            }
+        )
+
+    with closing_on_exit(
+        parent, label=f"[benchmark] {bench.name}", hint="re-run the same name to resume"
+    ):
+        run_cells(
+            todo,
+            max_concurrent=cap,
+            retries=bench.cell_retries,
+            on_outcome=record,
+            already_done=len(cells) - len(todo),
+            total=len(cells),
+        )
+        table, raw = results_table(state, bench)
+        files = _write_outputs(out_dir, table, raw, provenance, bench, state)
+        if timeline:
+            files.update(write_timeline(timeline, out_dir))
+        for kind, path in files.items():
+            parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
+        failed = [k for k, e in state["cells"].items() if e.get("status") == "FAILED"]
+        stats = timeline_stats(timeline)
+        parent.log_metrics(
+            {
+                "cells": sum(1 for e in state["cells"].values() if e.get("status") != "FAILED"),
+                "cells_failed": len(failed),
+                "wall_time_s": time.perf_counter() - started,
+                "shared_data_s": prep_s,
+                **{k: v for k, v in stats.items() if not math.isnan(v)},
+            },
+            step=0,
+        )
+        if stats:
+            print(
+                f"[benchmark] {len(timeline)} cells in {stats['makespan_s']:.0f}s: peak concurrency "
+                f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+                f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
+                flush=True,
+            )
+        if failed:
+            parent.set_tags({"infosam.failed_cells": ",".join(failed)})
+        parent.finish("FINISHED")
+    return {
+        "table": table,
+        "raw": raw,
+        "files": files,
+        "parent_run_id": parent.run_id,
+        "tracking_uri": uri,
+        "provenance": provenance,
+        "failed": failed,
+        "timeline": timeline,
+        "stats": stats,
+    }
+
+
+def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | None = None) -> int:
+    """`experiments/benchmark_all.py` and `infosam benchmark`: exit 0, 1 (cells failed), 2 (bad
+    config or missing data/weights), 130 (stopped by Ctrl-C or SIGTERM)."""
+    p = argparse.ArgumentParser(
+        description="Run (or resume) a methods x datasets x seeds benchmark"
+    )
+    p.add_argument("--config", default=str(default_config or DEMO))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="re-run with a changed configuration: keep the cells finished under the old one",
+    )
+    args = p.parse_args(argv)
+    return reported(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    try:
+        bench, base = load_benchmark(args.config, args.overrides)
+        result = run_benchmark(bench, base, allow_config_change=args.allow_config_change)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
+        return 130
+    print(
+        f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
+    )
+    for kind, path in result["files"].items():
+        print(f"[benchmark] {kind}: {path}")
+    print(f"[benchmark] MLflow: {view_hint(result['tracking_uri'], result['parent_run_id'])}")
+    if result["failed"]:
+        print(
+            f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "
+            "re-run the same command to retry only those",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

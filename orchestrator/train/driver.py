@@ -1,0 +1,361 @@
+"""InfoSAM training on Ray Train (`TorchTrainer`), checkpointed every epoch, tracked in MLflow.
+
+Driver (`fit`): prepares data, creates the MLflow run, builds Ray datasets and the TorchTrainer,
+marks the run FINISHED or FAILED. Workers (`train_loop_per_worker`): teacher + student + relation
+module, DDP over the trainable parts, the `infosam.engine` step, validation, `ray.train.report`
+with a checkpoint every epoch. Epoch metrics are logged to MLflow by the controller once it has
+registered the report (`orchestrator.epoch_log.EpochLogger`), so each step is logged exactly once
+whatever the timing of a failure; rank 0 logs only the run's params and images. Train local
+mode has no controller: there rank 0 logs each epoch after its checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cluster.ray_env import in_ray_worker, init_ray
+from orchestrator.config import (
+    Config,
+    config_changes,
+    flatten,
+    result_view,
+    resume_refusal,
+)
+from orchestrator.storage import atomic_write, atomic_write_json
+from orchestrator.tracking.runs import (
+    RunLogger,
+    check_tracking_server,
+    closing_on_exit,
+    resolve_tracking_uri,
+)
+from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
+from orchestrator.tracking.runs import open_run as tracking_open_run
+from orchestrator.train.checkpoints import (
+    checkpoint_scores,
+)
+from orchestrator.train.epoch_log import checkpoint_history, log_epochs
+from orchestrator.train.evaluation import (
+    log_category_results,
+)
+from orchestrator.train.inputs import SharedData, data_counts, eval_unit, prepare_data
+from orchestrator.train.models import (
+    teacher_hash,
+)
+from orchestrator.train.worker import check_full_batches, train_loop_per_worker
+
+
+@dataclass
+class FitResult:
+    run_id: str | None
+    tracking_uri: str | None
+    storage_dir: str
+    metrics: dict[str, Any]
+    checkpoint_dir: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, see `fit`
+    # the last epoch's test split, one row per model and image (see `evaluate_split`)
+    test_scores: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, str]:
+    storage = cfg.storage.path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    name = (
+        name
+        or cfg.storage.name
+        or f"{run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
+    return storage, name
+
+
+def _run_dir(storage: str, name: str) -> Path | None:
+    return None if "://" in storage else Path(storage) / name
+
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> list[str]:
+    """Check a resumed run against the configuration it was started with (its
+    `run_config.json`, else its newest checkpoint's config.yaml), then record this one; returns
+    the changes taken (`key: old -> new`). Refused (ConfigError) only when the run has a
+    checkpoint to resume from: a run that failed before its first checkpoint starts afresh."""
+    recorded = None
+    path = run_dir / RUN_CONFIG_FILE
+    saved = sorted(run_dir.glob("checkpoint_*/config.yaml"), key=lambda p: p.stat().st_mtime)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+    elif saved:  # a run started before run_config.json existed
+        import yaml
+
+        recorded = result_view(Config.from_dict(yaml.safe_load(saved[-1].read_text())))
+    now = result_view(cfg)
+    changes = config_changes(recorded, now)
+    resumable = any((p.parent / "history.json").is_file() for p in saved)
+    if changes and resumable and not allow:
+        raise resume_refusal(what, changes)
+    if recorded != now:
+        atomic_write_json(path, now, indent=2)
+    return changes
+
+
+def _tracking_uri(cfg: Config) -> str:
+    return resolve_tracking_uri(
+        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
+    )
+
+
+def open_training_run(
+    cfg: Config,
+    *,
+    run_name: str,
+    run_dir: Path | None,
+    parent_run_id: str | None,
+    tags: dict[str, str],
+    shared: SharedData,
+) -> RunLogger:
+    """The run's MLflow run: re-opened (RUNNING again) when this Train run resumes, else new."""
+    uri = _tracking_uri(cfg)
+    run_id_file = run_dir / "mlflow_run_id" if run_dir else None
+    previous = run_id_file.read_text().strip() if run_id_file and run_id_file.is_file() else None
+    logger, resumed = tracking_open_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name,
+        resume_run_id=previous,
+        artifact_root=tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment),
+        tags=tags
+        if previous
+        else {
+            "infosam.eval_protocol": cfg.optim.eval_protocol,
+            "infosam.dataset": cfg.data.dataset,
+            "infosam.tuning": cfg.tuning.method,
+            "infosam.eval_unit": eval_unit(shared.manifest),
+            **tags,
+        },
+        parent_run_id=parent_run_id,
+    )
+    if resumed:
+        return logger
+    if run_id_file is not None:
+        run_id_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_id_file, logger.run_id)
+    logger.log_params(flatten(cfg.to_dict()))
+    logger.log_params(
+        {
+            "teacher_sha256": shared.teacher_sha256 or "random-init",
+            "data.manifest_shards": len(shared.manifest["shards"]),
+            "all_gather_relations": cfg.scaling.all_gather_relations,
+            **data_counts(cfg, shared.manifest),
+        }
+    )
+    logger.log_text(cfg.to_yaml(), "config.yaml")
+    manifest = {k: v for k, v in shared.manifest.items() if k != "shards"}
+    logger.log_text(json.dumps(manifest, indent=2, default=str), "data_manifest.json")
+    return logger
+
+
+def fit(
+    cfg: Config,
+    *,
+    logger: RunLogger | None = None,
+    quiet: bool = False,
+    callbacks: list | None = None,
+    shared: SharedData | None = None,
+    run_name: str | None = None,
+    storage_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+    allow_config_change: bool = False,
+) -> FitResult:
+    """Train one configuration on Ray Train; returns final metrics and the last checkpoint.
+
+    Run state stays out of `cfg`: `run_name` (MLflow), `storage_name` (Ray Train's run
+    directory; re-using one resumes it), `parent_run_id` and `tags` are arguments, defaulting to
+    the user-facing `tracking.run_name`, `storage.name` and `tracking.parent_run_id`. `shared`
+    skips data preparation (a benchmark prepares each dataset once for all its cells). A run
+    resumed under its storage name must have the configuration it started with
+    (`record_run_config`) unless `allow_config_change`.
+    `FitResult.timings`: start-up (config, teacher hash, Ray, MLflow), data, training and
+    evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
+    checkpoints) and logging (curves, closing the run).
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    cfg.validate()
+    if not quiet:
+        print("[infosam] resolved config:\n" + cfg.to_yaml(), flush=True)
+    run_name = run_name or cfg.tracking.run_name
+    parent_run_id = parent_run_id or cfg.tracking.parent_run_id
+    teacher_sha = shared.teacher_sha256 if shared is not None else teacher_hash(cfg)
+    if teacher_sha is None:
+        print(
+            "[infosam] WARNING: model.checkpoint is null: the teacher is randomly initialised",
+            flush=True,
+        )
+    if logger is None:  # before Ray and the data: an unreachable server fails in seconds
+        check_tracking_server(_tracking_uri(cfg))
+    init_ray()
+    storage, name = _storage(cfg, storage_name, run_name)
+    run_dir = _run_dir(storage, name)
+    changes = []
+    if run_dir is not None:
+        changes = record_run_config(run_dir, cfg, f"run {name!r} in {storage}", allow_config_change)
+    timings["startup_s"] = time.perf_counter() - t_start
+    owns_logger = logger is None
+    t_data = time.perf_counter()
+    if shared is None:
+        shared = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
+    timings["data_s"] = time.perf_counter() - t_data
+    t_log = time.perf_counter()
+    if logger is None:
+        logger = open_training_run(
+            cfg,
+            run_name=run_name or name,
+            run_dir=run_dir,
+            parent_run_id=parent_run_id,
+            tags={
+                "infosam.storage_name": name,
+                # its params are those it started with (MLflow keeps a param's first value)
+                **({"infosam.config_changes": "; ".join(changes)[:5000]} if changes else {}),
+                **(tags or {}),
+            },
+            shared=shared,
+        )
+    # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close
+    with closing_on_exit(
+        logger if owns_logger else None, children=False, signals=not in_ray_worker()
+    ):
+        if shared.train_cache is not None:
+            logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
+        sc = cfg.scaling
+        check_full_batches(cfg, shared.n_train, list(range(sc.min_workers, sc.max_workers + 1)))
+        timings["startup_s"] += time.perf_counter() - t_log
+        trainer = make_trainer(
+            cfg,
+            shared,
+            name=name,
+            storage=storage,
+            run_dir=run_dir,
+            mlflow_run=(logger.uri, logger.run_id),
+            callbacks=callbacks,
+            train_loop=train_loop,
+        )
+        t_fit = time.perf_counter()
+        result = trainer.fit()
+        fit_s = time.perf_counter() - t_fit
+        t_log = time.perf_counter()
+        checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
+        history: list[dict[str, Any]] = []
+        test_scores: list[dict[str, Any]] = []
+        if result.checkpoint is not None:
+            history = checkpoint_history(result.checkpoint)
+            # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
+            log_epochs(logger, history)
+            test_scores = checkpoint_scores(result.checkpoint)
+            if test_scores:
+                logger.log_rows(test_scores, "scores/test_scores.csv")
+                log_category_results(logger, test_scores)
+        with contextlib.suppress(Exception):
+            _log_curves(logger, cfg)
+        if checkpoint_dir:
+            logger.set_tags({"infosam.checkpoint": checkpoint_dir})
+        if owns_logger:
+            logger.finish("FINISHED")
+    timings["train_s"] = sum(float(h.get("time/train_s", 0.0)) for h in history)
+    timings["eval_s"] = sum(float(h.get("time/eval_s", 0.0)) for h in history)
+    timings["train_overhead_s"] = max(fit_s - timings["train_s"] - timings["eval_s"], 0.0)
+    timings["logging_s"] = time.perf_counter() - t_log
+    return FitResult(
+        run_id=logger.run_id if logger else None,
+        tracking_uri=logger.uri if logger else None,
+        storage_dir=str(Path(storage) / name) if "://" not in storage else f"{storage}/{name}",
+        metrics=dict(result.metrics or {}),
+        checkpoint_dir=checkpoint_dir,
+        history=history,
+        timings=timings,
+        test_scores=test_scores,
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    shared: SharedData,
+    *,
+    name: str,
+    storage: str,
+    run_dir: Path | None,
+    mlflow_run: tuple[str, str] | None,
+    callbacks: list | None = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+) -> Any:
+    """The `TorchTrainer` of one run: worker loop, scaling, datasets, checkpoints, failures.
+
+    With Train workers and an MLflow run, `EpochLogger` logs each registered epoch from the
+    controller. `train_loop` wraps or replaces the worker loop (fault injection, profiling).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train.epoch_log import EpochLogger
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.worker_resources}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    callbacks = list(callbacks or [])
+    if mlflow_run is not None and sc.max_workers > 0:
+        callbacks.append(EpochLogger(*mlflow_run))
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow": mlflow_run,
+            "n_train": shared.n_train,
+            "teacher_sha256": shared.teacher_sha256,
+            "local_checkpoint_root": str(run_dir) if sc.max_workers == 0 and run_dir else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tuple(sc.num_workers) if sc.elastic else sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources if sc.max_workers else None,
+            elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s,
+        ),
+        datasets=shared.datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(
+                max_failures=sc.max_failures, max_preemption_failures=sc.max_preemption_failures
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _log_curves(logger: RunLogger, cfg: Config) -> None:
+    keys = [
+        k
+        for k in logger.metric_keys()
+        if k.startswith("train/")
+        and k not in ("train/images_per_s", "train/lr", "train/empty_prompts")
+    ]
+    keys += [k for k in logger.metric_keys() if k.startswith("val/") and "zero_shot" not in k]
+    history = {k: logger.metric_history(k) for k in keys}
+    from orchestrator.plots import loss_curve_figure
+
+    fig = loss_curve_figure(history, title=f"{cfg.tuning.method} on {cfg.data.dataset}")
+    logger.log_figure(fig, "plots/loss_curve.png")
