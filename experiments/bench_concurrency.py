@@ -64,7 +64,7 @@ def run(
         ray.init(address=cluster.address, log_to_driver=False)
         seeds = list(range(slots * cells_per_slot))
         bench, base = load_benchmark(
-            ROOT / "experiments" / "configs" / "demo.yaml",
+            ROOT / "orchestrator" / "benchmark" / "demo.yaml",
             [
                 "benchmark.name=concurrency",
                 "benchmark.methods=[adapter]",
@@ -82,7 +82,7 @@ def run(
 
         def target() -> None:
             try:
-                result.update(run_benchmark(bench, base))
+                result.update(vars(run_benchmark(bench, base)))
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 

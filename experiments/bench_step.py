@@ -33,7 +33,7 @@ from orchestrator.train.models import autocast_dtype, build_models
 from orchestrator.train.worker import make_optimizer
 
 # Each configuration is a set of config values, applied by the same code training runs
-# (`orchestrator.models.build_models`, `orchestrator.trainer.make_optimizer`).
+# (`orchestrator.train.models.build_models`, `orchestrator.train.worker.make_optimizer`).
 BF16 = {"optim.precision": "bf16"}
 SDPA, FOLDED, FLEX = ({"speed.attention": k} for k in ("sdpa", "folded", "flex"))
 CACHE = {"speed.teacher_cache": True}

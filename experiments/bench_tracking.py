@@ -7,7 +7,7 @@ back and checked: each step present once per key (none lost, none duplicated).
     python experiments/bench_tracking.py                     # both backends, 16 x 200
     python experiments/bench_tracking.py --backend postgresql --writers 16 --steps 200 --auth
 
-PostgreSQL runs as a throwaway local server (`orchestrator.tracking_server.LocalPostgres`);
+PostgreSQL runs as a throwaway local server (`orchestrator.tracking.server.LocalPostgres`);
 SQLite is a file behind a one-worker server (its single writer lock is the point of comparing).
 """
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the shipped code, also under `ray job submit --working-dir .`
-DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.benchmark.run import main as benchmark_main
 
-    return benchmark_main(argv, default_config=DEMO)
+    return benchmark_main(argv)  # default: the embedded demo, orchestrator/benchmark/demo.yaml
 
 
 if __name__ == "__main__":

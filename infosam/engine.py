@@ -107,7 +107,6 @@ def compute_losses(
         seg = F.binary_cross_entropy_with_logits(logits_s, target)
     losses: dict[str, torch.Tensor] = {"segmentation": seg}
     total = seg
-
     if cfg.needs_teacher:
         if teacher is None:
             raise ValueError("this loss configuration needs a frozen teacher model")
@@ -118,41 +117,53 @@ def compute_losses(
                 images, input_sizes=input_sizes, image_embeddings=teacher_embeddings, **kwargs
             )
         if cfg.infosam:
-            if relation is None:
-                raise ValueError("InfoSAM needs a relation module")
-            b = images.shape[0]
-            # One relation call over [teacher; student]: shared module, each parameter used once.
-            rel = relation(
-                torch.cat(
-                    [
-                        out_t.image_embeddings,
-                        out_s.image_embeddings.to(out_t.image_embeddings.dtype),
-                    ]
-                ),
-                torch.cat([out_t.mask_tokens, out_s.mask_tokens.to(out_t.mask_tokens.dtype)]),
-            )
-            rel_t, rel_s = rel[:b], rel[b:]
-            emb_t, tok_t = out_t.image_embeddings, out_t.mask_tokens
-            if gather is not None:
-                emb_t, tok_t, rel_t, rel_s = (gather(x) for x in (emb_t, tok_t, rel_t, rel_s))
-            info = InfoSAMLoss(cfg.weight_compression, cfg.weight_distillation, cfg.infosam_scale)(
-                emb_t, tok_t, rel_t, rel_s
-            )
+            info = _infosam_terms(out_t, out_s, cfg, relation, gather)
             losses.update(info)
             total = total + info["infosam"]
-        if cfg.distillation == "logit":
-            kd = logit_distillation_loss(
-                out_s.low_res_logits, out_t.low_res_logits, cfg.kd_temperature
-            )
-        elif cfg.distillation == "feature":
-            kd = feature_distillation_loss(out_s.image_embeddings, out_t.image_embeddings)
-        else:
-            kd = None
+        kd = _distillation_term(out_t, out_s, cfg)
         if kd is not None:
             losses["kd"] = kd
             total = total + cfg.distillation_weight * kd
     losses["loss"] = total
     return total, losses, out_s
+
+
+def _infosam_terms(
+    out_t: SamOutput,
+    out_s: SamOutput,
+    cfg: LossConfig,
+    relation: nn.Module | None,
+    gather: Gather | None,
+) -> dict[str, torch.Tensor]:
+    """L_r, L_d and their weighted sum from the teacher's and student's embeddings and tokens."""
+    if relation is None:
+        raise ValueError("InfoSAM needs a relation module")
+    b = out_t.image_embeddings.shape[0]
+    # One relation call over [teacher; student]: shared module, each parameter used once.
+    rel = relation(
+        torch.cat(
+            [out_t.image_embeddings, out_s.image_embeddings.to(out_t.image_embeddings.dtype)]
+        ),
+        torch.cat([out_t.mask_tokens, out_s.mask_tokens.to(out_t.mask_tokens.dtype)]),
+    )
+    rel_t, rel_s = rel[:b], rel[b:]
+    emb_t, tok_t = out_t.image_embeddings, out_t.mask_tokens
+    if gather is not None:
+        emb_t, tok_t, rel_t, rel_s = (gather(x) for x in (emb_t, tok_t, rel_t, rel_s))
+    return InfoSAMLoss(cfg.weight_compression, cfg.weight_distillation, cfg.infosam_scale)(
+        emb_t, tok_t, rel_t, rel_s
+    )
+
+
+def _distillation_term(out_t: SamOutput, out_s: SamOutput, cfg: LossConfig) -> torch.Tensor | None:
+    """The logit or feature KD baseline's loss, or None when the config has none."""
+    if cfg.distillation == "logit":
+        return logit_distillation_loss(
+            out_s.low_res_logits, out_t.low_res_logits, cfg.kd_temperature
+        )
+    if cfg.distillation == "feature":
+        return feature_distillation_loss(out_s.image_embeddings, out_t.image_embeddings)
+    return None
 
 
 def train_step(

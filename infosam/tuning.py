@@ -196,7 +196,7 @@ def apply_tuning(sam: Sam, cfg: TuningConfig | None = None, **overrides: object)
     if checkpointed:  # adapters swap the block class, which would silently drop checkpointing
         raise ValueError(
             f"encoder blocks {checkpointed} are already checkpointed: apply tuning first, then "
-            "the speed switches (orchestrator.models.build_models does both in that order)"
+            "the speed switches (orchestrator.train.models.build_models does both in that order)"
         )
     sam.requires_grad_(False)
     TUNING_METHODS[cfg.method](sam, cfg)

@@ -134,6 +134,25 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=float, default=1.0, help="multiply the default split sizes")
     s.set_defaults(func=_cmd_data_synth)
+    _add_ingest(dsub)
+    n = dsub.add_parser("inspect", help="summarise a dataset's manifest")
+    n.add_argument("dataset")
+    n.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=_cmd_data_inspect)
+    tc = dsub.add_parser(
+        "teacher-cache",
+        help="precompute the frozen teacher's image embeddings (Ray Data batch inference)",
+    )
+    _add_config_args(tc)
+    tc.add_argument("--splits", nargs="*", help="default: the config's data.train_split")
+    tc.add_argument("--rebuild", action="store_true", help="recompute even if up to date")
+    tc.add_argument("--batch-size", type=int, help="images per inference batch (16 GPU, 8 CPU)")
+    tc.set_defaults(func=_cmd_data_teacher_cache)
+
+
+def _add_ingest(dsub: argparse._SubParsersAction) -> None:
+    """`data ingest`: every source layout's options (the formats registry names the layouts)."""
     i = dsub.add_parser("ingest", help="image/mask pairs -> parquet shards + manifest")
     i.add_argument(
         "--format",
@@ -186,20 +205,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "most 8; 1 below 32 images); the output is the same bytes for any number",
     )
     i.set_defaults(func=_cmd_data_ingest)
-    n = dsub.add_parser("inspect", help="summarise a dataset's manifest")
-    n.add_argument("dataset")
-    n.add_argument("--verify", action="store_true", help="check every shard's sha256")
-    n.add_argument("--json", action="store_true")
-    n.set_defaults(func=_cmd_data_inspect)
-    tc = dsub.add_parser(
-        "teacher-cache",
-        help="precompute the frozen teacher's image embeddings (Ray Data batch inference)",
-    )
-    _add_config_args(tc)
-    tc.add_argument("--splits", nargs="*", help="default: the config's data.train_split")
-    tc.add_argument("--rebuild", action="store_true", help="recompute even if up to date")
-    tc.add_argument("--batch-size", type=int, help="images per inference batch (16 GPU, 8 CPU)")
-    tc.set_defaults(func=_cmd_data_teacher_cache)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -357,16 +362,16 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import load_tune, run_sweep
+    from orchestrator.sweep import load_sweep, run_sweep
     from orchestrator.tracking.runs import view_hint
 
     try:
-        tcfg, base = load_tune(args.config, args.overrides)
+        tcfg, base = load_sweep(args.config, args.overrides)
         result = run_sweep(tcfg, base)
     except KeyboardInterrupt:  # the sweep's runs are closed as KILLED
         return 130
-    print(f"[tune] best config: {result['best_yaml']}")
-    print(f"[tune] MLflow: {view_hint(result['tracking_uri'], result['parent_run_id'])}")
+    print(f"[tune] best config: {result.best_yaml}")
+    print(f"[tune] MLflow: {view_hint(result.tracking_uri, result.parent_run_id)}")
     return 0
 
 
@@ -377,13 +382,36 @@ def _cmd_tracking_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every verb, one helper per group: data, training runs, using the model, servers."""
     parser = argparse.ArgumentParser(prog="infosam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_runs(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_tracking(sub)
+    _add_cluster(sub)
+    return parser
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    """train, tune, benchmark: a config file plus --set overrides."""
     t = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow")
     _add_config_args(t)
     _add_resume_flag(t)
     t.set_defaults(func=_cmd_train)
+    tu = sub.add_parser(
+        "tune", help="Ray Tune sweep (tune: section + base config), every trial in MLflow"
+    )
+    _add_config_args(tu)
+    tu.set_defaults(func=_cmd_tune)
+    b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
+    _add_config_args(b)
+    _add_resume_flag(b)
+    b.set_defaults(func=_cmd_benchmark)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="metrics of a training checkpoint on a dataset split")
     e.add_argument("--checkpoint", help="a checkpoint_epoch_* directory of a run")
     e.add_argument(
@@ -395,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["paper", "clean"], help="default: the run's protocol")
     _add_config_args(e)
     e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    """predict and export: using a fine-tuned model."""
     pr = sub.add_parser(
         "predict", help="masks + overlays at original resolution: image files, or a dataset split"
     )
@@ -423,15 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_cmd_export)
-    tu = sub.add_parser(
-        "tune", help="Ray Tune sweep (tune: section + base config), every trial in MLflow"
-    )
-    _add_config_args(tu)
-    tu.set_defaults(func=_cmd_tune)
-    b = sub.add_parser("benchmark", help="the method x dataset x seed comparison (default: demo)")
-    _add_config_args(b)
-    _add_resume_flag(b)
-    b.set_defaults(func=_cmd_benchmark)
+
+
+def _add_tracking(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("tracking", help="the team's MLflow server (PostgreSQL, basic auth)")
     trsub = tr.add_subparsers(dest="tracking_command", required=True)
     sv = trsub.add_parser(
@@ -450,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--auth", action="store_true", help="MLflow's basic-auth app")
     sv.add_argument("--auth-db-uri", help="user table (default: the tracking database)")
     sv.set_defaults(func=_cmd_tracking_serve)
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
     cl = sub.add_parser("cluster", help="cluster-launcher helpers")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     cc = clsub.add_parser(
@@ -457,7 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cc.add_argument("path", nargs="?", default="cluster.yaml")
     cc.set_defaults(func=_cmd_cluster_check)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,13 @@ __all__ = [
     "BUILTIN_TEACHER",
     "Config",
     "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ScalingConfig",
-    "SpeedConfig",
-    "StorageConfig",
-    "TrackingConfig",
+    "DataSection",
+    "ModelSection",
+    "OptimSection",
+    "ScalingSection",
+    "SpeedSection",
+    "StorageSection",
+    "TrackingSection",
     "apply_overrides",
     "flatten",
     "load_config",
@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     root: str = "data/synthetic"  # folder holding dataset folders (each with manifest.json)
     dataset: str = "camouflage"  # a folder under root
     train_split: str = "train"
@@ -76,7 +76,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     variant: str = "tiny"
     # Teacher weights, also the student's starting point. `builtin:tiny_teacher` is the tiny SAM
     # this project pre-trained on the synthetic general domain; null means random init.
@@ -84,7 +84,7 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimSection:
     optimizer: str = "adam"  # adam | adamw
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -101,7 +101,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingSection:
     # 0 = Train local mode (in-process); [min, max] = elastic: start with what the cluster
     # holds (at least min), shrink when a node is lost, grow back when capacity returns.
     num_workers: int | list[int] = 2
@@ -137,7 +137,7 @@ class ScalingConfig:
 
 
 @dataclass
-class SpeedConfig:
+class SpeedSection:
     """Throughput/memory switches; each is numerically equivalent to the plain step (tests)."""
 
     # eager (segment-anything as is) | sdpa (bias as attn_mask) | folded (bias folded into q/k,
@@ -153,7 +153,7 @@ class SpeedConfig:
 
 
 @dataclass
-class TrackingConfig:
+class TrackingSection:
     uri: str | None = None  # default sqlite:///<storage.path>/mlflow.db
     experiment: str = "infosam"
     run_name: str | None = None
@@ -162,22 +162,22 @@ class TrackingConfig:
 
 
 @dataclass
-class StorageConfig:
+class StorageSection:
     path: str = "runs"  # Ray Train storage (checkpoints); shared storage (S3/NFS) on clusters
     name: str | None = None  # Train run name; re-using one resumes that run
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
     seed: int = 42
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,7 +357,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "tracking.overlays": _num(0),
 }
 # Keys whose value may differ when a run or benchmark resumes: where it runs and is tracked,
-# and switches that are numerically equivalent (SpeedConfig). Every other key is the result's.
+# and switches that are numerically equivalent (SpeedSection). Every other key is the result's.
 RESUME_NEUTRAL = (
     "tracking.",
     "storage.",
@@ -523,3 +523,28 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def load_with_section(
+    path: str | os.PathLike | None, overrides: list[str] | None, section: str, cls: type
+) -> tuple[Any, Config]:
+    """A training config with one extra top-level section (`benchmark:`, `tune:`): (the
+    section as a `cls` dataclass, the base Config). Unknown section keys are errors naming
+    the known ones; `--set section.key=value` overrides reach both parts."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"{section} config not found: {path}")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    section_data = data.pop(section, {}) or {}
+    known = {f.name for f in fields(cls)}
+    unknown = set(section_data) - known
+    if unknown:
+        raise ConfigError(f"unknown {section} key(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        value = cls(**section_data)
+    except TypeError as exc:
+        raise ConfigError(f"{section}: {exc}") from None
+    base = Config.from_dict(data).validate() if data else load_config(None, [])
+    return value, base

@@ -224,12 +224,8 @@ def predict_dataset(
     `<image>_instances.png` (16-bit: k + 1 for the k-th sample of the image, 0 background), per
     sample `<image>/<instance>_mask.png`, and `predictions.json` (id, prompt, IoU, files, and
     the instance's category)."""
-
     from orchestrator.config import Config
-    from orchestrator.data.manifest import INSTANCE_COLUMNS, iter_rows
-    from orchestrator.data.reader import decode_batch
-    from orchestrator.plots import overlay
-    from orchestrator.train.evaluation import draw_prompts
+    from orchestrator.data.manifest import iter_rows
 
     cfg = cfg or Config()
     out = Path(out_dir)
@@ -237,54 +233,80 @@ def predict_dataset(
     gen = torch.Generator().manual_seed(cfg.seed)
     written: list[dict] = []
     for row in iter_rows(data_dir, split):
-        cols = {}
-        for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
-            if k in row:
-                cols[k] = np.empty(1, dtype=object)
-                cols[k][0] = row[k]
-        batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
-        image = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
-        shown = image
-        labels = np.zeros(image.shape[:2], np.uint16)
-        name = _safe(str(row["id"]))
-        (out / name).mkdir(exist_ok=True)
-        for start in range(0, len(batch["id"]), batch_size):
-            part = slice(start, start + batch_size)
-            masks = torch.from_numpy(batch["mask"][part])
-            prompts = draw_prompts(cfg, masks, gen, device, train=False)
-            logits = predict_logits(
-                model,
-                torch.from_numpy(batch["image"][part]).to(device),
-                prompts,
-                torch.from_numpy(batch["input_size"][part]).to(device),
-                [m.shape for m in batch["mask_original"][part]],
-            )
-            for j, lg in enumerate(logits):
-                k = start + j
-                pred = (lg > 0).cpu().numpy()
-                gt = batch["mask_original"][k].astype(bool)
-                union = (pred | gt).sum()
-                sample = str(batch["id"][k])
-                instance = sample.split("#", 1)[1] if "#" in sample else "mask"
-                path = out / name / f"{_safe(instance)}_mask.png"
-                Image.fromarray((pred * 255).astype(np.uint8)).save(path)
-                labels[pred] = k + 1
-                shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
-                entry = {
-                    "id": sample,
-                    "image_id": str(row["id"]),
-                    "prompt": prompts.describe(j),
-                    "iou": float((pred & gt).sum() / union) if union else 1.0,
-                    "mask": str(path),
-                    "label": k + 1,
-                }
-                if "category" in batch:
-                    entry["category"] = str(batch["category"][k])
-                written.append(entry)
-        Image.fromarray(shown).save(out / f"{name}_overlay.png")
-        Image.fromarray(labels).save(out / f"{name}_instances.png")
+        written += _predict_row(model, row, cfg, gen, out, batch_size, device)
     atomic_write_json(out / "predictions.json", written, indent=2)
     return written
+
+
+def _predict_row(
+    model: PromptableSam,
+    row: dict,
+    cfg: Any,
+    gen: torch.Generator,
+    out: Path,
+    batch_size: int,
+    device: str,
+) -> list[dict]:
+    """One stored image: each of its samples predicted, written, and overlaid in its colour."""
+    from orchestrator.data.manifest import INSTANCE_COLUMNS
+    from orchestrator.data.reader import decode_batch
+    from orchestrator.plots import overlay
+    from orchestrator.train.evaluation import draw_prompts
+
+    cols = {}
+    for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
+        if k in row:
+            cols[k] = np.empty(1, dtype=object)
+            cols[k][0] = row[k]
+    batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
+    shown = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
+    labels = np.zeros(shown.shape[:2], np.uint16)
+    name = _safe(str(row["id"]))
+    (out / name).mkdir(exist_ok=True)
+    written = []
+    for start in range(0, len(batch["id"]), batch_size):
+        part = slice(start, start + batch_size)
+        prompts = draw_prompts(cfg, torch.from_numpy(batch["mask"][part]), gen, device, train=False)
+        logits = predict_logits(
+            model,
+            torch.from_numpy(batch["image"][part]).to(device),
+            prompts,
+            torch.from_numpy(batch["input_size"][part]).to(device),
+            [m.shape for m in batch["mask_original"][part]],
+        )
+        for j, lg in enumerate(logits):
+            k = start + j
+            pred = (lg > 0).cpu().numpy()
+            entry = _write_sample(batch, k, pred, out / name, str(row["id"]), prompts.describe(j))
+            labels[pred] = k + 1
+            shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
+            written.append(entry)
+    Image.fromarray(shown).save(out / f"{name}_overlay.png")
+    Image.fromarray(labels).save(out / f"{name}_instances.png")
+    return written
+
+
+def _write_sample(
+    batch: dict, k: int, pred: np.ndarray, folder: Path, image_id: str, prompt: str
+) -> dict:
+    """The k-th sample's mask PNG and its predictions.json entry (IoU against its mask)."""
+    gt = batch["mask_original"][k].astype(bool)
+    union = (pred | gt).sum()
+    sample = str(batch["id"][k])
+    instance = sample.split("#", 1)[1] if "#" in sample else "mask"
+    path = folder / f"{_safe(instance)}_mask.png"
+    Image.fromarray((pred * 255).astype(np.uint8)).save(path)
+    entry = {
+        "id": sample,
+        "image_id": image_id,
+        "prompt": prompt,
+        "iou": float((pred & gt).sum() / union) if union else 1.0,
+        "mask": str(path),
+        "label": k + 1,
+    }
+    if "category" in batch:
+        entry["category"] = str(batch["category"][k])
+    return entry
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:

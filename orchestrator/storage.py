@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = [
     "LockedError",
@@ -39,8 +39,35 @@ class LockedError(RuntimeError):
 
 
 def is_remote(location: str | os.PathLike) -> bool:
-    """A URI such as s3://bucket/x (object storage), not a local path."""
+    """A URI such as s3://bucket/x (object storage), not a local path. The one place that
+    tells the two apart: every module asks here."""
     return "://" in os.fspath(location)
+
+
+def resolve_location(location: str | os.PathLike) -> str:
+    """A URI as given (no trailing slash), a local path made absolute (workers change cwd)."""
+    text = os.fspath(location)
+    if is_remote(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
+def join(location: str | os.PathLike, *names: str) -> str:
+    """`location/name/...` for a URI or a local path alike."""
+    text = os.fspath(location)
+    if is_remote(text):
+        return "/".join([text.rstrip("/"), *names])
+    return str(Path(text).joinpath(*names))
+
+
+def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a local folder or a URI such as s3://bucket/data."""
+    import pyarrow.fs as pafs
+
+    text = os.fspath(location)
+    if is_remote(text):
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), resolve_location(text)
 
 
 def has_password(uri: str) -> bool:

@@ -1,7 +1,7 @@
 """Ray Tune search over InfoSAM loss weights, PEFT method and capacity, and learning rate.
 
 Ray 2.60 pattern: `Tuner(trainer)` is gone, so each trial is a Tune *function* trainable that
-builds and fits a `TorchTrainer` (through `orchestrator.trainer.fit`) with `TuneReportCallback`
+builds and fits a `TorchTrainer` (through `orchestrator.train.driver.fit`) with `TuneReportCallback`
 in the Train RunConfig, so every epoch's report reaches Tune and ASHA can stop weak trials.
 Every trial is an MLflow run nested under one parent run per sweep; a driver-side callback
 closes runs of trials Tune stopped (FINISHED, tagged stopped early) or that crashed (FAILED).
@@ -10,7 +10,6 @@ closes runs of trials Tune stopped (FINISHED, tagged stopped early) or that cras
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -19,24 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from orchestrator.config import Config, ConfigError, apply_overrides, flatten, load_config
+from orchestrator.cluster.ray_env import concurrency_cap
+from orchestrator.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load_with_section,
+)
 from orchestrator.plots import sweep_scatter
-from orchestrator.storage import atomic_write
+from orchestrator.storage import atomic_write, is_remote, resolve_location
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
 from orchestrator.tracking.runs import (
     check_tracking_server,
     closing_on_exit,
+    open_parent_run,
     open_run,
     resolve_tracking_uri,
+    search_runs,
 )
 
 TRIAL_TAG = "infosam.trial_id"
 
 
 @dataclass
-class TuneConfig:
+class SweepConfig:
     name: str = "sweep"
     num_samples: int = 8
     metric: str = "val/iou"
@@ -57,22 +62,11 @@ class TuneConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def load_tune(
+def load_sweep(
     path: str | os.PathLike | None, overrides: list[str] | None = None
-) -> tuple[TuneConfig, Config]:
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"tune config not found: {path}")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    data = apply_overrides(data, overrides or [])
-    tune_data = data.pop("tune", {}) or {}
-    known = {f.name for f in dataclasses.fields(TuneConfig)}
-    unknown = set(tune_data) - known
-    if unknown:
-        raise ConfigError(f"unknown tune key(s) {sorted(unknown)}; known: {sorted(known)}")
-    tcfg = TuneConfig(**tune_data)
-    base = Config.from_dict(data).validate() if data else load_config(None, [])
+) -> tuple[SweepConfig, Config]:
+    """The `tune:` section and the base config every trial starts from, checked."""
+    tcfg, base = load_with_section(path, overrides, "tune", SweepConfig)
     flat = flatten(base.to_dict())
     for key in tcfg.space:
         if key not in flat:
@@ -172,14 +166,9 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
 
 def _trial_run_id(context: SweepContext, trial_id: str) -> str | None:
     """The MLflow run an earlier attempt of this trial opened under this sweep, if any."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(context.uri)
-    exp = client.get_experiment_by_name(context.base.tracking.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
+    runs = search_runs(
+        context.uri,
+        context.base.tracking.experiment,
         f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = "
         f"'{context.parent_run_id}'",
     )
@@ -197,12 +186,7 @@ class _MlflowTrialStatus:
                 from mlflow.tracking import MlflowClient
 
                 client = MlflowClient(uri)
-                exp = client.get_experiment_by_name(experiment)
-                if exp is None:
-                    return
-                for run in client.search_runs(
-                    [exp.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'"
-                ):
+                for run in search_runs(uri, experiment, f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'"):
                     if run.info.status == "RUNNING":
                         for k, v in tags.items():
                             client.set_tag(run.info.run_id, k, v)
@@ -227,22 +211,16 @@ def _trial_resources(base: Config) -> dict[str, float]:
     return {"CPU": 0.5}  # the trial only drives; its Train workers reserve their own CPUs
 
 
-def _max_concurrent(tcfg: TuneConfig, base: Config, laptop: bool) -> int | None:
+def _max_concurrent(tcfg: SweepConfig, base: Config, laptop: bool) -> int | None:
     """`tune.max_concurrent_trials`; else no cap on a cluster (pending trials' worker groups are
     what asks the autoscaler for nodes); else as many trials as this machine's CPUs hold."""
-    import ray
-
-    if tcfg.max_concurrent_trials:
-        return tcfg.max_concurrent_trials
-    if not laptop:
-        return None
     sc = base.scaling
     per_trial = _trial_resources(base).get("CPU", 0) + sc.max_workers * sc.cpus_per_worker
     per_trial += sc.data_cpus  # Ray Data needs a CPU of its own or the run hangs (2-CPU fact)
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    return concurrency_cap(tcfg.max_concurrent_trials, per_trial, laptop)
 
 
-def _searcher(tcfg: TuneConfig, max_concurrent: int | None):
+def _searcher(tcfg: SweepConfig, max_concurrent: int | None):
     """Optuna TPE when asked for (or `auto` and installed, without grid axes), else Tune's
     random/grid variant generator; both seeded with `tune.seed`, so a sweep samples the same
     configurations when run again. The variant generator takes the trial cap itself (Tune's
@@ -270,12 +248,20 @@ def _searcher(tcfg: TuneConfig, max_concurrent: int | None):
     return OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=tcfg.seed)
 
 
-def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
-    """Run the sweep; returns the trials table, the best config (and its YAML path)."""
-    import pandas as pd
-    from ray import tune
-    from ray.tune.search import Searcher
+@dataclass
+class SweepResult:
+    """A finished sweep: every trial's row, the best values and their config file."""
 
+    table: Any  # pandas DataFrame, one row per trial
+    best_yaml: str
+    best: dict[str, Any]
+    parent_run_id: str
+    tracking_uri: str
+
+
+def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
+    """The phases: check the tracking server, make the data once, start Ray, open the parent
+    run, run the trials (Tune), write the trials table and the best config, close the parent."""
     from orchestrator.cluster.ray_env import init_ray, on_one_machine
     from orchestrator.data.synthetic import ensure_data
 
@@ -284,105 +270,34 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
     ensure_data(base)  # synthesise once here, not concurrently in every trial
     init_ray()
     laptop = on_one_machine()
-    storage = (
-        base.storage.path
-        if "://" in base.storage.path
-        else str(Path(base.storage.path).expanduser().resolve())
-    )
-    out_dir = Path(storage) / tcfg.name if "://" not in storage else Path(tcfg.name)
+    storage = resolve_location(base.storage.path)
+    out_dir = Path(tcfg.name) if is_remote(storage) else Path(storage) / tcfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
-    parent, _ = open_run(
+    parent, _ = open_parent_run(
         uri,
         base.tracking.experiment,
         f"sweep:{tcfg.name}",
         artifact_root=artifact_root,
         tags={"infosam.sweep": tcfg.name},
-    )
-    parent.log_params(
-        {
+        params={
             "space": json.dumps(tcfg.space),
             "num_samples": tcfg.num_samples,
             "metric": tcfg.metric,
             "mode": tcfg.mode,
             "scheduler": tcfg.scheduler,
-        }
+        },
     )
     parent.log_text(base.to_yaml(), "base_config.yaml")
-    space = search_space(tcfg.space)
     context = SweepContext(base, tcfg.name, parent.run_id, uri, artifact_root)
-    scheduler = None
-    if tcfg.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=base.optim.epochs,
-            grace_period=tcfg.grace_period,
-            reduction_factor=tcfg.reduction_factor,
-        )
     started = time.perf_counter()
-    cap = _max_concurrent(tcfg, base, laptop)
-    search_alg = _searcher(tcfg, cap)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(base)),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric=tcfg.metric,
-            mode=tcfg.mode,
-            num_samples=tcfg.num_samples,
-            scheduler=scheduler,
-            search_alg=search_alg,
-            # a Searcher (Optuna) is capped by Tune; the variant generator caps itself
-            max_concurrent_trials=cap if isinstance(search_alg, Searcher) else None,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage,
-            callbacks=[_MlflowTrialStatus(uri, base.tracking.experiment, base.optim.epochs)],
-            failure_config=tune.FailureConfig(max_failures=tcfg.trial_retries),
-        ),
-    )
+    tuner = make_tuner(tcfg, context, storage, _max_concurrent(tcfg, base, laptop))
     # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED. Tune's own
     # Ctrl-C handler would stop the loop and return a partial grid that looks complete (and
     # its best config would be written as the sweep's): off, so Ctrl-C raises like SIGTERM.
     with closing_on_exit(parent, label=f"[tune] {tcfg.name}"), _tune_sigint_handler_off():
-        grid = tuner.fit()
-        rows = []
-        for result in grid:
-            sampled = dict(result.config or {})
-            metrics = result.metrics or {}
-            rows.append(
-                {
-                    "trial": metrics.get("trial_id", ""),
-                    "status": "ERROR" if result.error else "OK",
-                    "epochs": metrics.get("training_iteration", 0),
-                    tcfg.metric: metrics.get(tcfg.metric, math.nan),
-                    **{k: v for k, v in sampled.items()},
-                }
-            )
-        table = pd.DataFrame(rows)
-        ok = table[(table["status"] == "OK") & table[tcfg.metric].notna()]
-        if ok.empty:
-            raise RuntimeError(
-                f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
-            )
-        best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
-        best_sampled = {
-            k: best_row[k]
-            for k in table.columns
-            if k not in ("trial", "status", "epochs", tcfg.metric)
-        }
-        best_cfg = base.with_values(trial_values(best_sampled))
-        best_yaml = out_dir / "best.yaml"
-        atomic_write(
-            best_yaml,
-            f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
-            + best_cfg.to_yaml(),
-        )
-        atomic_write(out_dir / "trials.csv", table.to_csv(index=False))
-        atomic_write(out_dir / "trials.md", table.to_markdown(index=False) + "\n")
-        sweep_scatter(table, tcfg.metric, tcfg.name, out_dir / "weights_vs_metric.png")
+        table = trials_table(tuner.fit(), tcfg.metric)
+        best_row, best_sampled, best_yaml = _write_best(table, tcfg, base, out_dir, storage)
         for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
             parent.log_artifact(out_dir / name, "sweep")
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
@@ -397,13 +312,92 @@ def run_sweep(tcfg: TuneConfig, base: Config) -> dict[str, Any]:
         )
         parent.finish("FINISHED")
     print(table.to_markdown(index=False), flush=True)
-    return {
-        "table": table,
-        "best_yaml": str(best_yaml),
-        "best": best_sampled,
-        "parent_run_id": parent.run_id,
-        "tracking_uri": uri,
+    return SweepResult(table, str(best_yaml), best_sampled, parent.run_id, uri)
+
+
+def make_tuner(tcfg: SweepConfig, context: SweepContext, storage: str, cap: int | None) -> Any:
+    """A `tune.Tuner` over `_trial` with the sweep's searcher, scheduler, cap and callbacks."""
+    from ray import tune
+    from ray.tune.search import Searcher
+
+    base = context.base
+    scheduler = None
+    if tcfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=base.optim.epochs,
+            grace_period=tcfg.grace_period,
+            reduction_factor=tcfg.reduction_factor,
+        )
+    search_alg = _searcher(tcfg, cap)
+    return tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(base)),
+        param_space=search_space(tcfg.space),
+        tune_config=tune.TuneConfig(
+            metric=tcfg.metric,
+            mode=tcfg.mode,
+            num_samples=tcfg.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            # a Searcher (Optuna) is capped by Tune; the variant generator caps itself
+            max_concurrent_trials=cap if isinstance(search_alg, Searcher) else None,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            callbacks=[
+                _MlflowTrialStatus(context.uri, base.tracking.experiment, base.optim.epochs)
+            ],
+            failure_config=tune.FailureConfig(max_failures=tcfg.trial_retries),
+        ),
+    )
+
+
+def trials_table(grid: Any, metric: str) -> Any:
+    """One row per trial: id, OK or ERROR, epochs reached, the metric and the sampled values."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", ""),
+                "status": "ERROR" if result.error else "OK",
+                "epochs": metrics.get("training_iteration", 0),
+                metric: metrics.get(metric, math.nan),
+                **dict(result.config or {}),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _write_best(
+    table: Any, tcfg: SweepConfig, base: Config, out_dir: Path, storage: str
+) -> tuple[Any, dict[str, Any], Path]:
+    """best.yaml (the winner, ready for `infosam train`), trials.csv/.md and the scatter."""
+    ok = table[(table["status"] == "OK") & table[tcfg.metric].notna()]
+    if ok.empty:
+        raise RuntimeError(
+            f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
+        )
+    best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
+    best_sampled = {
+        k: best_row[k] for k in table.columns if k not in ("trial", "status", "epochs", tcfg.metric)
     }
+    best_cfg = base.with_values(trial_values(best_sampled))
+    best_yaml = out_dir / "best.yaml"
+    atomic_write(
+        best_yaml,
+        f"# best of sweep {tcfg.name}: {tcfg.metric}={best_row[tcfg.metric]:.4f}\n"
+        + best_cfg.to_yaml(),
+    )
+    atomic_write(out_dir / "trials.csv", table.to_csv(index=False))
+    atomic_write(out_dir / "trials.md", table.to_markdown(index=False) + "\n")
+    sweep_scatter(table, tcfg.metric, tcfg.name, out_dir / "weights_vs_metric.png")
+    return best_row, best_sampled, best_yaml
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "experiments" / "configs" / "demo.yaml"
+DEMO_CONFIG = ROOT / "orchestrator" / "benchmark" / "demo.yaml"
 sys.path.insert(0, str(ROOT / "experiments"))
 import benchmark_all  # noqa: E402
 from helpers import signal_driver_when  # noqa: E402

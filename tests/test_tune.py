@@ -7,7 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.sweep import load_tune, run_sweep, trial_values
+from orchestrator.sweep import load_sweep, run_sweep, trial_values
 from orchestrator.train.driver import fit
 
 pytestmark = pytest.mark.timeout(480)
@@ -26,7 +26,7 @@ def _sweep(tmp_path, data_root, *extra, space=None):
         f"storage.path={tmp_path / 'runs'}",
         "tracking.experiment=tune_test",
     ]
-    return load_tune(path, [*base, *extra])
+    return load_sweep(path, [*base, *extra])
 
 
 def test_off_switch_sets_weight_zero():
@@ -47,12 +47,12 @@ def test_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
         space={"optim.batch_size": {"type": "grid", "values": [4, 1000]}},
     )
     result = run_sweep(tcfg, base)
-    table = result["table"]
+    table = result.table
     assert len(table) == 2 and sorted(table["status"]) == ["ERROR", "OK"]
-    client = MlflowClient(result["tracking_uri"])
+    client = MlflowClient(result.tracking_uri)
     exp = client.get_experiment_by_name("tune_test")
     runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.info.run_id == result["parent_run_id"])
+    parent = next(r for r in runs if r.info.run_id == result.parent_run_id)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and len(children) == 2
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
@@ -65,7 +65,7 @@ def test_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
     assert files >= {"sweep/best.yaml", "sweep/trials.csv", "sweep/weights_vs_metric.png"}
     # The best config is a ready-to-run training config.
     best = load_config(
-        result["best_yaml"], ["scaling.num_workers=0", f"storage.path={tmp_path / 'best'}"]
+        result.best_yaml, ["scaling.num_workers=0", f"storage.path={tmp_path / 'best'}"]
     )
     assert best.optim.batch_size == 4
     trained = fit(best, quiet=True)
@@ -85,8 +85,8 @@ def test_asha_stops_weak_trials_early(ray_local, tmp_path, synthetic_root):
         "tune.max_concurrent_trials=1",
     )
     result = run_sweep(tcfg, base)
-    assert (result["table"]["epochs"] < 4).any(), result["table"]
-    client = MlflowClient(result["tracking_uri"])
+    assert (result.table["epochs"] < 4).any(), result.table
+    client = MlflowClient(result.tracking_uri)
     exp = client.get_experiment_by_name("tune_test")
     tags = [
         r.data.tags.get("infosam.stopped_early") for r in client.search_runs([exp.experiment_id])

@@ -58,7 +58,7 @@ class CellJob:
     parent_run_id: str
     tracking_uri: str
     tags: dict[str, str]
-    shared: Any  # orchestrator.trainer.SharedData of the cell's dataset
+    shared: Any  # orchestrator.train.inputs.SharedData of the cell's dataset
     artifact_root: str | None = None
 
 
@@ -270,74 +270,113 @@ def run_cells(
     cells in flight and re-raises; the caller closes their MLflow runs.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board = (
-        _board_class()
-        .options(
-            # On the driver's node (num_cpus=0 always fits): it lives and dies with the driver,
-            # never with a worker node that a spot reclaim takes away.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False
-            ),
-            max_restarts=-1,
-        )
-        .remote()
-    )
-    remote = ray.remote(_run_cell)
-    drivers = ray.cluster_resources().get("driver", 0) > 0  # asked once, not per cell
-    todo = list(jobs)
-    inflight: dict[Any, CellJob] = {}
-    outcomes: list[CellOutcome] = []
-    progress = Progress(total or len(jobs), already_done)
-    starts: dict[str, list[tuple[str, float]]] = {}
-    failed = 0
+    pool = _CellPool(jobs, max_concurrent, retries, Progress(total or len(jobs), already_done))
     try:
-        while todo or inflight:
-            while todo and (max_concurrent is None or len(inflight) < max_concurrent):
-                job = todo.pop(0)
-                ref = remote.options(
-                    **task_options(job.cfg, zero_shot=job.zero_shot, driver_slots=drivers),
-                    max_retries=retries,
-                    retry_exceptions=True,
-                    name=f"cell:{job.cell.key}",
-                ).remote(job, board)
-                inflight[ref] = job
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            # A blip of the board (its node under load, a node going away) must not stop the
-            # matrix: the next round asks again.
-            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                starts = ray.get(board.snapshot.remote(), timeout=30)
-            for ref in ready:
-                job = inflight.pop(ref)
-                try:
-                    out = CellOutcome(job.cell, True, ray.get(ref))
-                    progress.durations.append(out.result["end"] - out.result["start"])
-                except Exception as exc:  # the task raised, or its node/worker died, after retries
-                    out = CellOutcome(job.cell, False, error=_short_error(exc))
-                    out.failed_at = time.time()
-                    failed += 1
-                out.starts = starts.get(job.cell.key, [])
-                outcomes.append(out)
+        while pool.todo or pool.inflight:
+            pool.submit()
+            for out in pool.collect():
                 on_outcome(out)
-            running = sum(1 for j in inflight.values() if j.cell.key in starts)
-            ok = sum(1 for o in outcomes if o.ok)
-            progress.show(ok, running, len(todo) + len(inflight) - running, failed)
-        progress.show(sum(1 for o in outcomes if o.ok), 0, 0, failed, force=True)
-        if progress.tty:
+            pool.show()
+        pool.progress.show(pool.ok, 0, 0, pool.failed, force=True)
+        if pool.progress.tty:
             print(flush=True)
     except BaseException:
-        for ref in inflight:
-            ray.cancel(ref, force=True, recursive=True)
-        deadline = time.time() + 15
-        while inflight and time.time() < deadline:
-            done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=1.0)
-            for ref in done:
-                inflight.pop(ref)
+        pool.cancel()
         raise
     finally:
-        ray.kill(board)
-    return outcomes
+        ray.kill(pool.board)
+    return pool.outcomes
+
+
+class _CellPool:
+    """The cells in flight as Ray tasks, the board their start times are read from, and the
+    outcomes so far."""
+
+    def __init__(
+        self, jobs: list[CellJob], max_concurrent: int | None, retries: int, progress: Progress
+    ) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.board = (
+            _board_class()
+            .options(
+                # On the driver's node (num_cpus=0 always fits): it lives and dies with the
+                # driver, never with a worker node that a spot reclaim takes away.
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=False
+                ),
+                max_restarts=-1,
+            )
+            .remote()
+        )
+        self.remote = ray.remote(_run_cell)
+        self.drivers = ray.cluster_resources().get("driver", 0) > 0  # asked once, not per cell
+        self.todo = list(jobs)
+        self.inflight: dict[Any, CellJob] = {}
+        self.outcomes: list[CellOutcome] = []
+        self.starts: dict[str, list[tuple[str, float]]] = {}
+        self.max_concurrent, self.retries, self.progress = max_concurrent, retries, progress
+        self.failed = 0
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for o in self.outcomes if o.ok)
+
+    def submit(self) -> None:
+        while self.todo and (
+            self.max_concurrent is None or len(self.inflight) < self.max_concurrent
+        ):
+            job = self.todo.pop(0)
+            ref = self.remote.options(
+                **task_options(job.cfg, zero_shot=job.zero_shot, driver_slots=self.drivers),
+                max_retries=self.retries,
+                retry_exceptions=True,
+                name=f"cell:{job.cell.key}",
+            ).remote(job, self.board)
+            self.inflight[ref] = job
+
+    def collect(self) -> list[CellOutcome]:
+        """Outcomes of the cells that ended in the last second (at most one)."""
+        import ray
+
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+        # A blip of the board (its node under load, a node going away) must not stop the
+        # matrix: the next round asks again.
+        with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            self.starts = ray.get(self.board.snapshot.remote(), timeout=30)
+        ended = []
+        for ref in ready:
+            job = self.inflight.pop(ref)
+            try:
+                out = CellOutcome(job.cell, True, ray.get(ref))
+                self.progress.durations.append(out.result["end"] - out.result["start"])
+            except Exception as exc:  # the task raised, or its node/worker died, after retries
+                out = CellOutcome(job.cell, False, error=_short_error(exc))
+                out.failed_at = time.time()
+                self.failed += 1
+            out.starts = self.starts.get(job.cell.key, [])
+            self.outcomes.append(out)
+            ended.append(out)
+        return ended
+
+    def show(self) -> None:
+        running = sum(1 for j in self.inflight.values() if j.cell.key in self.starts)
+        waiting = len(self.todo) + len(self.inflight) - running
+        self.progress.show(self.ok, running, waiting, self.failed)
+
+    def cancel(self) -> None:
+        """Cancel every cell in flight and wait (15 s at most) for Ray to confirm."""
+        import ray
+
+        for ref in self.inflight:
+            ray.cancel(ref, force=True, recursive=True)
+        deadline = time.time() + 15
+        while self.inflight and time.time() < deadline:
+            done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=1.0)
+            for ref in done:
+                self.inflight.pop(ref)
 
 
 def _short_error(exc: BaseException) -> str:

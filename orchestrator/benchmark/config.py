@@ -1,21 +1,17 @@
-"""benchmark/config."""
+"""A benchmark YAML: a training config (the base every cell starts from) plus a `benchmark:`
+section, read into a `BenchmarkConfig` and checked before any cell runs."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from orchestrator.benchmark.methods import DEFAULT_PAIRS, METHODS
 from orchestrator.config import (
     Config,
     ConfigError,
-    apply_overrides,
-    load_config,
+    load_with_section,
 )
 
 
@@ -39,7 +35,7 @@ class BenchmarkConfig:
     # Paired comparisons [method, base] on the same test images and seeds; null: DEFAULT_PAIRS
     # (InfoSAM variants vs their PEFT base, the KD baselines vs adapter, all vs zero_shot).
     pairs: list[list[str]] | None = None
-    # The two-level (seeds, images) bootstrap of each mean difference (orchestrator.stats).
+    # The two-level (seeds, images) bootstrap of each mean difference (orchestrator.benchmark.stats).
     bootstrap_resamples: int = 2000
     bootstrap_seed: int = 0
     confidence: float = 0.95
@@ -53,18 +49,8 @@ class BenchmarkConfig:
 def load_benchmark(
     path: str | os.PathLike | None, overrides: list[str] | None = None
 ) -> tuple[BenchmarkConfig, Config]:
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"benchmark config not found: {path}")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    data = apply_overrides(data, overrides or [])
-    bench_data = data.pop("benchmark", {}) or {}
-    known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
-    unknown = set(bench_data) - known
-    if unknown:
-        raise ConfigError(f"unknown benchmark key(s) {sorted(unknown)}; known: {sorted(known)}")
-    bench = BenchmarkConfig(**bench_data)
+    """The benchmark section and the base config every cell starts from, checked."""
+    bench, base = load_with_section(path, overrides, "benchmark", BenchmarkConfig)
     bad = [m for m in bench.methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown benchmark method(s) {bad}; choose from {list(METHODS)}")
@@ -83,8 +69,6 @@ def load_benchmark(
         )
     if bench.max_concurrent_cells is not None and bench.max_concurrent_cells < 1:
         raise ConfigError("benchmark.max_concurrent_cells must be >= 1 (or null: no cap)")
-    base = load_config(None, [])
-    base = Config.from_dict(data).validate() if data else base
     return bench, base
 
 

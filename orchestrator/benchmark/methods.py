@@ -1,4 +1,9 @@
-"""benchmark/methods."""
+"""The methods a benchmark compares, as overrides of the base config, their labels, and the
+pairs it compares by default.
+
+To add a method: one entry in `METHODS` (its overrides), one in `LABELS`, and, if it is an
+ablation of another method, a pair in `DEFAULT_PAIRS`.
+"""
 
 from __future__ import annotations
 

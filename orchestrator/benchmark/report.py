@@ -1,4 +1,5 @@
-"""benchmark/report."""
+"""A benchmark's files: per-cell scores, results.md (tables, paired differences, costs), the
+forest plot and bar chart, collected from cells.json."""
 
 from __future__ import annotations
 
@@ -129,47 +130,17 @@ def _write_outputs(
     bench: BenchmarkConfig,
     state: dict[str, Any],
 ) -> dict[str, str]:
+    """results.md (provenance, the table, failed cells, paired differences, categories),
+    results.csv, the bar chart, and the per-image scores behind the differences."""
     header = "\n".join(f"- {k}: {v}" for k, v in provenance.items())
     seeds = len(bench.seeds)
-    failed = {k: e for k, e in state["cells"].items() if e.get("status") == "FAILED"}
-    missing = ""
-    if failed:
-        lines = "\n".join(f"- `{k}`: {e.get('error', '')}" for k, e in sorted(failed.items()))
-        missing = (
-            f"\n**{len(failed)} cell(s) FAILED and are missing from the table** (values with "
-            f"n=k/{seeds} average the seeds that finished); re-run the same benchmark name to "
-            f"retry them:\n\n{lines}\n"
-        )
     files = {
         "markdown": str(out_dir / "results.md"),
         "csv": str(out_dir / "results.csv"),
         "chart": str(out_dir / "results.png"),
     }
     scores = collect_scores(out_dir, state)
-    differences = ""
-    if not scores.empty:
-        files["scores"] = str(out_dir / "scores.csv")
-        scores.to_csv(files["scores"], index=False)
-        comparisons = compare(
-            scores,
-            bench.comparison_pairs(),
-            {d: _metrics_for(bench, d) for d in bench.datasets},
-            resamples=bench.bootstrap_resamples,
-            confidence=bench.confidence,
-            rng_seed=bench.bootstrap_seed,
-        )
-        if comparisons:
-            import pandas as pd
-
-            files["differences"] = str(out_dir / "differences.csv")
-            pd.DataFrame([c.as_row() for c in comparisons]).to_csv(
-                files["differences"], index=False
-            )
-            files["forest"] = str(out_dir / "differences.png")
-            forest_plot(
-                comparisons, bench.datasets, _main_metrics(bench), _pair_label, files["forest"]
-            )
-            differences = _differences_markdown(comparisons, bench)
+    differences = _write_differences(out_dir, scores, bench, files)
     units = ""
     if not scores.empty and "image" in scores.columns:
         per_instance = scores["image"].astype(str) != scores["image_id"].astype(str)
@@ -179,14 +150,52 @@ def _write_outputs(
     md = (
         f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
         f"on each dataset's test split; trainable parameters and training seconds per cell "
-        f"(mean over its cells) on the right.{units}\n\n{table.to_markdown()}\n{missing}"
-        f"{differences}{_category_markdown(scores, bench)}"
+        f"(mean over its cells) on the right.{units}\n\n{table.to_markdown()}\n"
+        f"{_failed_markdown(state, seeds)}{differences}{_category_markdown(scores, bench)}"
     )
     atomic_write(files["markdown"], md)
     raw.to_csv(files["csv"], index=False)
     bar_chart(raw, bench.datasets, bench.methods, _main_metrics(bench), LABELS, files["chart"])
     print(md, flush=True)
     return files
+
+
+def _failed_markdown(state: dict[str, Any], seeds: int) -> str:
+    """The failed cells, named with their errors, or nothing."""
+    failed = {k: e for k, e in state["cells"].items() if e.get("status") == "FAILED"}
+    if not failed:
+        return ""
+    lines = "\n".join(f"- `{k}`: {e.get('error', '')}" for k, e in sorted(failed.items()))
+    return (
+        f"\n**{len(failed)} cell(s) FAILED and are missing from the table** (values with "
+        f"n=k/{seeds} average the seeds that finished); re-run the same benchmark name to "
+        f"retry them:\n\n{lines}\n"
+    )
+
+
+def _write_differences(out_dir: Path, scores: Any, bench: BenchmarkConfig, files: dict) -> str:
+    """scores.csv, differences.csv and the forest plot (added to `files`); their markdown."""
+    if scores.empty:
+        return ""
+    files["scores"] = str(out_dir / "scores.csv")
+    scores.to_csv(files["scores"], index=False)
+    comparisons = compare(
+        scores,
+        bench.comparison_pairs(),
+        {d: _metrics_for(bench, d) for d in bench.datasets},
+        resamples=bench.bootstrap_resamples,
+        confidence=bench.confidence,
+        rng_seed=bench.bootstrap_seed,
+    )
+    if not comparisons:
+        return ""
+    import pandas as pd
+
+    files["differences"] = str(out_dir / "differences.csv")
+    pd.DataFrame([c.as_row() for c in comparisons]).to_csv(files["differences"], index=False)
+    files["forest"] = str(out_dir / "differences.png")
+    forest_plot(comparisons, bench.datasets, _main_metrics(bench), _pair_label, files["forest"])
+    return _differences_markdown(comparisons, bench)
 
 
 def _category_markdown(scores, bench: BenchmarkConfig) -> str:

@@ -1,7 +1,7 @@
 """The paper's comparison: methods x datasets x seeds, each cell a Ray Train run + MLflow child run.
 
 A benchmark YAML is a training config (the base every cell starts from) plus a `benchmark:`
-section. Cells run concurrently as Ray tasks (`orchestrator.cells`): as many at once as the
+section. Cells run concurrently as Ray tasks (`orchestrator.benchmark.cells`): as many at once as the
 cluster's resources allow (or `benchmark.max_concurrent_cells`). What cells of one dataset share
 (the dataset folder, its decoded small splits, the teacher cache, the teacher hash) is prepared
 once here, in the driver. Finished cells are recorded in `<storage>/<name>/cells.json`, so
@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from orchestrator.benchmark.cells import (
 from orchestrator.benchmark.config import BenchmarkConfig, _metrics_for, cell_config, load_benchmark
 from orchestrator.benchmark.methods import METHODS
 from orchestrator.benchmark.report import _write_cell_scores, _write_outputs, results_table
-from orchestrator.cluster.ray_env import init_ray, on_one_machine
+from orchestrator.cluster.ray_env import concurrency_cap, init_ray, on_one_machine
 from orchestrator.config import (
     Config,
     ConfigError,
@@ -54,13 +55,14 @@ from orchestrator.tracking.runs import (
     check_tracking_server,
     close_child_runs,
     closing_on_exit,
-    open_run,
+    open_parent_run,
     resolve_tracking_uri,
     view_hint,
 )
 from orchestrator.train.models import teacher_hash
 
-DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
+# The embedded default benchmark ships with the package, like the embedded teacher.
+DEMO = Path(__file__).resolve().parent / "demo.yaml"
 
 
 def _shared_key(cell: Cell, cfg: Config) -> tuple[str, bool]:
@@ -71,15 +73,8 @@ def _shared_key(cell: Cell, cfg: Config) -> tuple[str, bool]:
 
 def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> int | None:
     """`max_concurrent_cells`, else no cap on a cluster, else what this machine's CPUs hold."""
-    import ray
-
-    if bench.max_concurrent_cells is not None:
-        return bench.max_concurrent_cells
-    if not laptop:
-        return None
-    cpus = ray.cluster_resources().get("CPU", 1.0)
     need = max((cell_cpus(c) for c in cfgs), default=1.0)
-    return max(1, int(cpus // max(need, 1e-6)))
+    return concurrency_cap(bench.max_concurrent_cells, need, laptop)
 
 
 def _cell_view(cell: Cell, cfg: Config) -> dict[str, Any]:
@@ -107,13 +102,66 @@ def _check_finished_cells(
         raise resume_refusal(f"benchmark {bench.name!r} (finished cells {keys})", changed[0][1])
 
 
+@dataclass
+class BenchmarkResult:
+    """What a benchmark run produced: the tables, the files, where to look in MLflow."""
+
+    table: Any  # pandas DataFrame: methods x (dataset, metric), mean over seeds
+    raw: Any  # pandas DataFrame: one row per cell and metric
+    files: dict[str, str]
+    parent_run_id: str
+    tracking_uri: str
+    provenance: dict[str, Any]
+    failed: list[str]
+    timeline: list[dict[str, Any]]
+    stats: dict[str, float]
+
+
+class CellStore:
+    """`cells.json`: the parent run id and each cell's outcome, rewritten atomically after
+    every change, so a killed driver resumes from what it recorded."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.path = out_dir / "cells.json"
+        self.state: dict[str, Any] = (
+            json.loads(self.path.read_text()) if self.path.is_file() else {"cells": {}}
+        )
+
+    @property
+    def cells(self) -> dict[str, dict[str, Any]]:
+        return self.state["cells"]
+
+    def finished(self, key: str) -> bool:
+        done = self.cells.get(key)
+        return bool(done) and done.get("status", "FINISHED") == "FINISHED"
+
+    def record(self, key: str, entry: dict[str, Any]) -> None:
+        self.cells[key] = entry
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.state, indent=2)
+
+
+@dataclass
+class Plan:
+    """Every cell with its typed config, checked before Ray starts, and the run's provenance."""
+
+    cells: list[Cell]
+    configs: dict[str, Config]
+    provenance: dict[str, Any]
+    teacher_sha: str | None
+    uri: str
+
+
 def run_benchmark(
     bench: BenchmarkConfig,
     base: Config,
     *,
     quiet: bool = True,
     allow_config_change: bool = False,
-) -> dict[str, Any]:
+) -> BenchmarkResult:
     """Run (or resume) every cell; returns the table, files written and the parent run id.
 
     One driver per benchmark folder at a time (a lock: a second gets `LockedError` naming the
@@ -126,17 +174,49 @@ def run_benchmark(
     out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir / ".lock", f"benchmark {bench.name!r} ({out_dir})"):
-        return _run_benchmark(bench, base, out_dir, quiet, allow_config_change)
+        return _run_benchmark(bench, base, CellStore(out_dir), quiet, allow_config_change)
 
 
 def _run_benchmark(
-    bench: BenchmarkConfig, base: Config, out_dir: Path, quiet: bool, allow_config_change: bool
-) -> dict[str, Any]:
-    from orchestrator.train.inputs import prepare_data
-
+    bench: BenchmarkConfig, base: Config, store: CellStore, quiet: bool, allow: bool
+) -> BenchmarkResult:
+    """The phases: plan and check, start Ray, prepare shared data, open the parent run, run the
+    pending cells (each outcome recorded as it lands), write the report, close the parent."""
     started = time.perf_counter()
-    state_file = out_dir / "cells.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"cells": {}}
+    plan = plan_cells(bench, base)
+    _check_finished_cells(bench, plan.cells, plan.configs, store.state, allow)
+    init_ray(log_to_driver=not quiet)
+    laptop = on_one_machine()
+    t_prep = time.perf_counter()
+    shared = prepare_shared(plan, quiet)
+    prep_s = time.perf_counter() - t_prep
+    parent = _open_parent(bench, base, plan, store)
+    jobs = pending_jobs(bench, base, plan, store, shared, parent.run_id)
+    cap = _default_cap(bench, [j.cfg for j in jobs], laptop)
+    print(
+        f"[benchmark] {bench.name}: {len(jobs)} of {len(plan.cells)} cells to run, at most "
+        f"{cap or 'as many as the cluster holds'} at once; shared data prepared in {prep_s:.1f}s",
+        flush=True,
+    )
+    recorder = OutcomeRecorder(store, plan, parent.run_id)
+    with closing_on_exit(
+        parent, label=f"[benchmark] {bench.name}", hint="re-run the same name to resume"
+    ):
+        run_cells(
+            jobs,
+            max_concurrent=cap,
+            retries=bench.cell_retries,
+            on_outcome=recorder.record,
+            already_done=len(plan.cells) - len(jobs),
+            total=len(plan.cells),
+        )
+        result = _report(bench, store, plan, parent, recorder.timeline)
+        _finish_parent(parent, store, result, time.perf_counter() - started, prep_s)
+    return result
+
+
+def plan_cells(bench: BenchmarkConfig, base: Config) -> Plan:
+    """Typed configs for every cell (checked before anything runs) and the shared provenance."""
     uri = resolve_tracking_uri(base.tracking.uri, base.storage.path)
     check_tracking_server(uri)  # in seconds, before Ray and the data
     teacher_sha = teacher_hash(base)
@@ -151,7 +231,6 @@ def _run_benchmark(
         "lr": base.optim.lr,
         "checkpoint_selection": "last epoch (no test-set selection)",
     }
-    # Typed configs for every cell, checked before anything runs.
     cells = [Cell(m, d, s) for d in bench.datasets for m in bench.methods for s in bench.seeds]
     no_teacher_eval = {"optim.zero_shot_eval": False} if "zero_shot" in bench.methods else {}
     configs = {
@@ -165,56 +244,75 @@ def _run_benchmark(
         )
         for c in cells
     }
-    _check_finished_cells(bench, cells, configs, state, allow_config_change)
-    init_ray(log_to_driver=not quiet)
-    laptop = on_one_machine()
+    return Plan(cells, configs, provenance, teacher_sha, uri)
+
+
+def prepare_shared(plan: Plan, quiet: bool) -> dict[tuple[str, bool], Any]:
+    """What the cells of one dataset share (folder, decoded small splits, teacher cache), made
+    once per dataset in the driver; each dataset's manifest digest joins the provenance."""
+    from orchestrator.train.inputs import prepare_data
+
     shared: dict[tuple[str, bool], Any] = {}
-    t_prep = time.perf_counter()
-    for cell in cells:  # the work cells of one dataset share, done once per dataset
-        cfg = configs[cell.key]
+    for cell in plan.cells:
+        cfg = plan.configs[cell.key]
         key = _shared_key(cell, cfg)
         if key in shared:
             continue
-        shared[key] = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
+        shared[key] = prepare_data(cfg, teacher_sha256=plan.teacher_sha, quiet=quiet)
         m = shared[key].manifest
         digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
-        provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
-    prep_s = time.perf_counter() - t_prep
-    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
-    parent, resumed = open_run(
-        uri,
+        plan.provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
+    return shared
+
+
+def _open_parent(bench: BenchmarkConfig, base: Config, plan: Plan, store: CellStore) -> Any:
+    """The benchmark's parent run: the one cells.json names (resumed), else a new one."""
+    parent, resumed = open_parent_run(
+        plan.uri,
         base.tracking.experiment,
         f"benchmark:{bench.name}",
-        resume_run_id=state.get("parent_run_id"),
-        artifact_root=artifact_root,
+        resume_run_id=store.state.get("parent_run_id"),
+        artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
         tags={"infosam.benchmark": bench.name},
+        params={
+            **plan.provenance,
+            "methods": ",".join(bench.methods),
+            "datasets": ",".join(bench.datasets),
+            "seeds": ",".join(map(str, bench.seeds)),
+        },
     )
     if not resumed:
-        parent.log_params(
-            {
-                **provenance,
-                "methods": ",".join(bench.methods),
-                "datasets": ",".join(bench.datasets),
-                "seeds": ",".join(map(str, bench.seeds)),
-            }
-        )
-        state["parent_run_id"] = parent.run_id
-        atomic_write_json(state_file, state, indent=2)
-    todo: list[CellJob] = []
-    for i, cell in enumerate(cells, 1):
-        done = state["cells"].get(cell.key)
-        cfg = configs[cell.key]
-        if done and done.get("status", "FINISHED") == "FINISHED":
-            print(f"[benchmark] {i}/{len(cells)} {cell.key}: done earlier, skipped", flush=True)
+        store.state["parent_run_id"] = parent.run_id
+        store.save()
+    return parent
+
+
+def pending_jobs(
+    bench: BenchmarkConfig,
+    base: Config,
+    plan: Plan,
+    store: CellStore,
+    shared: dict[tuple[str, bool], Any],
+    parent_run_id: str,
+) -> list[CellJob]:
+    """A job for every cell not FINISHED earlier (those are named and skipped)."""
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
+    jobs: list[CellJob] = []
+    for i, cell in enumerate(plan.cells, 1):
+        if store.finished(cell.key):
+            print(
+                f"[benchmark] {i}/{len(plan.cells)} {cell.key}: done earlier, skipped", flush=True
+            )
             continue
-        todo.append(
+        cfg = plan.configs[cell.key]
+        jobs.append(
             CellJob(
                 cell=cell,
                 cfg=cfg,
                 zero_shot=METHODS[cell.method] is None,
                 storage_name=f"{bench.name}/{cell.method}-{cell.dataset}-seed{cell.seed}",
-                parent_run_id=parent.run_id,
-                tracking_uri=uri,
+                parent_run_id=parent_run_id,
+                tracking_uri=plan.uri,
                 tags={
                     "infosam.benchmark": bench.name,
                     "infosam.method": cell.method,
@@ -224,51 +322,33 @@ def _run_benchmark(
                 artifact_root=artifact_root,
             )
         )
-    cap = _default_cap(bench, [j.cfg for j in todo], laptop)
-    print(
-        f"[benchmark] {bench.name}: {len(todo)} of {len(cells)} cells to run, at most "
-        f"{cap or 'as many as the cluster holds'} at once; shared data prepared in {prep_s:.1f}s",
-        flush=True,
-    )
-    timeline: list[dict[str, Any]] = []
+    return jobs
 
-    def record(out: CellOutcome) -> None:
+
+class OutcomeRecorder:
+    """Records each cell's outcome the moment it lands: cells.json, a progress line, a row of
+    the timeline; a failed cell's MLflow run is closed FAILED with its error."""
+
+    def __init__(self, store: CellStore, plan: Plan, parent_run_id: str) -> None:
+        self.store, self.plan, self.parent_run_id = store, plan, parent_run_id
+        self.timeline: list[dict[str, Any]] = []
+
+    def record(self, out: CellOutcome) -> None:
         cell = out.cell
         entry: dict[str, Any] = {
             "method": cell.method,
             "dataset": cell.dataset,
             "seed": cell.seed,
-            "config": _cell_view(cell, configs[cell.key]),  # what a re-run must match to skip it
+            "config": _cell_view(cell, self.plan.configs[cell.key]),  # what a re-run must match
         }
-        attempts = max(len(out.starts), 1)
         if out.ok:
-            r = out.result
-            entry.update(
-                status="FINISHED",
-                run_id=r["run_id"],
-                metrics=r["metrics"],
-                seconds=round(r["end"] - r["start"], 1),
-                node=r["node_ip"],
-                timings={k: round(v, 2) for k, v in (r.get("timings") or {}).items()},
-                trainable_params=r.get("trainable_params", 0),
-                scores=_write_cell_scores(out_dir, cell, r.get("scores") or []),
-            )
-            shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
-            msg = f"{cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
-            start, end, node = r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
+            msg, start, end, node = self._finished(out, entry)
         else:
-            close_child_runs(
-                uri, parent.run_id, "FAILED", tags={CELL_TAG: cell.key}, error=out.error
-            )
-            entry.update(status="FAILED", error=out.error, metrics={})
-            msg = f"{cell.key}: FAILED after {attempts} attempt(s): {out.error}"
-            start = out.starts[-1][1] if out.starts else out.failed_at
-            end, node = out.failed_at, (out.starts[-1][0][:6] if out.starts else "?")
-        state["cells"][cell.key] = entry
-        atomic_write_json(state_file, state, indent=2)
-        n_done = sum(1 for e in state["cells"].values() if e.get("status") == "FINISHED")
-        print(f"[benchmark] {n_done}/{len(cells)} {msg}", flush=True)
-        timeline.append(
+            msg, start, end, node = self._failed(out, entry)
+        self.store.record(cell.key, entry)
+        n_done = sum(1 for e in self.store.cells.values() if e.get("status") == "FINISHED")
+        print(f"[benchmark] {n_done}/{len(self.plan.cells)} {msg}", flush=True)
+        self.timeline.append(
             {
                 "cell": cell.key,
                 "method": cell.method,
@@ -278,62 +358,95 @@ def _run_benchmark(
                 "node": node,
                 "start": start,
                 "end": end,
-                "attempts": attempts,
+                "attempts": max(len(out.starts), 1),
                 "resources": json.dumps(out.result.get("resources", {})),
                 **{f"time_{k}": v for k, v in (out.result.get("timings") or {}).items()},
             }
         )
 
-    with closing_on_exit(
-        parent, label=f"[benchmark] {bench.name}", hint="re-run the same name to resume"
-    ):
-        run_cells(
-            todo,
-            max_concurrent=cap,
-            retries=bench.cell_retries,
-            on_outcome=record,
-            already_done=len(cells) - len(todo),
-            total=len(cells),
+    def _finished(self, out: CellOutcome, entry: dict[str, Any]) -> tuple[str, float, float, str]:
+        r = out.result
+        entry.update(
+            status="FINISHED",
+            run_id=r["run_id"],
+            metrics=r["metrics"],
+            seconds=round(r["end"] - r["start"], 1),
+            node=r["node_ip"],
+            timings={k: round(v, 2) for k, v in (r.get("timings") or {}).items()},
+            trainable_params=r.get("trainable_params", 0),
+            scores=_write_cell_scores(self.store.out_dir, out.cell, r.get("scores") or []),
         )
-        table, raw = results_table(state, bench)
-        files = _write_outputs(out_dir, table, raw, provenance, bench, state)
-        if timeline:
-            files.update(write_timeline(timeline, out_dir))
-        for kind, path in files.items():
-            parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
-        failed = [k for k, e in state["cells"].items() if e.get("status") == "FAILED"]
-        stats = timeline_stats(timeline)
-        parent.log_metrics(
-            {
-                "cells": sum(1 for e in state["cells"].values() if e.get("status") != "FAILED"),
-                "cells_failed": len(failed),
-                "wall_time_s": time.perf_counter() - started,
-                "shared_data_s": prep_s,
-                **{k: v for k, v in stats.items() if not math.isnan(v)},
-            },
-            step=0,
+        shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
+        msg = f"{out.cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
+        return msg, r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
+
+    def _failed(self, out: CellOutcome, entry: dict[str, Any]) -> tuple[str, float, float, str]:
+        close_child_runs(
+            self.plan.uri,
+            self.parent_run_id,
+            "FAILED",
+            tags={CELL_TAG: out.cell.key},
+            error=out.error,
         )
-        if stats:
-            print(
-                f"[benchmark] {len(timeline)} cells in {stats['makespan_s']:.0f}s: peak concurrency "
-                f"{stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
-                f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
-                flush=True,
-            )
-        if failed:
-            parent.set_tags({"infosam.failed_cells": ",".join(failed)})
-        parent.finish("FINISHED")
-    return {
-        "table": table,
-        "raw": raw,
-        "files": files,
-        "parent_run_id": parent.run_id,
-        "tracking_uri": uri,
-        "provenance": provenance,
-        "failed": failed,
-        "timeline": timeline,
-        "stats": stats,
-    }
+        entry.update(status="FAILED", error=out.error, metrics={})
+        msg = f"{out.cell.key}: FAILED after {max(len(out.starts), 1)} attempt(s): {out.error}"
+        start = out.starts[-1][1] if out.starts else out.failed_at
+        node = out.starts[-1][0][:6] if out.starts else "?"
+        return msg, start, out.failed_at, node
+
+
+def _report(
+    bench: BenchmarkConfig,
+    store: CellStore,
+    plan: Plan,
+    parent: Any,
+    timeline: list[dict[str, Any]],
+) -> BenchmarkResult:
+    """results.md, the tables, figures and the timeline, written and logged to the parent."""
+    table, raw = results_table(store.state, bench)
+    files = _write_outputs(store.out_dir, table, raw, plan.provenance, bench, store.state)
+    if timeline:
+        files.update(write_timeline(timeline, store.out_dir))
+    for kind, path in files.items():
+        parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
+    return BenchmarkResult(
+        table=table,
+        raw=raw,
+        files=files,
+        parent_run_id=parent.run_id,
+        tracking_uri=plan.uri,
+        provenance=plan.provenance,
+        failed=[k for k, e in store.cells.items() if e.get("status") == "FAILED"],
+        timeline=timeline,
+        stats=timeline_stats(timeline),
+    )
+
+
+def _finish_parent(
+    parent: Any, store: CellStore, result: BenchmarkResult, wall_s: float, prep_s: float
+) -> None:
+    """The parent run's summary metrics, the concurrency line, FINISHED."""
+    stats = result.stats
+    parent.log_metrics(
+        {
+            "cells": sum(1 for e in store.cells.values() if e.get("status") != "FAILED"),
+            "cells_failed": len(result.failed),
+            "wall_time_s": wall_s,
+            "shared_data_s": prep_s,
+            **{k: v for k, v in stats.items() if not math.isnan(v)},
+        },
+        step=0,
+    )
+    if stats:
+        print(
+            f"[benchmark] {len(result.timeline)} cells in {stats['makespan_s']:.0f}s: peak "
+            f"concurrency {stats['peak_concurrency']:.0f}, mean {stats['mean_concurrency']:.2f}, "
+            f"slots idle {100 * stats['slot_idle_fraction']:.0f}%",
+            flush=True,
+        )
+    if result.failed:
+        parent.set_tags({"infosam.failed_cells": ",".join(result.failed)})
+    parent.finish("FINISHED")
 
 
 def main(argv: list[str] | None = None, *, default_config: str | os.PathLike | None = None) -> int:
@@ -361,14 +474,14 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop`: runs closed as KILLED
         return 130
     print(
-        f"[benchmark] {bench.name}: {len(result['raw'])} metric values in {time.perf_counter() - start:.0f}s"
+        f"[benchmark] {bench.name}: {len(result.raw)} metric values in {time.perf_counter() - start:.0f}s"
     )
-    for kind, path in result["files"].items():
+    for kind, path in result.files.items():
         print(f"[benchmark] {kind}: {path}")
-    print(f"[benchmark] MLflow: {view_hint(result['tracking_uri'], result['parent_run_id'])}")
-    if result["failed"]:
+    print(f"[benchmark] MLflow: {view_hint(result.tracking_uri, result.parent_run_id)}")
+    if result.failed:
         print(
-            f"[benchmark] {len(result['failed'])} cell(s) FAILED: {', '.join(result['failed'])}; "
+            f"[benchmark] {len(result.failed)} cell(s) FAILED: {', '.join(result.failed)}; "
             "re-run the same command to retry only those",
             file=sys.stderr,
         )

@@ -98,15 +98,26 @@ def _server_secret_problems(config: dict[str, Any]) -> list[str]:
 
 
 def check_cluster_config(config: dict[str, Any]) -> list[str]:
-    """Problems found (empty list = OK)."""
-    import ray
+    """Problems found (empty list = OK): Ray's own schema, then each of the project's rules
+    (`RULES`, one function per concern, in the order a reader fixes them)."""
+    return [problem for rule in RULES for problem in rule(config)]
+
+
+def _ray_schema(config: dict[str, Any]) -> list[str]:
+    """What `ray up` itself would refuse, found offline."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    problems: list[str] = []
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
     except Exception as exc:  # jsonschema / ValueError from Ray
-        problems.append(f"Ray schema: {str(exc).splitlines()[0]}")
+        return [f"Ray schema: {str(exc).splitlines()[0]}"]
+    return []
+
+
+def _node_types(config: dict[str, Any]) -> list[str]:
+    """Explicit resources and instance profiles; a CPU-less, GPU-less head that runs drivers;
+    GPU workers that scale from zero."""
+    problems: list[str] = []
     nodes: dict[str, Any] = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     if head not in nodes:
@@ -126,33 +137,46 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
             problems.append(
                 f"node type {name!r} has no IamInstanceProfile: it cannot reach S3 storage"
             )
-        if name == head:
-            if res.get("GPU", 0):
-                problems.append(
-                    f"head node {name!r} advertises GPUs: training must run on worker nodes"
-                )
-            if res.get("CPU", 0):
-                problems.append(
-                    f"head node {name!r} advertises CPU {res['CPU']}: it would run training/data tasks; set CPU: 0"
-                )
-            if not res.get("driver"):
-                problems.append(
-                    f"head node {name!r} lacks the custom `driver` resource that benchmark/tune drivers request"
-                )
-        else:
-            if res.get("driver"):
-                problems.append(
-                    f"worker type {name!r} advertises `driver`: only the head may run drivers"
-                )
-            if res.get("GPU", 0) and node.get("min_workers", 0) != 0:
-                problems.append(
-                    f"GPU worker type {name!r} has min_workers {node.get('min_workers')}: idle GPUs cost money; use 0 and autoscale"
-                )
+        problems += _head_rules(name, res) if name == head else _worker_rules(name, node, res)
     if not any(n.get("resources", {}).get("GPU", 0) for k, n in nodes.items() if k != head):
         problems.append("no worker node type has GPUs")
+    return problems
+
+
+def _head_rules(name: str, res: dict[str, Any]) -> list[str]:
+    problems = []
+    if res.get("GPU", 0):
+        problems.append(f"head node {name!r} advertises GPUs: training must run on worker nodes")
+    if res.get("CPU", 0):
+        problems.append(
+            f"head node {name!r} advertises CPU {res['CPU']}: it would run training/data tasks; set CPU: 0"
+        )
+    if not res.get("driver"):
+        problems.append(
+            f"head node {name!r} lacks the custom `driver` resource that benchmark/tune drivers request"
+        )
+    return problems
+
+
+def _worker_rules(name: str, node: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    problems = []
+    if res.get("driver"):
+        problems.append(f"worker type {name!r} advertises `driver`: only the head may run drivers")
+    if res.get("GPU", 0) and node.get("min_workers", 0) != 0:
+        problems.append(
+            f"GPU worker type {name!r} has min_workers {node.get('min_workers')}: idle GPUs cost money; use 0 and autoscale"
+        )
+    return problems
+
+
+def _image_rules(config: dict[str, Any]) -> list[str]:
+    """A current rayproject/ray image running the Ray this project pins."""
+    import ray
+
     images = _images(config)
     if not images:
-        problems.append("no docker image: use rayproject/ray:<installed version>-py311-gpu")
+        return ["no docker image: use rayproject/ray:<installed version>-py311-gpu"]
+    problems = []
     for image in images:
         if "ray-ml" in image:
             problems.append(
@@ -163,6 +187,12 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
             problems.append(
                 f"image {image!r} runs Ray {m.group(1)} but this project pins Ray {ray.__version__}"
             )
+    return problems
+
+
+def _auth_and_binds(config: dict[str, Any]) -> list[str]:
+    """Token authentication on every node; nothing listening on every interface."""
+    problems = []
     start = _commands(config, "head_start_ray_commands", "worker_start_ray_commands")
     if "RAY_AUTH_MODE=token" not in _commands(
         config, "head_start_ray_commands"
@@ -170,15 +200,7 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
         problems.append(
             "token authentication is not enabled on every node (export RAY_AUTH_MODE=token before `ray start`)"
         )
-    everything = _commands(
-        config,
-        "setup_commands",
-        "head_setup_commands",
-        "worker_setup_commands",
-        "head_start_ray_commands",
-        "worker_start_ray_commands",
-    )
-    if "0.0.0.0" in everything:
+    if "0.0.0.0" in _commands(config, *_ALL_COMMANDS):
         problems.append(
             "a command binds to 0.0.0.0; bind to 127.0.0.1 (dashboard) or the private address (MLflow)"
         )
@@ -186,6 +208,12 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
         problems.append(
             "the dashboard must bind to 127.0.0.1 (reach it with `ray dashboard cluster.yaml`)"
         )
+    return problems
+
+
+def _tracking_server_rules(config: dict[str, Any]) -> list[str]:
+    """No runs in SQLite on a disposable head; no MLflow server without authentication."""
+    problems = []
     head = _commands(config, "head_setup_commands")
     if "sqlite" in head:
         problems.append(
@@ -199,12 +227,26 @@ def check_cluster_config(config: dict[str, Any]) -> list[str]:
             "the MLflow server runs without authentication: anyone in the VPC can read and "
             "write every run; add --auth (`infosam tracking serve --auth`)"
         )
-    problems += _server_secret_problems(config)
-    if "mlflow[auth,db]==3.17.2" not in _commands(
+    return problems
+
+
+def _pinned_mlflow(config: dict[str, Any]) -> list[str]:
+    if "mlflow[auth,db]==3.17.2" in _commands(
         config, "setup_commands", "head_setup_commands", "worker_setup_commands"
     ):
-        problems.append(
-            "setup does not install the pinned mlflow[auth,db]==3.17.2 the project is tested "
-            "with (auth: the basic-auth app; db: the PostgreSQL driver)"
-        )
-    return problems
+        return []
+    return [
+        "setup does not install the pinned mlflow[auth,db]==3.17.2 the project is tested "
+        "with (auth: the basic-auth app; db: the PostgreSQL driver)"
+    ]
+
+
+RULES = (
+    _ray_schema,
+    _node_types,
+    _image_rules,
+    _auth_and_binds,
+    _tracking_server_rules,
+    _server_secret_problems,
+    _pinned_mlflow,
+)

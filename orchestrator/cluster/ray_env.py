@@ -1,7 +1,7 @@
-"""What every entry point needs before it trains: a Ray, a dataset folder, the teacher weights.
+"""Starting or joining a Ray with explicit options, and where this process runs.
 
-Kept apart from the trainer so that the benchmark, the sweeps, the CLI and prediction share these
-without importing training internals. Nothing here trains.
+Every entry point (CLI, benchmark, sweep) starts Ray through `init_ray`, so the options a laptop
+and a cluster need are decided in one place. Nothing here trains or reads data.
 """
 
 from __future__ import annotations
@@ -75,3 +75,17 @@ def on_one_machine() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         return False
     return sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+
+
+def concurrency_cap(explicit: int | None, cpus_each: float, laptop: bool) -> int | None:
+    """How many benchmark cells or sweep trials run at once: `explicit` if the user set it;
+    else no cap on a cluster (pending work is what asks the autoscaler for nodes); else as
+    many as this machine's CPUs hold at `cpus_each`."""
+    import ray
+
+    if explicit:
+        return explicit
+    if not laptop:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, int(cpus // max(cpus_each, 1e-6)))

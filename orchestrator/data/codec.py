@@ -1,4 +1,11 @@
-"""data/codec."""
+"""Decoding images and masks within one budget, and the mask rule, for ingest, the Ray Data
+reader and prediction alike.
+
+Every decoder reads the header first and refuses a file over the budget (pixels, decoded bytes,
+file size, TIFF pages) with a message naming it, so one hostile file costs a rejection, not the
+process. Images: grayscale, palette, RGBA (alpha dropped) and 16-bit images become 8-bit RGB and
+are flagged, not rejected. Masks follow `manifest.MASK_RULE`.
+"""
 
 from __future__ import annotations
 
@@ -96,7 +103,7 @@ def check_budget(width: int, height: int, channels: int, itemsize: int, what: st
         raise Rejected(
             f"{what} declares {width}x{height} px x {channels} channel(s) of {itemsize} byte(s) "
             f"({decoded / 2**20:.1f} MiB decoded), over the limit of {MAX_PIXELS} px and "
-            f"{MAX_DECODED_BYTES >> 20} MiB (orchestrator.datasets.MAX_PIXELS); tile it into "
+            f"{MAX_DECODED_BYTES >> 20} MiB (the limits in orchestrator.data.codec); tile it into "
             "smaller images"
         )
 

@@ -1,4 +1,14 @@
-"""data/manifest."""
+"""What a dataset folder holds: the parquet schemas, the mask rule, and reading the manifest
+and shards back (local folders or object storage) with their sizes and hashes checked.
+
+Mask rule (applied the same everywhere, written into every manifest as `mask_rule`):
+  * values {0, 1}                    -> as is
+  * two values {0, k}, any k > 0     -> mask = value > 0 (0/255 masks, label images)
+  * 8-bit maps with more values whose pixels are >= 98 % near 0 or near the maximum (JPEG
+    artefacts, anti-aliased edges) -> mask = value > max/2, flagged `mask_thresholded`
+  * anything else (multi-class label maps, soft masks) -> rejected with the values found
+  * colour masks are read as grey when their channels agree, otherwise rejected
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +29,7 @@ from PIL import (  # the decoders PIL_FORMATS names, registered before the first
 )
 
 from orchestrator.data.codec import IngestError, printable
+from orchestrator.storage import filesystem, resolve_location
 
 SCHEMA_VERSION = 1
 
@@ -47,7 +57,7 @@ PARQUET_SCHEMA = pa.schema(
 
 # Instance datasets (COCO, label images): one row per IMAGE, its bytes stored once, and parallel
 # lists with one entry per instance; `mask` stays null. Readers explode rows into one sample per
-# instance (`orchestrator.pipeline.decode_batch`). Manifests of such datasets say
+# instance (`orchestrator.data.reader.decode_batch`). Manifests of such datasets say
 # `"kind": "instances"`; `counts` are instances per split and `images` images per split.
 INSTANCE_COLUMNS = ["instance_ids", "instance_masks", "instance_categories"]
 
@@ -66,17 +76,11 @@ INSTANCE_SCHEMA = INSTANCE_SCHEMA.append(
 )
 
 
-def _fs(location: str | os.PathLike) -> tuple[object, str]:
-    """(pyarrow filesystem, path) for a local folder or a URI such as s3://bucket/data/polyp."""
-    import pyarrow.fs as pafs
-
-    text = os.fspath(location)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+_fs = filesystem  # (pyarrow filesystem, path): local folders and s3:// alike
 
 
 def _join(root: str, name: str) -> str:
+    """A path inside a pyarrow filesystem (always "/"-separated)."""
     return f"{root.rstrip('/')}/{name}"
 
 
@@ -125,8 +129,7 @@ def load_manifest(dataset_dir: str | os.PathLike, *, verify: bool = False) -> di
                 raise IngestError(
                     f"shard {shard['path']} changed after ingest (sha256 mismatch); re-run the ingest"
                 )
-    uri = os.fspath(dataset_dir)
-    manifest["root"] = uri.rstrip("/") if "://" in uri else root
+    manifest["root"] = resolve_location(dataset_dir)
     return manifest
 
 

@@ -121,16 +121,7 @@ def decode_batch(
     rows = np.zeros(total, np.int64)
     j = 0
     for i in range(n):
-        try:
-            img = _decode_image(batch["image"][i], channel_order)
-            decoded = [(sid, _decode_mask(m, img.shape), c) for sid, m, c in per_row[i]]
-        except Exception as exc:
-            source = batch["source"][i] if "source" in batch else "?"
-            raise SampleDecodeError(
-                f"sample id={batch['id'][i]!r} (source {source}) cannot be decoded: "
-                f"{type(exc).__name__}: {exc}. The shard changed after ingest: run "
-                "`infosam data inspect --verify DIR` and re-run `infosam data ingest`."
-            ) from None
+        img, decoded = _decode_row(batch, i, per_row[i], channel_order)
         image = _prepare_image(img, image_size)
         h, w = preprocess_shape(*img.shape[:2], image_size)
         for sid, m, category in decoded:
@@ -154,18 +145,42 @@ def decode_batch(
     if keep_original_mask:
         out["mask_original"] = originals
     if "teacher_embedding" in batch and embedding_shape is not None:
-        count = int(np.prod(embedding_shape))
-        emb = np.empty((n, *embedding_shape), np.uint16)
-        for i, raw in enumerate(batch["teacher_embedding"]):
-            if len(raw) != 2 * count:
-                raise SampleDecodeError(
-                    f"sample id={batch['id'][i]!r}: cached teacher embedding has {len(raw)} bytes, "
-                    f"expected {2 * count} for shape {tuple(embedding_shape)}; rebuild the cache "
-                    "(`infosam data teacher-cache`)"
-                )
-            emb[i] = np.frombuffer(raw, np.uint16).reshape(embedding_shape)
-        out["teacher_embedding"] = emb[rows]  # one per image, shared by its instances
+        # one per image, shared by its instances
+        out["teacher_embedding"] = _teacher_embeddings(batch, embedding_shape)[rows]
     return out
+
+
+def _decode_row(
+    batch: dict[str, np.ndarray], i: int, samples: list, channel_order: str
+) -> tuple[np.ndarray, list]:
+    """Row i's image and each of its samples' masks, or an error naming the sample and fix."""
+    try:
+        img = _decode_image(batch["image"][i], channel_order)
+        return img, [(sid, _decode_mask(m, img.shape), c) for sid, m, c in samples]
+    except Exception as exc:
+        source = batch["source"][i] if "source" in batch else "?"
+        raise SampleDecodeError(
+            f"sample id={batch['id'][i]!r} (source {source}) cannot be decoded: "
+            f"{type(exc).__name__}: {exc}. The shard changed after ingest: run "
+            "`infosam data inspect --verify DIR` and re-run `infosam data ingest`."
+        ) from None
+
+
+def _teacher_embeddings(
+    batch: dict[str, np.ndarray], embedding_shape: tuple[int, ...]
+) -> np.ndarray:
+    """(rows, *embedding_shape) uint16 bf16 bit patterns from the cache's bytes, sizes checked."""
+    count = int(np.prod(embedding_shape))
+    emb = np.empty((len(batch["id"]), *embedding_shape), np.uint16)
+    for i, raw in enumerate(batch["teacher_embedding"]):
+        if len(raw) != 2 * count:
+            raise SampleDecodeError(
+                f"sample id={batch['id'][i]!r}: cached teacher embedding has {len(raw)} bytes, "
+                f"expected {2 * count} for shape {tuple(embedding_shape)}; rebuild the cache "
+                "(`infosam data teacher-cache`)"
+            )
+        emb[i] = np.frombuffer(raw, np.uint16).reshape(embedding_shape)
+    return emb
 
 
 def to_torch(batch: dict[str, np.ndarray], device: Any = None) -> dict[str, Any]:
@@ -212,7 +227,7 @@ def read_split(
 ) -> Any:
     """A lazy `ray.data.Dataset` of decoded, padded samples of one split.
 
-    With `teacher_cache` (from `orchestrator.teacher_cache.open_teacher_cache`) the split is read
+    With `teacher_cache` (from `orchestrator.data.teacher_cache.open_teacher_cache`) the split is read
     from the cache's shards and batches carry the cached `teacher_embedding`. On instance
     datasets `batch_size` counts output samples (images are read in proportionally fewer
     rows), so a decoded block stays the same size however many objects an image holds.

@@ -26,12 +26,13 @@ from orchestrator.config import SYNTHETIC_DOMAINS, Config, ConfigError
 from orchestrator.data.codec import IngestError, encode_mask
 from orchestrator.data.manifest import iter_rows, load_manifest
 from orchestrator.data.writer import DatasetWriter
+from orchestrator.storage import is_remote, join
 
 
 def ensure_data(cfg: Config) -> Path | str:
     """The dataset folder; synthesises an embedded domain on first use (under a file lock)."""
-    if "://" in cfg.data.root:  # shared storage on clusters (s3://...): must be ingested already
-        uri = f"{cfg.data.root.rstrip('/')}/{cfg.data.dataset}"
+    if is_remote(cfg.data.root):  # shared storage on clusters (s3://...): must be ingested already
+        uri = join(cfg.data.root, cfg.data.dataset)
         load_manifest(uri)
         return uri
     root = Path(cfg.data.root).expanduser().resolve()

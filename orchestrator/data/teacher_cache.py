@@ -34,7 +34,7 @@ from infosam.sam import SAM_VARIANTS
 from orchestrator.data.codec import printable
 from orchestrator.data.manifest import INSTANCE_SCHEMA, _fs, _join, load_manifest, shard_paths
 from orchestrator.data.reader import columns, decode_images
-from orchestrator.storage import atomic_write
+from orchestrator.storage import atomic_write, is_remote, join, resolve_location
 
 __all__ = [
     "CACHE_VERSION",
@@ -89,9 +89,7 @@ class CacheKey:
 
 def cache_location(dataset_dir: str | os.PathLike, key: CacheKey) -> str:
     """The cache folder for this (teacher, input size, channel order); a URI on shared storage."""
-    _, root = _fs(dataset_dir)
-    base = os.fspath(dataset_dir).rstrip("/") if "://" in os.fspath(dataset_dir) else root
-    return _join(_join(base, "teacher_cache"), key.dirname)
+    return join(resolve_location(dataset_dir), "teacher_cache", key.dirname)
 
 
 def _read_json(location: str) -> dict | None:
@@ -231,101 +229,170 @@ def build_teacher_cache(
 
     One actor per GPU in the cluster when `use_gpu` (default: when the cluster has GPUs), else
     one CPU actor. Existing splits of the same cache stay until the new ones are complete.
+    The phases: decide the actors, read or start cache.json, then per split encode it into a
+    new generation folder, count its rows, and point cache.json at it.
     """
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-    import ray
-    import ray.data
-
-    manifest = load_manifest(dataset_dir)
-    location = cache_location(dataset_dir, key)
-    variant, image_size, channel_order = key.variant, key.image_size, key.channel_order
-    teacher_sha256 = key.teacher_sha256
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise TeacherCacheError("use_gpu=True but the Ray cluster has no GPUs")
-    workers = concurrency or (gpus if use_gpu else 1)
-    batch_size = batch_size or (16 if use_gpu else 8)
-    fs, root = _fs(location)
-    fs.create_dir(root, recursive=True)
-    meta = _read_json(_join(location, "cache.json")) or {}
-    if meta.get("teacher_sha256") not in (None, teacher_sha256):
-        meta = {}  # a foreign cache.json under our key: start over
-    meta.update(
-        version=CACHE_VERSION,
-        teacher_sha256=teacher_sha256,
-        variant=variant,
-        image_size=image_size,
-        channel_order=channel_order,
-        dtype="bfloat16",
-        checkpoint=os.path.basename(checkpoint),
+    build = _CacheBuild.plan(
+        dataset_dir, key, checkpoint, attention, batch_size, use_gpu, concurrency
     )
-    meta.setdefault("splits", {})
-    spec = SAM_VARIANTS[variant]
-    grid = image_size // spec.patch_size
-    meta["embedding_shape"] = [spec.prompt_embed_dim, grid, grid]
+    meta = _cache_meta(build)
     for split in splits:
         t0 = time.perf_counter()
         name = f"{split}-{uuid.uuid4().hex[:8]}"
-        out_dir = _join(location, name)
+        files, rows = build.encode(split, name)
+        _commit_split(build, meta, split, name, files, rows, time.perf_counter() - t0)
+        if not quiet:
+            seconds = meta["splits"][split]["seconds"]
+            print(
+                f"[infosam] teacher cache {split}: {rows} images in {seconds:.1f} s "
+                f"({rows / max(seconds, 1e-9):.1f} img/s, {build.workers} "
+                f"{'GPU' if build.use_gpu else 'CPU'} actor(s)) -> "
+                f"{printable(_join(build.location, name))}",
+                flush=True,
+            )
+    return meta
+
+
+@dataclass
+class _CacheBuild:
+    """One cache build: the dataset, where the cache goes, and the encoder actors."""
+
+    dataset_dir: str | os.PathLike
+    manifest: dict
+    location: str  # the cache folder (a URI on shared storage)
+    fs: Any  # pyarrow filesystem of `location`
+    root: str  # `location` inside `fs`
+    key: CacheKey
+    checkpoint: str
+    attention: str
+    batch_size: int
+    use_gpu: bool
+    workers: int
+
+    @classmethod
+    def plan(
+        cls,
+        dataset_dir: str | os.PathLike,
+        key: CacheKey,
+        checkpoint: str,
+        attention: str,
+        batch_size: int | None,
+        use_gpu: bool | None,
+        concurrency: int | None,
+    ) -> _CacheBuild:
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 if use_gpu is None else use_gpu
+        if use_gpu and gpus == 0:
+            raise TeacherCacheError("use_gpu=True but the Ray cluster has no GPUs")
+        location = cache_location(dataset_dir, key)
+        fs, root = _fs(location)
+        fs.create_dir(root, recursive=True)
+        return cls(
+            dataset_dir,
+            load_manifest(dataset_dir),
+            location,
+            fs,
+            root,
+            key,
+            checkpoint,
+            attention,
+            batch_size or (16 if use_gpu else 8),
+            use_gpu,
+            concurrency or (gpus if use_gpu else 1),
+        )
+
+    def encode(self, split: str, name: str) -> tuple[list[str], int]:
+        """Encode `split` into the generation folder `name`: (its parquet files, rows)."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+        import ray.data
+
+        k = self.key
         ds = ray.data.read_parquet(
-            shard_paths(dataset_dir, split, manifest), columns=columns(manifest)
+            shard_paths(self.dataset_dir, split, self.manifest), columns=columns(self.manifest)
         )
         ds = ds.map_batches(
             TeacherEncoder,
             fn_constructor_kwargs={
-                "variant": variant,
-                "checkpoint": checkpoint,
-                "image_size": image_size,
-                "channel_order": channel_order,
-                "attention": attention,
+                "variant": k.variant,
+                "checkpoint": self.checkpoint,
+                "image_size": k.image_size,
+                "channel_order": k.channel_order,
+                "attention": self.attention,
             },
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             batch_format="numpy",
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=1 if self.use_gpu else 0,
             num_cpus=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
         )
-        ds.write_parquet(out_dir)
-        out_local = _join(root, name)
-        infos = fs.get_file_info(pafs.FileSelector(out_local, recursive=False))
+        ds.write_parquet(_join(self.location, name))
+        out_local = _join(self.root, name)
+        infos = self.fs.get_file_info(pafs.FileSelector(out_local, recursive=False))
         files = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet"))
         rows = sum(
-            pq.ParquetFile(_join(out_local, f), filesystem=fs).metadata.num_rows for f in files
+            pq.ParquetFile(_join(out_local, f), filesystem=self.fs).metadata.num_rows for f in files
         )
-        expected = image_rows(manifest, split)
+        expected = image_rows(self.manifest, split)
         if rows != expected:
             raise TeacherCacheError(
                 f"teacher cache of split {split!r} wrote {rows} rows, the dataset has {expected}"
             )
-        previous = meta["splits"].get(split)
-        seconds = time.perf_counter() - t0
-        meta["splits"][split] = {
-            "rows": rows,
-            "files": [f"{name}/{f}" for f in files],
-            "source_shards": _source_shards(manifest, split),
-            "seconds": round(seconds, 2),
-            "images_per_s": round(rows / max(seconds, 1e-9), 2),
-            "workers": workers,
-            "device": "gpu" if use_gpu else "cpu",
-        }
-        # The generation just superseded stays (a run that opened it may still be streaming
-        # it); the one before goes, only once the new cache.json points elsewhere.
-        kept = sorted({p.split("/")[0] for p in previous["files"]} - {name}) if previous else []
-        meta["splits"][split]["previous"] = kept
-        _write_json(_join(location, "cache.json"), meta)
-        for d in set((previous or {}).get("previous", [])) - {name, *kept}:
-            with contextlib.suppress(OSError):
-                fs.delete_dir(_join(root, d))
-        if not quiet:
-            print(
-                f"[infosam] teacher cache {split}: {rows} images in {seconds:.1f} s "
-                f"({rows / max(seconds, 1e-9):.1f} img/s, {workers} {'GPU' if use_gpu else 'CPU'} "
-                f"actor(s)) -> {printable(out_dir)}",
-                flush=True,
-            )
+        return files, rows
+
+
+def _cache_meta(build: _CacheBuild) -> dict:
+    """cache.json as it stands (other splits kept), restated for this teacher and input."""
+    key = build.key
+    meta = _read_json(_join(build.location, "cache.json")) or {}
+    if meta.get("teacher_sha256") not in (None, key.teacher_sha256):
+        meta = {}  # a foreign cache.json under our key: start over
+    meta.update(
+        version=CACHE_VERSION,
+        teacher_sha256=key.teacher_sha256,
+        variant=key.variant,
+        image_size=key.image_size,
+        channel_order=key.channel_order,
+        dtype="bfloat16",
+        checkpoint=os.path.basename(build.checkpoint),
+    )
+    meta.setdefault("splits", {})
+    spec = SAM_VARIANTS[key.variant]
+    grid = key.image_size // spec.patch_size
+    meta["embedding_shape"] = [spec.prompt_embed_dim, grid, grid]
     return meta
+
+
+def _commit_split(
+    build: _CacheBuild,
+    meta: dict,
+    split: str,
+    name: str,
+    files: list[str],
+    rows: int,
+    seconds: float,
+) -> None:
+    """Point cache.json at the new generation of `split`. The generation just superseded
+    stays (a run that opened it may still be streaming it); the one before goes, only once
+    the new cache.json points elsewhere."""
+    previous = meta["splits"].get(split)
+    kept = sorted({p.split("/")[0] for p in previous["files"]} - {name}) if previous else []
+    meta["splits"][split] = {
+        "rows": rows,
+        "files": [f"{name}/{f}" for f in files],
+        "source_shards": _source_shards(build.manifest, split),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rows / max(seconds, 1e-9), 2),
+        "workers": build.workers,
+        "device": "gpu" if build.use_gpu else "cpu",
+        "previous": kept,
+    }
+    _write_json(_join(build.location, "cache.json"), meta)
+    for d in set((previous or {}).get("previous", [])) - {name, *kept}:
+        with contextlib.suppress(OSError):
+            build.fs.delete_dir(_join(build.root, d))
 
 
 def ensure_teacher_cache(
@@ -366,7 +433,7 @@ def ensure_teacher_cache(
 def _build_lock(dataset_dir: str | os.PathLike) -> Iterator[None]:
     """An exclusive file lock next to local caches; object stores have none (build ahead with
     `infosam data teacher-cache` before launching concurrent trials there)."""
-    if "://" in os.fspath(dataset_dir):
+    if is_remote(dataset_dir):
         yield
         return
     folder = Path(dataset_dir).expanduser().resolve() / "teacher_cache"

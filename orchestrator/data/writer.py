@@ -1,18 +1,10 @@
-"""Ingest image/mask pairs into sharded parquet + a manifest, with no silent loss.
+"""Write image/mask pairs into sharded parquet + a manifest, with no silent loss.
 
 Every input sample ends up either as a row in a shard or in the manifest's `rejected` list with
 its reason; never neither. Re-running an ingest on the same input gives the same bytes (and the
-old output is only replaced once the new one is complete).
-
-Mask rule (applied the same everywhere, written into every manifest as `mask_rule`):
-  * values {0, 1}                    -> as is
-  * two values {0, k}, any k > 0     -> mask = value > 0 (0/255 masks, label images)
-  * 8-bit maps with more values whose pixels are >= 98 % near 0 or near the maximum (JPEG
-    artefacts, anti-aliased edges) -> mask = value > max/2, flagged `mask_thresholded`
-  * anything else (multi-class label maps, soft masks) -> rejected with the values found
-  * colour masks are read as grey when their channels agree, otherwise rejected
-Images: grayscale, palette, RGBA (alpha dropped) and 16-bit images are converted to 8-bit RGB and
-flagged, not rejected. PNG/JPEG bytes are stored untouched when no conversion is needed.
+old output is only replaced once the new one is complete). The writer refuses names and output
+folders that could touch a source or a user's own files (`check_output`, `check_replaceable`).
+PNG/JPEG bytes are stored untouched when no conversion is needed.
 """
 
 from __future__ import annotations

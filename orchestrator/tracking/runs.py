@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from orchestrator.storage import has_password, password_refusal
+from orchestrator.storage import has_password, is_remote, password_refusal
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -70,7 +70,7 @@ def resolve_tracking_uri(uri: str | None, storage_path: str | os.PathLike) -> st
             raise TrackingError(password_refusal(where))
         if uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "databricks")):
             return uri
-        if uri.startswith("file:") or "://" not in uri:
+        if uri.startswith("file:") or not is_remote(uri):
             raise TrackingError(
                 f"tracking.uri={uri!r}: MLflow 3.17 refuses the plain file store; use "
                 "sqlite:///<abs path>/mlflow.db locally or http://<server>:5000 on a cluster"
@@ -121,7 +121,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 def artifact_root(storage_path: str, experiment: str) -> str | None:
     """Local runs keep artifacts beside their checkpoints; remote storage lets the server decide."""
-    if "://" in storage_path:
+    if is_remote(storage_path):
         return None
     return str(Path(storage_path).expanduser().resolve() / "mlartifacts" / experiment)
 
@@ -134,7 +134,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
     location = None
     if artifact_root:
         location = (
-            artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+            artifact_root if is_remote(artifact_root) else Path(artifact_root).resolve().as_uri()
         )
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
@@ -185,6 +185,43 @@ def start_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return RunLogger(uri, run.info.run_id)
+
+
+def search_runs(uri: str, experiment: str | None, query: str, *, experiment_id: str | None = None):
+    """Runs of one experiment (by name or id) matching an MLflow filter string; [] when the
+    experiment does not exist yet. Every search of the project's runs goes through here."""
+    client = MlflowClient(uri)
+    if experiment_id is None:
+        exp = client.get_experiment_by_name(experiment) if experiment else None
+        if exp is None:
+            return []
+        experiment_id = exp.experiment_id
+    return client.search_runs([experiment_id], query, max_results=10_000)
+
+
+def open_parent_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    artifact_root: str | None,
+    resume_run_id: str | None = None,
+) -> tuple[RunLogger, bool]:
+    """The parent run of a benchmark or a sweep: (logger, resumed). A new one gets `params`;
+    a resumed one keeps those it was opened with (MLflow params are immutable)."""
+    parent, resumed = open_run(
+        uri,
+        experiment,
+        run_name,
+        resume_run_id=resume_run_id,
+        artifact_root=artifact_root,
+        tags=tags,
+    )
+    if not resumed:
+        parent.log_params(params)
+    return parent, resumed
 
 
 def open_run(
@@ -333,7 +370,7 @@ def close_child_runs(
         " and attributes.status != 'FINISHED'" if error else " and attributes.status = 'RUNNING'"
     )
     closed = 0
-    for run in client.search_runs([exp_id], query, max_results=10_000):
+    for run in search_runs(uri, None, query, experiment_id=exp_id):
         if error:
             client.set_tag(run.info.run_id, "infosam.error", error[:5000])
         if run.info.status == "RUNNING":

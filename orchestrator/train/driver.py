@@ -4,7 +4,7 @@ Driver (`fit`): prepares data, creates the MLflow run, builds Ray datasets and t
 marks the run FINISHED or FAILED. Workers (`train_loop_per_worker`): teacher + student + relation
 module, DDP over the trainable parts, the `infosam.engine` step, validation, `ray.train.report`
 with a checkpoint every epoch. Epoch metrics are logged to MLflow by the controller once it has
-registered the report (`orchestrator.epoch_log.EpochLogger`), so each step is logged exactly once
+registered the report (`orchestrator.train.epoch_log.EpochLogger`), so each step is logged exactly once
 whatever the timing of a failure; rank 0 logs only the run's params and images. Train local
 mode has no controller: there rank 0 logs each epoch after its checkpoint is written.
 """
@@ -15,7 +15,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from orchestrator.config import (
     result_view,
     resume_refusal,
 )
-from orchestrator.storage import atomic_write, atomic_write_json
+from orchestrator.storage import atomic_write, atomic_write_json, is_remote, join, resolve_location
 from orchestrator.tracking.runs import (
     RunLogger,
     check_tracking_server,
@@ -59,15 +59,17 @@ class FitResult:
     metrics: dict[str, Any]
     checkpoint_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, see `fit`
+    # Seconds per phase: start-up (config, teacher hash, Ray, MLflow), data, training and
+    # evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
+    # checkpoints) and logging (curves, closing the run).
+    timings: dict[str, float] = field(default_factory=dict)
     # the last epoch's test split, one row per model and image (see `evaluate_split`)
     test_scores: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, str]:
-    storage = cfg.storage.path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = resolve_location(cfg.storage.path)
+    if not is_remote(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
     name = (
         name
@@ -78,7 +80,7 @@ def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, 
 
 
 def _run_dir(storage: str, name: str) -> Path | None:
-    return None if "://" in storage else Path(storage) / name
+    return None if is_remote(storage) else Path(storage) / name
 
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -110,7 +112,7 @@ def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> lis
 
 def _tracking_uri(cfg: Config) -> str:
     return resolve_tracking_uri(
-        cfg.tracking.uri, cfg.storage.path if "://" not in cfg.storage.path else "."
+        cfg.tracking.uri, "." if is_remote(cfg.storage.path) else cfg.storage.path
     )
 
 
@@ -164,6 +166,34 @@ def open_training_run(
     return logger
 
 
+class Stopwatch:
+    """Seconds per named phase, summed over every `with watch("phase"):` block."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class RunPlan:
+    """Where a run lives and what it resumes: decided before any data is read."""
+
+    storage: str
+    name: str
+    run_dir: Path | None
+    changes: list[str]  # configuration changes a resume was allowed to take
+    teacher_sha: str | None
+    run_name: str | None
+    parent_run_id: str | None
+
+
 def fit(
     cfg: Config,
     *,
@@ -186,106 +216,154 @@ def fit(
     skips data preparation (a benchmark prepares each dataset once for all its cells). A run
     resumed under its storage name must have the configuration it started with
     (`record_run_config`) unless `allow_config_change`.
-    `FitResult.timings`: start-up (config, teacher hash, Ray, MLflow), data, training and
-    evaluation (sums over epochs, from the workers), Train overhead (worker start, reports,
-    checkpoints) and logging (curves, closing the run).
     """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    watch = Stopwatch()
+    with watch("startup_s"):
+        plan = _resolve_run(cfg, quiet, shared, logger, run_name, storage_name, parent_run_id)
+        if plan.run_dir is not None:
+            what = f"run {plan.name!r} in {plan.storage}"
+            plan.changes = record_run_config(plan.run_dir, cfg, what, allow_config_change)
+    with watch("data_s"):
+        if shared is None:
+            shared = prepare_data(cfg, teacher_sha256=plan.teacher_sha, quiet=quiet)
+    owns_logger = logger is None
+    with watch("startup_s"):
+        if logger is None:
+            logger = _open_run(cfg, plan, shared, tags)
+    # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close
+    with closing_on_exit(
+        logger if owns_logger else None, children=False, signals=not in_ray_worker()
+    ):
+        with watch("startup_s"):
+            trainer = _trainer_for(cfg, shared, plan, logger, callbacks, train_loop)
+        with watch("fit_s"):
+            result = trainer.fit()
+        with watch("logging_s"):
+            history, test_scores = _collect(result, logger, cfg)
+            if owns_logger:
+                logger.finish("FINISHED")
+    return FitResult(
+        run_id=logger.run_id,
+        tracking_uri=logger.uri,
+        storage_dir=join(plan.storage, plan.name),
+        metrics=dict(result.metrics or {}),
+        checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
+        history=history,
+        timings=_phase_timings(watch.seconds, history),
+        test_scores=test_scores,
+    )
+
+
+def _trainer_for(
+    cfg: Config,
+    shared: SharedData,
+    plan: RunPlan,
+    logger: RunLogger,
+    callbacks: list | None,
+    train_loop: Callable[[dict[str, Any]], None],
+) -> Any:
+    """The TorchTrainer of this run, once every worker count it may scale to gets full batches."""
+    if shared.train_cache is not None:
+        logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
+    sc = cfg.scaling
+    check_full_batches(cfg, shared.n_train, list(range(sc.min_workers, sc.max_workers + 1)))
+    return make_trainer(
+        cfg,
+        shared,
+        name=plan.name,
+        storage=plan.storage,
+        run_dir=plan.run_dir,
+        mlflow_run=(logger.uri, logger.run_id),
+        callbacks=callbacks,
+        train_loop=train_loop,
+    )
+
+
+def _resolve_run(
+    cfg: Config,
+    quiet: bool,
+    shared: SharedData | None,
+    logger: RunLogger | None,
+    run_name: str | None,
+    storage_name: str | None,
+    parent_run_id: str | None,
+) -> RunPlan:
+    """Validate, check the tracking server (seconds, before Ray and the data), start Ray, and
+    name the run's storage folder."""
     cfg.validate()
     if not quiet:
         print("[infosam] resolved config:\n" + cfg.to_yaml(), flush=True)
     run_name = run_name or cfg.tracking.run_name
-    parent_run_id = parent_run_id or cfg.tracking.parent_run_id
     teacher_sha = shared.teacher_sha256 if shared is not None else teacher_hash(cfg)
     if teacher_sha is None:
         print(
             "[infosam] WARNING: model.checkpoint is null: the teacher is randomly initialised",
             flush=True,
         )
-    if logger is None:  # before Ray and the data: an unreachable server fails in seconds
+    if logger is None:
         check_tracking_server(_tracking_uri(cfg))
     init_ray()
     storage, name = _storage(cfg, storage_name, run_name)
-    run_dir = _run_dir(storage, name)
-    changes = []
-    if run_dir is not None:
-        changes = record_run_config(run_dir, cfg, f"run {name!r} in {storage}", allow_config_change)
-    timings["startup_s"] = time.perf_counter() - t_start
-    owns_logger = logger is None
-    t_data = time.perf_counter()
-    if shared is None:
-        shared = prepare_data(cfg, teacher_sha256=teacher_sha, quiet=quiet)
-    timings["data_s"] = time.perf_counter() - t_data
-    t_log = time.perf_counter()
-    if logger is None:
-        logger = open_training_run(
-            cfg,
-            run_name=run_name or name,
-            run_dir=run_dir,
-            parent_run_id=parent_run_id,
-            tags={
-                "infosam.storage_name": name,
-                # its params are those it started with (MLflow keeps a param's first value)
-                **({"infosam.config_changes": "; ".join(changes)[:5000]} if changes else {}),
-                **(tags or {}),
-            },
-            shared=shared,
-        )
-    # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close
-    with closing_on_exit(
-        logger if owns_logger else None, children=False, signals=not in_ray_worker()
-    ):
-        if shared.train_cache is not None:
-            logger.set_tags({"infosam.teacher_cache": shared.train_cache["location"]})
-        sc = cfg.scaling
-        check_full_batches(cfg, shared.n_train, list(range(sc.min_workers, sc.max_workers + 1)))
-        timings["startup_s"] += time.perf_counter() - t_log
-        trainer = make_trainer(
-            cfg,
-            shared,
-            name=name,
-            storage=storage,
-            run_dir=run_dir,
-            mlflow_run=(logger.uri, logger.run_id),
-            callbacks=callbacks,
-            train_loop=train_loop,
-        )
-        t_fit = time.perf_counter()
-        result = trainer.fit()
-        fit_s = time.perf_counter() - t_fit
-        t_log = time.perf_counter()
-        checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
-        history: list[dict[str, Any]] = []
-        test_scores: list[dict[str, Any]] = []
-        if result.checkpoint is not None:
-            history = checkpoint_history(result.checkpoint)
-            # Idempotent: normally a no-op; fills epochs whose logging a driver crash interrupted.
-            log_epochs(logger, history)
-            test_scores = checkpoint_scores(result.checkpoint)
-            if test_scores:
-                logger.log_rows(test_scores, "scores/test_scores.csv")
-                log_category_results(logger, test_scores)
-        with contextlib.suppress(Exception):
-            _log_curves(logger, cfg)
-        if checkpoint_dir:
-            logger.set_tags({"infosam.checkpoint": checkpoint_dir})
-        if owns_logger:
-            logger.finish("FINISHED")
+    return RunPlan(
+        storage=storage,
+        name=name,
+        run_dir=_run_dir(storage, name),
+        changes=[],
+        teacher_sha=teacher_sha,
+        run_name=run_name,
+        parent_run_id=parent_run_id or cfg.tracking.parent_run_id,
+    )
+
+
+def _open_run(
+    cfg: Config, plan: RunPlan, shared: SharedData, tags: dict[str, str] | None
+) -> RunLogger:
+    """The run's own MLflow run (new, or the one its storage folder names)."""
+    return open_training_run(
+        cfg,
+        run_name=plan.run_name or plan.name,
+        run_dir=plan.run_dir,
+        parent_run_id=plan.parent_run_id,
+        tags={
+            "infosam.storage_name": plan.name,
+            # its params are those it started with (MLflow keeps a param's first value)
+            **({"infosam.config_changes": "; ".join(plan.changes)[:5000]} if plan.changes else {}),
+            **(tags or {}),
+        },
+        shared=shared,
+    )
+
+
+def _collect(
+    result: Any, logger: RunLogger, cfg: Config
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(history, test scores) from the last checkpoint; fills any epoch a driver crash left
+    unlogged (idempotent), logs the scores, curves and the checkpoint's path."""
+    history: list[dict[str, Any]] = []
+    test_scores: list[dict[str, Any]] = []
+    if result.checkpoint is not None:
+        history = checkpoint_history(result.checkpoint)
+        log_epochs(logger, history)
+        test_scores = checkpoint_scores(result.checkpoint)
+        if test_scores:
+            logger.log_rows(test_scores, "scores/test_scores.csv")
+            log_category_results(logger, test_scores)
+    with contextlib.suppress(Exception):
+        _log_curves(logger, cfg)
+    if result.checkpoint is not None:
+        logger.set_tags({"infosam.checkpoint": result.checkpoint.path})
+    return history, test_scores
+
+
+def _phase_timings(seconds: dict[str, float], history: list[dict[str, Any]]) -> dict[str, float]:
+    """The driver's phases plus the workers' training and evaluation time; Train's overhead is
+    what `trainer.fit()` took beyond those."""
+    timings = {k: v for k, v in seconds.items() if k != "fit_s"}
     timings["train_s"] = sum(float(h.get("time/train_s", 0.0)) for h in history)
     timings["eval_s"] = sum(float(h.get("time/eval_s", 0.0)) for h in history)
+    fit_s = seconds.get("fit_s", 0.0)
     timings["train_overhead_s"] = max(fit_s - timings["train_s"] - timings["eval_s"], 0.0)
-    timings["logging_s"] = time.perf_counter() - t_log
-    return FitResult(
-        run_id=logger.run_id if logger else None,
-        tracking_uri=logger.uri if logger else None,
-        storage_dir=str(Path(storage) / name) if "://" not in storage else f"{storage}/{name}",
-        metrics=dict(result.metrics or {}),
-        checkpoint_dir=checkpoint_dir,
-        history=history,
-        timings=timings,
-        test_scores=test_scores,
-    )
+    return timings
 
 
 def make_trainer(

@@ -80,58 +80,86 @@ def evaluate_split(
         batch_size=cfg.optim.eval_batch_size, batch_format="numpy"
     ):
         batch = to_torch(np_batch, device)
-        masks = batch["mask"]
-        prompts = draw_prompts(cfg, masks, gen, device, train=False)
+        prompts = draw_prompts(cfg, batch["mask"], gen, device, train=False)
         gts = [torch.from_numpy(np.array(m)) for m in batch["mask_original"]]
-        preds: dict[str, list[torch.Tensor]] = {}
         for name, model in models.items():
-            results = eval_step(
-                model,
-                batch["image"],
-                gts,
-                prompts,
-                batch["input_size"],
-                protocol=cfg.optim.eval_protocol,
-                metrics=tuple(cfg.optim.metrics),
-                autocast_dtype=autocast_dtype(cfg),
-            )
-            for i, r in enumerate(results):
-                values = {k: float(v) for k, v in r.items() if k != "protocol"}
-                for k, v in values.items():
-                    sums[name][k] = sums[name].get(k, 0.0) + v
-                if scores is not None:
-                    row = {
-                        "model": name,
-                        "image_id": str(batch["id"][i]),
-                        "prompt": prompts.describe(i),
-                        "image": str(batch["image_id"][i]),
-                    }
-                    if "category" in batch:  # instance datasets
-                        row["category"] = str(batch["category"][i])
-                    scores.append(row | values)
-            if len(rows) < overlays:
-                preds[name] = predict_logits(
-                    model,
-                    batch["image"],
-                    prompts,
-                    batch["input_size"],
-                    [g.shape for g in gts],
-                    autocast_dtype=autocast_dtype(cfg),
-                )
+            _score_batch(name, model, batch, gts, prompts, cfg, sums[name], scores)
         count += len(gts)
         if len(rows) < overlays:
-            for i in range(min(overlays - len(rows), len(gts))):
-                h, w = gts[i].shape
-                ih, iw = (int(v) for v in batch["input_size"][i])
-                small = batch["image"][i, :, :ih, :iw].permute(1, 2, 0).cpu().numpy()
-                from PIL import Image
-
-                image = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
-                row = {"image": image, "gt": gts[i].numpy()}
-                for name in models:
-                    row[name] = (preds[name][i] > 0).cpu().numpy()
-                rows.append(row)
+            rows += _overlay_rows(models, batch, gts, prompts, cfg, overlays - len(rows))
     return sums, count, rows
+
+
+def _score_batch(
+    name: str,
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    gts: list[torch.Tensor],
+    prompts: Any,
+    cfg: Config,
+    sums: dict[str, float],
+    scores: list[dict[str, Any]] | None,
+) -> None:
+    """Add one model's per-sample metrics on a batch to `sums` (and rows to `scores`)."""
+    results = eval_step(
+        model,
+        batch["image"],
+        gts,
+        prompts,
+        batch["input_size"],
+        protocol=cfg.optim.eval_protocol,
+        metrics=tuple(cfg.optim.metrics),
+        autocast_dtype=autocast_dtype(cfg),
+    )
+    for i, r in enumerate(results):
+        values = {k: float(v) for k, v in r.items() if k != "protocol"}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if scores is not None:
+            row = {
+                "model": name,
+                "image_id": str(batch["id"][i]),
+                "prompt": prompts.describe(i),
+                "image": str(batch["image_id"][i]),
+            }
+            if "category" in batch:  # instance datasets
+                row["category"] = str(batch["category"][i])
+            scores.append(row | values)
+
+
+def _overlay_rows(
+    models: dict[str, torch.nn.Module],
+    batch: dict[str, Any],
+    gts: list[torch.Tensor],
+    prompts: Any,
+    cfg: Config,
+    wanted: int,
+) -> list[dict[str, np.ndarray]]:
+    """Up to `wanted` rows of image, ground truth and each model's mask, at original size."""
+    from PIL import Image
+
+    preds = {
+        name: predict_logits(
+            model,
+            batch["image"],
+            prompts,
+            batch["input_size"],
+            [g.shape for g in gts],
+            autocast_dtype=autocast_dtype(cfg),
+        )
+        for name, model in models.items()
+    }
+    rows = []
+    for i in range(min(wanted, len(gts))):
+        h, w = gts[i].shape
+        ih, iw = (int(v) for v in batch["input_size"][i])
+        small = batch["image"][i, :, :ih, :iw].permute(1, 2, 0).cpu().numpy()
+        image = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+        row = {"image": image, "gt": gts[i].numpy()}
+        for name in models:
+            row[name] = (preds[name][i] > 0).cpu().numpy()
+        rows.append(row)
+    return rows
 
 
 def per_category(scores: list[dict[str, Any]], model: str = "student") -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""train/inputs."""
+"""What every Train worker reads, prepared once in the driver: the dataset folder, its manifest,
+the small splits decoded once, the teacher cache."""
 
 from __future__ import annotations
 

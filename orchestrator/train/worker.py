@@ -1,4 +1,9 @@
-"""train/worker."""
+"""`train_loop_per_worker`: the Ray Train worker loop as named phases.
+
+Set up (teacher, student, relation module, DDP over the trainable parts), restore from the
+latest checkpoint, then per epoch: the `infosam.engine` step over the worker's shard, validation
+on rank 0, and `ray.train.report` with a checkpoint. A spot notice checkpoints mid-epoch.
+"""
 
 from __future__ import annotations
 
@@ -316,10 +321,16 @@ def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> di
             if ray.train.get_preemption_info() is not None:  # a barrier: every rank asks
                 _checkpoint_on_notice(w, epoch, steps, sums, skip)
     steps = max(steps - skip, 0)  # skipped steps are in the carried-over sums
-    train_time = time.perf_counter() - t0
+    return _epoch_metrics(w, epoch, sums, steps, time.perf_counter() - t0)
+
+
+def _epoch_metrics(
+    w: _Worker, epoch: int, sums: dict[str, float], steps: int, train_time: float
+) -> dict[str, Any]:
+    """Every worker's loss sums reduced to means per step, with throughput and the lr."""
     sums["__steps"] = sums.get("__steps", 0.0) + steps
     sums["__images"] = float(steps * w.local_batch)  # throughput of this attempt
-    sums = _all_reduce_sum(sums, device)
+    sums = _all_reduce_sum(sums, w.device)
     total_steps = max(sums.pop("__steps"), 1)
     images = sums.pop("__images")
     metrics: dict[str, Any] = {

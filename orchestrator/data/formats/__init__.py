@@ -1,9 +1,10 @@
 """The ingest formats `infosam data ingest --format` takes, one function per source layout.
 
-A registry in its own module, above both `datasets` (binary masks: Conv-LoRA CSVs, folders) and
-`instances` (COCO, label images), so neither imports the other. A new format is a function
-`ingest_x(src, out, name=None, **options) -> manifest` that writes through `DatasetWriter`, and
-one entry here.
+One module per layout: binary masks from Conv-LoRA CSVs (`convlora`) or folders (`folders`);
+instances from COCO JSON (`coco`) or label images (`labels`). To add a format, write a module
+with a function `ingest_x(src, out, name=None, **options) -> manifest` that writes through
+`orchestrator.data.writer.DatasetWriter`, and add one entry to `FORMATS`; the CLI's `--format`
+choices are tested to equal it.
 """
 
 from __future__ import annotations

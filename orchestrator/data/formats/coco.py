@@ -1,9 +1,9 @@
-"""Instance datasets: COCO JSON (polygons, RLE) and instance label images, one sample per object.
+"""COCO instance datasets (polygons, RLE): one sample per annotated object.
 
 SAM is prompted per object, so an instance dataset trains and evaluates per instance: each
 annotation (COCO) or non-zero label (label image) becomes one sample whose prompts come from its
 own mask. The image's bytes are stored once per image: a parquet row is an image with parallel
-lists of its instances (`datasets.INSTANCE_SCHEMA`), exploded into samples when read.
+lists of its instances (`manifest.INSTANCE_SCHEMA`), exploded into samples when read.
 
 Nothing is lost silently: every annotation or label becomes an instance, or appears in the
 manifest's `rejected` list with its reason (unknown image id, missing or unreadable image,
@@ -18,6 +18,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -367,92 +368,112 @@ def _ingest_coco_file(
     workers: int | None,
     selected: frozenset[str] | None = None,
 ) -> int:
-    """One COCO file's images and annotations into `writer`; returns its unannotated images."""
-    categories = _file_categories(data)
-    images: dict[object, dict] = {}
-    for k, entry in enumerate(data["images"]):
-        reason = _entry_problem(entry, images_root)
-        if reason:
-            writer.reject(f"{where} images[{k}]", reason, split, k)
-        elif entry["id"] in images:
-            writer.reject(
-                f"{where} images[{k}] ({entry['file_name']})",
-                f"duplicate image id {entry['id']!r}: its annotations go to the first entry",
-                split,
-                k,
-            )
-        else:
-            images[entry["id"]] = entry
-    per_image: dict[object, list[tuple[int, dict]]] = {}
-    first_seen: dict[object, int] = {}
-    for row, ann in enumerate(data["annotations"]):
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        source = f"{where} annotation id={ann_id}"
-        if not _is_id(ann_id) or not _is_id(ann.get("image_id")):
-            writer.reject(
-                f"{where} annotations[{row}]",
-                "annotation without an integer or string id and image_id",
-                split,
-                row,
-            )
-            continue
-        if ann_id in first_seen:
-            writer.reject(
-                source,
-                f"duplicate annotation id {ann_id!r} (first at annotations[{first_seen[ann_id]}])",
-                split,
-                row,
-            )
-            continue
-        first_seen[ann_id] = row
-        if ann.get("image_id") not in images:
-            writer.reject(
-                source,
-                f"unknown image id {ann.get('image_id')!r}: no entry in the file's images list",
-                split,
-                row,
-            )
-        elif ann.get("iscrowd"):
-            skipped.append({"source": source, "row": row, "reason": "iscrowd: a crowd region"})
-        elif selected and (name := _category_name(categories, ann)) not in selected | {None}:
-            reason = f"category {name!r} not selected (--category)"
-            skipped.append({"source": source, "row": row, "reason": reason})
-        else:
-            per_image.setdefault(ann["image_id"], []).append((row, ann))
+    """One COCO file's images and annotations into `writer`; returns its unannotated images.
+
+    The phases: index the image entries, group the annotations by image (rejecting or
+    skipping each bad one), decode the annotated images in parallel, write each image's kept
+    instances."""
+    f = _CocoFile(writer, where, images_root, split, _file_categories(data), used, skipped)
+    images = f.index_images(data["images"])
+    per_image = f.group_annotations(data["annotations"], images, selected)
     image_ids = {i: str(Path(images[i]["file_name"]).with_suffix("")) for i in per_image}
     moved = assign_holdout(sorted(image_ids.values()), holdout) if holdout else {}
     todo = [coco_id for coco_id in images if per_image.get(coco_id)]
-    items = [  # annotations of unknown categories are not decoded, only rejected below
+    items = [  # annotations of unknown categories are not decoded, only rejected when written
         (
             images_root / images[i]["file_name"],
             (images[i].get("height"), images[i].get("width")),
-            [(r, a) for r, a in per_image[i] if _category_name(categories, a) is not None],
+            [(r, a) for r, a in per_image[i] if _category_name(f.categories, a) is not None],
             min_area,
         )
         for i in todo
     ]
     results = ordered_map(decode_coco_image, items, workers)
     for coco_id, item, result in zip(todo, items, results, strict=True):
-        anns = per_image[coco_id]
         image_id = image_ids[coco_id]
-        target = moved.get(image_id, split)
-        path = item[0]
+        f.write_image(image_id, moved.get(image_id, split), item[0], per_image[coco_id], result)
+    return len(images) - len(per_image)
 
-        def reject_all(reason: str, target: str = target, anns: list = anns) -> None:
-            for row, ann in anns:
-                writer.reject(f"{where} annotation id={ann['id']}", reason, target, row)
 
+@dataclass
+class _CocoFile:
+    """One COCO file on its way into a writer: where its rows come from, what it counted."""
+
+    writer: DatasetWriter
+    where: str  # the file's name, in every rejection's source
+    images_root: Path
+    split: str
+    categories: dict[object, str]
+    used: Counter[str]  # instances kept per category
+    skipped: list[dict]  # crowd regions and unselected categories
+
+    def index_images(self, entries: list) -> dict[object, dict]:
+        """id -> entry for every valid image entry; bad and duplicate entries rejected."""
+        images: dict[object, dict] = {}
+        for k, entry in enumerate(entries):
+            reason = _entry_problem(entry, self.images_root)
+            if reason:
+                self.writer.reject(f"{self.where} images[{k}]", reason, self.split, k)
+            elif entry["id"] in images:
+                self.writer.reject(
+                    f"{self.where} images[{k}] ({entry['file_name']})",
+                    f"duplicate image id {entry['id']!r}: its annotations go to the first entry",
+                    self.split,
+                    k,
+                )
+            else:
+                images[entry["id"]] = entry
+        return images
+
+    def group_annotations(
+        self, annotations: list, images: dict[object, dict], selected: frozenset[str] | None
+    ) -> dict[object, list[tuple[int, dict]]]:
+        """image id -> [(row, annotation)] of the annotations to decode; each other one is
+        rejected (no ids, duplicate, unknown image) or skipped (crowd, unselected category)."""
+        per_image: dict[object, list[tuple[int, dict]]] = {}
+        first_seen: dict[object, int] = {}
+        for row, ann in enumerate(annotations):
+            ann_id = ann.get("id") if isinstance(ann, dict) else None
+            source = f"{self.where} annotation id={ann_id}"
+            if not _is_id(ann_id) or not _is_id(ann.get("image_id")):
+                reason = "annotation without an integer or string id and image_id"
+                self.writer.reject(f"{self.where} annotations[{row}]", reason, self.split, row)
+            elif ann_id in first_seen:
+                reason = f"duplicate annotation id {ann_id!r} (first at annotations[{first_seen[ann_id]}])"
+                self.writer.reject(source, reason, self.split, row)
+            elif ann.get("image_id") not in images:
+                first_seen[ann_id] = row
+                reason = (
+                    f"unknown image id {ann.get('image_id')!r}: no entry in the file's images list"
+                )
+                self.writer.reject(source, reason, self.split, row)
+            elif ann.get("iscrowd"):
+                first_seen[ann_id] = row
+                self.skipped.append(
+                    {"source": source, "row": row, "reason": "iscrowd: a crowd region"}
+                )
+            elif selected and (name := _category_name(self.categories, ann)) not in selected | {
+                None
+            }:
+                first_seen[ann_id] = row
+                reason = f"category {name!r} not selected (--category)"
+                self.skipped.append({"source": source, "row": row, "reason": reason})
+            else:
+                first_seen[ann_id] = row
+                per_image.setdefault(ann["image_id"], []).append((row, ann))
+        return per_image
+
+    def write_image(
+        self, image_id: str, target: str, path: Path, anns: list[tuple[int, dict]], result: tuple
+    ) -> None:
+        """One decoded image and its kept instances, or every annotation of it rejected."""
         if result[0] == "rejected":
-            reject_all(result[1])
-            continue
+            return self._reject_all(anns, result[1], target)
         _, h, w, stored, flags, size_reason, decoded = result
-        conflict = writer.conflict(image_id)
-        if conflict:
-            reject_all(f"{conflict} [{printable(path)}]")
-            continue
-        if size_reason:
-            reject_all(size_reason)
-            continue
+        conflict = self.writer.conflict(image_id)
+        if conflict or size_reason:
+            reason = f"{conflict} [{printable(path)}]" if conflict else size_reason
+            return self._reject_all(anns, reason, target)
         kept = []
         for row, ann in anns:  # in row order: unknown categories among the decoded
             cat = ann.get("category_id")
@@ -460,11 +481,15 @@ def _ingest_coco_file(
                 f"unknown category id {cat!r}: not in the file's categories list"
             )
             if isinstance(outcome, str):
-                writer.reject(f"{where} annotation id={ann['id']}", outcome, target, row)
+                self.writer.reject(f"{self.where} annotation id={ann['id']}", outcome, target, row)
                 continue
-            category = _category_name(categories, ann)
-            used[category] += 1
+            category = _category_name(self.categories, ann)
+            self.used[category] += 1
             kept.append({**outcome, "category": category})
         if kept:
-            writer.add_image(target, image_id, stored, h, w, printable(path), flags, kept)
-    return len(images) - len(per_image)
+            self.writer.add_image(target, image_id, stored, h, w, printable(path), flags, kept)
+        return None
+
+    def _reject_all(self, anns: list[tuple[int, dict]], reason: str, target: str) -> None:
+        for row, ann in anns:
+            self.writer.reject(f"{self.where} annotation id={ann['id']}", reason, target, row)

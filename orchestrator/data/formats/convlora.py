@@ -1,4 +1,5 @@
-"""data/formats/convlora."""
+"""The Conv-LoRA benchmark layout: per-split CSVs of image/mask paths (polyp, camo, isic2017,
+leaf, road zips unzipped as they come)."""
 
 from __future__ import annotations
 

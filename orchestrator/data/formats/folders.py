@@ -1,4 +1,5 @@
-"""data/formats/folders."""
+"""Image and mask folders matched by stem, per split or with a hold-out, and the presets for
+the public benchmarks' raw layouts (`--preset kvasir|isic2017|camo|cod10k`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""data/formats/labels."""
+"""Instance label images (one integer per object): one sample per non-zero label, the image
+stored once per row (`manifest.INSTANCE_SCHEMA`)."""
 
 from __future__ import annotations
 
