@@ -236,54 +236,21 @@ def test_folders_layout_with_odd_and_non_utf8_names(tmp_path):
     json.dumps(manifest)  # valid UTF-8 text throughout
 
 
+def _ingest(*argv) -> int:
+    """`infosam data ingest --format convlora ARGV...`"""
+    return cli(["data", "ingest", "--format", "convlora", *map(str, argv)])
+
+
 def test_cli_exit_codes_and_messages(tmp_path, capsys):
     build_convlora_fixture(tmp_path / "bench")
-    assert (
-        cli(
-            [
-                "data",
-                "ingest",
-                "--format",
-                "convlora",
-                str(tmp_path / "bench"),
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    assert _ingest(str(tmp_path / "bench"), str(tmp_path / "out")) == 0
     assert "rejected: 6" in capsys.readouterr().out
     # Unusable input fails with the fix, and the previous ingest is left intact.
-    assert (
-        cli(
-            [
-                "data",
-                "ingest",
-                "--format",
-                "convlora",
-                str(tmp_path / "nope"),
-                str(tmp_path / "out"),
-                "--name",
-                "bench",
-            ]
-        )
-        == 2
-    )
+    assert _ingest(str(tmp_path / "nope"), str(tmp_path / "out"), "--name", "bench") == 2
     assert "source folder not found" in capsys.readouterr().err
     (tmp_path / "nocols").mkdir()
     (tmp_path / "nocols" / "train.csv").write_text("img,mask\na.png,b.png\n")
-    assert (
-        cli(
-            [
-                "data",
-                "ingest",
-                "--format",
-                "convlora",
-                str(tmp_path / "nocols"),
-                str(tmp_path / "out"),
-            ]
-        )
-        == 2
-    )
+    assert _ingest(str(tmp_path / "nocols"), str(tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "train.csv" in err and "['image', 'label']" in err
     assert cli(["data", "inspect", str(tmp_path / "out" / "bench"), "--verify"]) == 0

@@ -15,12 +15,18 @@ def _student(method="adapter"):
     return PromptableSam(sam)
 
 
-def test_compression_gradients_reach_only_the_relation_module(teacher, batch, box_prompts):
+def _infosam_losses(teacher, batch, prompts, compression: float, distillation: float):
+    """(student, relation, losses) of one InfoSAM forward with these two weights."""
     student, relation = _student(), RelationModule(128)
-    cfg = LossConfig(weight_compression=1.0, weight_distillation=0.0)
+    cfg = LossConfig(weight_compression=compression, weight_distillation=distillation)
     _, losses, _ = compute_losses(
-        student, batch["image"], batch["mask"], box_prompts, cfg, teacher=teacher, relation=relation
+        student, batch["image"], batch["mask"], prompts, cfg, teacher=teacher, relation=relation
     )
+    return student, relation, losses
+
+
+def test_compression_gradients_reach_only_the_relation_module(teacher, batch, box_prompts):
+    student, relation, losses = _infosam_losses(teacher, batch, box_prompts, 1.0, 0.0)
     losses["compression"].backward()
     # The shared relation call may hand the student exact zeros, never a real gradient.
     assert all(p.grad is None or not p.grad.any() for p in student.parameters())
@@ -29,11 +35,7 @@ def test_compression_gradients_reach_only_the_relation_module(teacher, batch, bo
 
 
 def test_distillation_gradients_reach_the_student(teacher, batch, box_prompts):
-    student, relation = _student(), RelationModule(128)
-    cfg = LossConfig(weight_compression=0.0, weight_distillation=1.0)
-    _, losses, _ = compute_losses(
-        student, batch["image"], batch["mask"], box_prompts, cfg, teacher=teacher, relation=relation
-    )
+    student, _, losses = _infosam_losses(teacher, batch, box_prompts, 0.0, 1.0)
     losses["distillation"].backward()
     grads = [p.grad for n, p in student.named_parameters() if "Adapter" in n]
     assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

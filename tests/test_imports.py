@@ -86,3 +86,80 @@ def test_the_cli_offers_every_registered_format():
     data_ingest = next(a for a in sub._actions if a.dest == "data_command").choices["ingest"]
     choices = next(a for a in data_ingest._actions if a.dest == "format").choices
     assert list(choices) == list(FORMATS)
+
+
+# One direction of dependence: a module may import its own layer or a lower one, never a higher
+# one. Shared modules first; `errors` names every stage's errors, so it sits beside the drivers
+# that report through it, under the CLI.
+LAYERS = [
+    ("infosam",),
+    (
+        "orchestrator.storage",
+        "orchestrator.config",
+        "orchestrator.plots",
+        "orchestrator.tracking",
+        "orchestrator.cluster",
+    ),
+    ("orchestrator.data",),
+    ("orchestrator.train",),
+    ("orchestrator.benchmark", "orchestrator.sweep", "orchestrator.predict", "orchestrator.errors"),
+    ("orchestrator.cli", "orchestrator"),
+]
+
+
+def _layer(module: str) -> int | None:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            inside = module == prefix or module.startswith(prefix + ".")
+            if inside and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    return None if best is None else best[0]
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if d in graph and _layer(d) is not None and _layer(m) is not None and _layer(d) > _layer(m)
+    )
+
+
+def test_dependencies_point_one_way():
+    graph = _imports()
+    assert all(_layer(m) is not None for m in graph), [m for m in graph if _layer(m) is None]
+    assert _upward(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {
+        "orchestrator.data.codec": {"orchestrator.train.worker"},
+        "orchestrator.train.worker": set(),
+    }
+    assert _upward(graph) == ["orchestrator.data.codec -> orchestrator.train.worker"]
+
+
+def _experiments_paths(source: str) -> list[str]:
+    """String literals that build a path into experiments/ (docstrings and messages aside)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            parts = [n.value for n in (node.left, node.right) if isinstance(n, ast.Constant)]
+            found += [p for p in parts if isinstance(p, str) and p.split("/")[0] == "experiments"]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("Path", "open"):
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("experiments/"):
+                    found.append(arg.value)
+    return found
+
+
+def test_the_library_reads_nothing_under_experiments():
+    readers = {
+        str(p.relative_to(ROOT)): _experiments_paths(p.read_text())
+        for package in ("infosam", "orchestrator")
+        for p in (ROOT / package).rglob("*.py")
+    }
+    assert {k: v for k, v in readers.items() if v} == {}
+    old = 'DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"'
+    assert _experiments_paths(old) == ["experiments"]

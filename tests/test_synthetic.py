@@ -7,27 +7,13 @@ from orchestrator.data.synthetic import DOMAINS, generate_sample, synthesize
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-    a = synthesize(
-        tmp_path / "a",
-        ["camouflage", "roads"],
-        seed=3,
-        counts={"train": 3, "test": 2},
-        sheets=False,
-    )
-    b = synthesize(
-        tmp_path / "b",
-        ["camouflage", "roads"],
-        seed=3,
-        counts={"train": 3, "test": 2},
-        sheets=False,
-    )
-    c = synthesize(
-        tmp_path / "c",
-        ["camouflage", "roads"],
-        seed=4,
-        counts={"train": 3, "test": 2},
-        sheets=False,
-    )
+    def make(folder: str, seed: int) -> dict:
+        counts = {"train": 3, "test": 2}
+        return synthesize(
+            tmp_path / folder, ["camouflage", "roads"], seed=seed, counts=counts, sheets=False
+        )
+
+    a, b, c = make("a", 3), make("b", 3), make("c", 4)
     for d in ("camouflage", "roads"):
         assert [s["sha256"] for s in a[d]["shards"]] == [s["sha256"] for s in b[d]["shards"]]
         assert [s["sha256"] for s in a[d]["shards"]] != [s["sha256"] for s in c[d]["shards"]]

@@ -67,25 +67,16 @@ def _images(tmp_path, sizes=((180, 240), (256, 200), (300, 300))):
     return paths
 
 
+def _predict_with_box(ckpt, paths, out):
+    """`infosam predict` on image files with the box every test here prompts with."""
+    argv = ["predict", "--checkpoint", str(ckpt), "--images", *map(str, paths)]
+    assert cli([*argv, "--box", "40,30,150,130", "--out", str(out)]) == 0
+
+
 def test_predict_cli_equals_engine_predictions(tmp_path, synthetic_root):
     ckpt, student = _checkpoint(tmp_path, synthetic_root, "lora")
     paths = _images(tmp_path)
-    assert (
-        cli(
-            [
-                "predict",
-                "--checkpoint",
-                str(ckpt),
-                "--images",
-                *map(str, paths),
-                "--box",
-                "40,30,150,130",
-                "--out",
-                str(tmp_path / "pred"),
-            ]
-        )
-        == 0
-    )
+    _predict_with_box(ckpt, paths, tmp_path / "pred")
     for p in paths:
         arr = np.asarray(Image.open(p))
         h, w = arr.shape[:2]
@@ -184,22 +175,7 @@ def test_exported_lora_model_works_in_segment_anything_predictor(tmp_path, synth
     )  # segment-anything's classes
     predictor = SamPredictor(plain.eval())
     paths = _images(tmp_path)
-    assert (
-        cli(
-            [
-                "predict",
-                "--checkpoint",
-                str(ckpt),
-                "--images",
-                *map(str, paths),
-                "--box",
-                "40,30,150,130",
-                "--out",
-                str(tmp_path / "ours"),
-            ]
-        )
-        == 0
-    )
+    _predict_with_box(ckpt, paths, tmp_path / "ours")
     for p in paths:
         arr = np.asarray(Image.open(p))
         predictor.set_image(arr)
