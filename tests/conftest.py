@@ -90,3 +90,13 @@ def synthetic_root(tmp_path_factory):
         root, ["camouflage"], seed=0, counts={"train": 32, "val": 8, "test": 8}, sheets=False
     )
     return root
+
+
+@pytest.fixture
+def dataset(tmp_path, synthetic_root):
+    """A private copy of the synthetic camouflage dataset (caches are written next to shards)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "camouflage", root / "camouflage")
+    return root

@@ -12,8 +12,8 @@ from PIL import Image
 
 from orchestrator.cli import main as cli
 from orchestrator.data.formats.folders import ingest_folders
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "infosam" / "assets" / "tiny_teacher.pth"
 
 

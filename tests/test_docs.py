@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)  # code is not prose: no links in it
 
@@ -36,7 +37,7 @@ def test_the_readme_is_a_front_page_linking_every_docs_page():
     assert pages <= linked, pages - linked
 
 
-CODE_PATH = re.compile(r"`((?:orchestrator|infosam|experiments|tests)/[\w/.-]+\.(?:py|yaml))`")
+CODE_PATH = re.compile(r"`((?:orchestrator|infosam|experiments|tests)/[\w/.-]+\.(?:py|yaml|sh))`")
 MODULE = re.compile(r"`((?:orchestrator|infosam)(?:\.\w+)+)")
 
 

@@ -4,9 +4,8 @@ circular-import tests do: no cycles, and the method library stays framework-free
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _imports() -> dict[str, set[str]]:

@@ -10,6 +10,7 @@ from infosam.relation import RelationModule
 from infosam.sam import PromptableSam, build_sam
 from infosam.speed import checkpoint_blocks, use_attention
 from infosam.tuning import apply_tuning
+from tests.helpers import ROOT
 
 
 def _student():
@@ -128,9 +129,8 @@ def test_bench_step_on_cpu_shows_the_switches_agree_with_the_reference():
     """The GPU benchmark script, run small: every switch's first-step loss (same weights, same
     batch) matches the reference-equivalent configuration's."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_step.py"
+    path = ROOT / "experiments" / "bench_step.py"
     spec = importlib.util.spec_from_file_location("bench_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -3,7 +3,6 @@ per-instance training, evaluation and prediction."""
 
 import io
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -22,67 +21,7 @@ from orchestrator.data.formats.folders import assign_holdout, ingest_folders
 from orchestrator.data.formats.labels import ingest_labels
 from orchestrator.data.manifest import iter_rows, load_manifest, shard_paths
 from orchestrator.data.reader import decode_batch
-
-SIZES = [(96, 128), (112, 112), (128, 96)]  # (h, w) of the three COCO images
-
-
-def _image(h, w, seed, masks=()):
-    """Textured background with each object drawn brighter, so a model has something to learn."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(30, 90, (h, w, 3), dtype=np.uint8)
-    for k, m in enumerate(masks):
-        img[m.astype(bool)] = (200, 120 + 30 * (k % 4), 60)
-    return img
-
-
-def _rect(h, w, y0, x0, y1, x1):
-    m = np.zeros((h, w), np.uint8)
-    m[y0:y1, x0:x1] = 1
-    return m
-
-
-def _objects(h, w, i):
-    """Four objects per image: two polygons (a rectangle, a triangle) and two RLE masks."""
-    tri = [[8.0 + i, 8.0, 40.0, 8.0, 8.0, 40.0]]
-    rect = [[50.0, 10.0, 80.0, 10.0, 80.0, 30.0, 50.0, 30.0]]
-    r1 = _rect(h, w, h - 40, 10, h - 10, 40)
-    r2 = _rect(h, w, h - 30, w - 30, h - 6, w - 6)
-    compressed = mask_utils.encode(np.asfortranarray(r1))
-    compressed["counts"] = compressed["counts"].decode()
-    flat = r2.flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
-    uncompressed = {"size": [h, w], "counts": ([0] if flat[0] else []) + runs}
-    return [tri, rect, compressed, uncompressed]
-
-
-def make_coco(root, *, extra_annotations=(), extra_images=(), seed=0):
-    """3 images, 12 instances (6 polygon cells, 6 RLE nuclei), one crowd region; returns
-    (json, images)."""
-    images_dir = root / "images"
-    images_dir.mkdir(parents=True)
-    categories = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
-    data = {"images": [], "annotations": [], "categories": categories}
-    ann_id = 100
-    for i, (h, w) in enumerate(SIZES):
-        segs = _objects(h, w, i)
-        masks = [coco_mask(s, h, w) for s in segs]
-        Image.fromarray(_image(h, w, seed + i, masks)).save(images_dir / f"img{i}.png")
-        data["images"].append({"id": i + 1, "file_name": f"img{i}.png", "height": h, "width": w})
-        for k, s in enumerate(segs):  # polygons are cells, RLE masks nuclei
-            ann = {"id": ann_id, "image_id": i + 1, "segmentation": s, "iscrowd": 0}
-            data["annotations"].append(ann | {"category_id": 1 + k // 2})
-            ann_id += 1
-    crowd = mask_utils.encode(np.asfortranarray(_rect(*SIZES[0], 0, 0, 5, 5)))
-    crowd["counts"] = crowd["counts"].decode()
-    data["annotations"].append(
-        {"id": 999, "image_id": 1, "category_id": 1, "segmentation": crowd, "iscrowd": 1}
-    )
-    data["images"] += list(extra_images)
-    data["annotations"] += list(extra_annotations)
-    path = root / "instances.json"
-    path.write_text(json.dumps(data))
-    return path, images_dir
+from tests.helpers import ROOT, SIZES, make_coco, rect_mask, textured_image
 
 
 def _samples(dataset, split):
@@ -160,9 +99,9 @@ def test_coco_small_instances_are_flagged_and_holdout_moves_whole_images(tmp_pat
 
 def test_coco_every_rejection_reason_is_recorded(tmp_path):
     h, w = SIZES[0]
-    good_rle = mask_utils.encode(np.asfortranarray(_rect(h, w, 10, 10, 30, 30)))
+    good_rle = mask_utils.encode(np.asfortranarray(rect_mask(h, w, 10, 10, 30, 30)))
     good_rle["counts"] = good_rle["counts"].decode()
-    wrong_size = mask_utils.encode(np.asfortranarray(_rect(h + 1, w, 10, 10, 30, 30)))
+    wrong_size = mask_utils.encode(np.asfortranarray(rect_mask(h + 1, w, 10, 10, 30, 30)))
     wrong_size["counts"] = wrong_size["counts"].decode()
     poly = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0]]
 
@@ -278,7 +217,7 @@ def make_label_folder(root):
     ids = {"a": [1, 7, 300, 1000], "b": [2, 65535, 9], "c": [5, 6, 40000, 41000], "d": [3, 4, 8]}
     for i, (stem, values) in enumerate(ids.items()):
         lab = _labels(128, 112, values, i)
-        image = _image(128, 112, i, [lab == v for v in values])
+        image = textured_image(128, 112, i, [lab == v for v in values])
         if stem == "c":
             tifffile.imwrite(root / "images" / "c.tif", image[..., 0].astype(np.uint16) * 257)
         else:
@@ -322,8 +261,8 @@ def test_label_image_rejections(tmp_path):
     tifffile.imwrite(labels / "d.tif", np.ones((5, 128, 112), np.uint16) * 2)  # a stack
     Image.fromarray(np.ones((128, 112), np.uint8)).save(tmp_path / "src/images/e.png")  # no label
     for stem in ("f", "g"):
-        Image.fromarray(_image(128, 112, 0)).save(tmp_path / f"src/images/{stem}.png")
-    Image.fromarray(_image(128, 112, 1)).save(labels / "f.png")  # an RGB picture, not ids
+        Image.fromarray(textured_image(128, 112, 0)).save(tmp_path / f"src/images/{stem}.png")
+    Image.fromarray(textured_image(128, 112, 1)).save(labels / "f.png")  # an RGB picture, not ids
     tifffile.imwrite(labels / "g.tif", np.full((128, 112), 1.5, np.float32))
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "nuclei")
     reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in m["rejected"]}
@@ -346,7 +285,7 @@ def _tree(root, files):
             arr[10:30, 10:30] = 255
             Image.fromarray(arr).save(p, quality=95)  # JPEG masks (Kvasir) come out near-binary
         else:
-            Image.fromarray(_image(40, 48, len(rel))).save(p)
+            Image.fromarray(textured_image(40, 48, len(rel))).save(p)
 
 
 @pytest.mark.parametrize(
@@ -497,7 +436,7 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     holdout = ["--holdout", "val=1", "--holdout", "test=1"]
     assert cli(["data", "ingest", "--format", fmt, *args, "--name", "inst", *holdout]) == 0
     manifest = load_manifest(data / "inst")
-    smoke = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.yaml"
+    smoke = ROOT / "experiments" / "configs" / "smoke.yaml"
     sets = [
         f"data.root={data}",
         "data.dataset=inst",
@@ -572,52 +511,12 @@ def test_train_evaluate_predict_per_instance(ray_local, tmp_path, fmt, capsys):
     assert (pred / f"{image_id}_overlay.png").is_file()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_benchmark_on_an_instance_dataset(ray_local, tmp_path, capsys):
-    """The benchmark on a COCO dataset: scores per instance, intervals drawn by image, and the
-    results say what the values are means over."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import benchmark_all
-
-    src, images = make_coco(tmp_path / "src")
-    ingest_coco(src, tmp_path / "data", "cells", images_dir=images, holdout={"val": 1})
-    sets = [
-        "benchmark.methods=[zero_shot,adapter_infosam]",
-        "benchmark.datasets=[cells]",
-        "benchmark.seeds=[0]",
-        "benchmark.name=inst",
-        "data.test_split=train",  # 2 images, 8 instances: intervals need more than one image
-        "optim.epochs=1",
-        "optim.batch_size=2",
-        f"data.root={tmp_path / 'data'}",
-        "data.synthesize=false",
-        f"storage.path={tmp_path / 'runs'}",
-    ]
-    assert benchmark_all.main([a for s in sets for a in ("--set", s)]) == 0
-    out_dir = tmp_path / "runs" / "inst"
-    md = (out_dir / "results.md").read_text()
-    assert "On cells (instance datasets) a value is a mean over instances." in md
-    assert "1 seed(s) x 8 instances in 2 images" in md
-    assert "(seeds, then images with all their instances;" in md
-    # per category: both methods on each class, 4 cells and 4 nuclei
-    assert "### Per category: cells, test iou (%)" in md
-    for name in ("cell", "nucleus"):
-        assert re.search(rf"\| {name}\s+\| 4\s+\|\s+[\d.]+ \|\s+[\d.]+ \|", md), md
-    assert re.search(r"\| \*\*mean over categories\*\* \| 2 categories", md)
-    import pandas as pd
-
-    scores = pd.read_csv(out_dir / "scores.csv", dtype=str)
-    assert len(scores) == 2 * 8 and len(set(scores["image"])) == 2
-    assert all(i.split("#")[0] == im for i, im in zip(scores["image_id"], scores["image"]))
-
-
 def test_label_image_without_background_keeps_every_label(tmp_path):
     (tmp_path / "src/images").mkdir(parents=True)
     (tmp_path / "src/labels").mkdir()
     lab = np.full((40, 48), 4, np.uint16)
     lab[:, 30:] = 2  # two labels tile the whole image: no 0 pixel
-    Image.fromarray(_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
+    Image.fromarray(textured_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
     Image.fromarray(lab).save(tmp_path / "src/labels/t.png")
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "tiles")
     assert m["counts"] == {"train": 2}
@@ -634,7 +533,7 @@ def test_32bit_label_ids_beyond_a_histogram(tmp_path):
     ids = [3, 2_000_000, 4_000_000_000]
     lab = np.full((40, 48), ids[0], np.uint32)
     lab[:, 16:32], lab[:, 32:] = ids[1], ids[2]
-    Image.fromarray(_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
+    Image.fromarray(textured_image(40, 48, 0)).save(tmp_path / "src/images/t.png")
     tifffile.imwrite(tmp_path / "src/labels/t.tif", lab)
     m = ingest_labels(tmp_path / "src", tmp_path / "out", "big")
     assert m["rejected"] == [] and m["counts"] == {"train": 3}

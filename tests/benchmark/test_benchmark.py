@@ -3,51 +3,27 @@
 import json
 import os
 import re
-import secrets
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, benchmark_args
+
 DEMO_CONFIG = ROOT / "orchestrator" / "benchmark" / "demo.yaml"
 sys.path.insert(0, str(ROOT / "experiments"))
 import benchmark_all  # noqa: E402
-from helpers import signal_driver_when  # noqa: E402
+
+from tests.helpers import signal_driver_when  # noqa: E402
 
 pytestmark = pytest.mark.timeout(420)
 
 
-def _args(tmp_path, data_root, name="reduced"):
-    return [
-        "--set",
-        "benchmark.methods=[zero_shot,adapter_infosam]",
-        "--set",
-        "benchmark.datasets=[camouflage]",
-        "--set",
-        "benchmark.seeds=[0]",
-        "--set",
-        f"benchmark.name={name}",
-        "--set",
-        "optim.epochs=1",
-        "--set",
-        f"data.root={data_root}",
-        "--set",
-        "data.synthesize=false",
-        "--set",
-        f"storage.path={tmp_path / 'runs'}",
-    ]
-
-
 def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_root, capsys):
-    assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 0
+    assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 0
     out = capsys.readouterr().out
     md = (tmp_path / "runs" / "reduced" / "results.md").read_text()
     assert "SAM zero-shot (teacher)" in md and "Adapter + InfoSAM" in md
@@ -112,11 +88,11 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     trained = cells["adapter_infosam/camouflage/seed0"]
     assert trained["status"] == "FINISHED" and trained["timings"]["train_s"] > 0
     # Same name: nothing is redone. A new name: a fresh benchmark.
-    assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 0
+    assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
     assert len(client.search_runs([exp.experiment_id])) == 3
     # Same name, changed configuration: refused before Ray starts, naming cell and key...
-    changed = [*_args(tmp_path, synthetic_root), "--set", "optim.lr=3e-3"]
+    changed = [*benchmark_args(tmp_path, synthetic_root), "--set", "optim.lr=3e-3"]
     assert benchmark_all.main(changed) == 2
     err = capsys.readouterr().err
     assert "finished cells adapter_infosam/camouflage/seed0)" in err  # zero-shot: no lr
@@ -129,7 +105,7 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     from orchestrator.storage import exclusive
 
     with exclusive(tmp_path / "runs" / "reduced" / ".lock", "test"):
-        assert benchmark_all.main(_args(tmp_path, synthetic_root)) == 2
+        assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 2
     err = capsys.readouterr().err
     assert "benchmark 'reduced'" in err and f"pid {os.getpid()}" in err
 
@@ -139,7 +115,7 @@ def test_a_failing_cell_is_recorded_failed_and_only_it_runs_again(
 ):
     """A cell that raises is retried, then FAILED (MLflow + results); the other cells finish."""
     args = [
-        *_args(tmp_path, synthetic_root, "failing"),
+        *benchmark_args(tmp_path, synthetic_root, "failing"),
         "--set",
         "benchmark.methods=[zero_shot,adapter]",
         "--set",
@@ -182,7 +158,7 @@ def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_
     cmd = [
         sys.executable,
         str(ROOT / "experiments" / "benchmark_all.py"),
-        *_args(tmp_path, synthetic_root, "stopped"),
+        *benchmark_args(tmp_path, synthetic_root, "stopped"),
         "--set",
         "benchmark.methods=[adapter]",
         "--set",
@@ -237,86 +213,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_root):
-    """`ray start --head` on loopback + `ray job submit`; only the Ray started here is stopped."""
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    env.pop("RAY_ADDRESS", None)
-    port, dash, agent, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
-    temp_dir = tempfile.mkdtemp(
-        prefix="ray", dir="/tmp"
-    )  # short: Ray's unix sockets cap path length
-    head = subprocess.Popen(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--node-ip-address=127.0.0.1",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            # Another Ray on this machine (the suite's own) already holds the default agent ports.
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={env_agent}",
-            f"--metrics-export-port={metrics}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            probe = subprocess.run(
-                [str(bin_dir / "ray"), "job", "list", "--address", address],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head did not come up")
-        cmd = [
-            str(bin_dir / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--",
-            sys.executable,
-            "experiments/benchmark_all.py",
-            *_args(tmp_path, synthetic_root, "submitted"),
-        ]
-        for _ in range(20):  # the head answers before its job agent is ready to take jobs
-            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=360)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(3)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
-        assert (tmp_path / "runs" / "submitted" / "results.md").is_file()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # our own `ray start --block` and what it started
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_comparison_pairs_are_declared_in_the_config_with_defaults():

@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import train_config
 from mlflow.tracking import MlflowClient
-from test_benchmark import _args
 
 from orchestrator.tracking.runs import experiment_url
 from orchestrator.tracking.server import LocalPostgres, TrackingServer, free_port
 from orchestrator.train.driver import fit
+from tests.helpers import ROOT, benchmark_args, train_config
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-import bench_tracking  # noqa: E402
+import bench_tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -207,7 +205,7 @@ def test_benchmark_through_the_server_is_complete_in_postgresql_and_shown_in_the
         [
             sys.executable,
             str(ROOT / "experiments" / "benchmark_all.py"),
-            *_args(tmp_path, synthetic_root, "pg"),
+            *benchmark_args(tmp_path, synthetic_root, "pg"),
             "--set",
             f"tracking.uri={auth_server.url}",
         ],

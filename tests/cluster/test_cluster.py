@@ -1,14 +1,14 @@
 """cluster.yaml passes Ray's own offline validation and the project's rules; broken ones fail."""
 
 import copy
-from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main as cli
 from orchestrator.cluster.check import check_cluster_config, load_cluster_yaml
+from tests.helpers import ROOT
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER = ROOT / "cluster.yaml"
 
 
 @pytest.fixture(scope="module")

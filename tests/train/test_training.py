@@ -14,10 +14,10 @@ from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError
 from orchestrator.train.driver import fit
 from orchestrator.train.evaluation import evaluate_checkpoint
-from tests.helpers import train_config
+from tests.helpers import ROOT, train_config
 
 pytestmark = pytest.mark.timeout(420)
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.yaml"
+SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
 
 
 def _artifacts(client, run_id, path=""):
@@ -205,7 +205,6 @@ class _Faults:
         train_loop_per_worker(loop_config)
 
     def _maybe_kill(self, moment: str, rank: int, epoch: int, snapshot: str) -> None:
-        from pathlib import Path
 
         def registered(e: int) -> bool:
             path = Path(snapshot)

@@ -6,13 +6,13 @@ recorded with where each resumed from.
 """
 
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "experiments"))
-import bench_spot  # noqa: E402
+import bench_spot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -19,8 +19,9 @@ from orchestrator.data.codec import decode_image
 from orchestrator.data.manifest import iter_rows, load_manifest
 from orchestrator.data.teacher_cache import CacheKey, open_teacher_cache
 from orchestrator.train.checkpoints import load_trained, read_history
+from tests.helpers import ROOT
 
-V1 = Path(__file__).resolve().parent / "fixtures" / "v1"
+V1 = ROOT / "tests" / "fixtures" / "v1"
 EXPECTED = json.loads((V1 / "expected.json").read_text())
 
 

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "experiments"))
-import bench_concurrency  # noqa: E402
+import bench_concurrency
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

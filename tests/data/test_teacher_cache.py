@@ -1,8 +1,6 @@
 """Teacher-embedding cache: a real Ray Data batch-inference pass, refusals, and training on it."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,52 +9,31 @@ from mlflow.tracking import MlflowClient
 from infosam.engine import LossConfig, compute_losses
 from infosam.prompts import sample_prompts
 from infosam.relation import RelationModule
-from infosam.sam import PromptableSam, build_sam, checkpoint_sha256, resolve_checkpoint
+from infosam.sam import PromptableSam, build_sam, resolve_checkpoint
 from infosam.transforms import random_hflip
 from orchestrator.config import BUILTIN_TEACHER, ConfigError
 from orchestrator.data.reader import read_split, to_torch
 from orchestrator.data.teacher_cache import (
-    CacheKey,
     TeacherCacheError,
     build_teacher_cache,
     ensure_teacher_cache,
     open_teacher_cache,
 )
 from orchestrator.train.driver import fit
-from tests.helpers import train_config
+from tests.helpers import cache_key, train_config
 
 pytestmark = pytest.mark.timeout(420)
 
 TEACHER = resolve_checkpoint(BUILTIN_TEACHER)
 
 
-@pytest.fixture
-def dataset(tmp_path, synthetic_root):
-    """A private copy of the synthetic camouflage dataset (caches are written next to shards)."""
-    root = tmp_path / "data"
-    shutil.copytree(synthetic_root / "camouflage", root / "camouflage")
-    return root
-
-
-def _key(**extra):
-    return CacheKey(
-        **{
-            "variant": "tiny",
-            "image_size": 256,
-            "channel_order": "rgb",
-            "teacher_sha256": checkpoint_sha256(TEACHER),
-            **extra,
-        }
-    )
-
-
 def test_cached_embeddings_equal_the_teacher_and_give_the_same_losses(ray_local, dataset):
     meta = build_teacher_cache(
-        dataset / "camouflage", ["train"], _key(), checkpoint=TEACHER, quiet=True
+        dataset / "camouflage", ["train"], cache_key(), checkpoint=TEACHER, quiet=True
     )
     assert meta["splits"]["train"]["rows"] == 32 and meta["dtype"] == "bfloat16"
     assert meta["embedding_shape"] == [128, 16, 16]
-    cache = open_teacher_cache(dataset / "camouflage", "train", _key())
+    cache = open_teacher_cache(dataset / "camouflage", "train", cache_key())
     ds = read_split(dataset / "camouflage", "train", image_size=256, teacher_cache=cache)
     rows = ds.take_batch(8, batch_format="numpy")
     batch = to_torch(rows)
@@ -94,19 +71,19 @@ def test_cached_embeddings_equal_the_teacher_and_give_the_same_losses(ray_local,
 
 def test_cache_is_refused_when_it_was_computed_from_something_else(ray_local, dataset):
     root = dataset / "camouflage"
-    build_teacher_cache(root, ["train"], _key(), checkpoint=TEACHER, quiet=True)
-    open_teacher_cache(root, "train", _key())  # valid as built
+    build_teacher_cache(root, ["train"], cache_key(), checkpoint=TEACHER, quiet=True)
+    open_teacher_cache(root, "train", cache_key())  # valid as built
     with pytest.raises(TeacherCacheError, match="no teacher cache"):
-        open_teacher_cache(root, "train", _key(teacher_sha256="0" * 64))
+        open_teacher_cache(root, "train", cache_key(teacher_sha256="0" * 64))
     with pytest.raises(TeacherCacheError, match="no split 'val'"):
-        open_teacher_cache(root, "val", _key())
+        open_teacher_cache(root, "val", cache_key())
     (cache_json,) = root.glob("teacher_cache/*/cache.json")
     meta = json.loads(cache_json.read_text())
     # Same folder, other teacher recorded inside: refused, naming both hashes' key.
     tampered = {**meta, "teacher_sha256": "f" * 64}
     cache_json.write_text(json.dumps(tampered))
     with pytest.raises(TeacherCacheError, match="teacher_sha256"):
-        open_teacher_cache(root, "train", _key())
+        open_teacher_cache(root, "train", cache_key())
     cache_json.write_text(json.dumps(meta))
     # The dataset re-ingested (a shard's checksum changed): the cache no longer describes it.
     manifest_path = root / "manifest.json"
@@ -114,7 +91,7 @@ def test_cache_is_refused_when_it_was_computed_from_something_else(ray_local, da
     next(s for s in manifest["shards"] if s["split"] == "train")["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(TeacherCacheError, match="other shards"):
-        open_teacher_cache(root, "train", _key())
+        open_teacher_cache(root, "train", cache_key())
     with pytest.raises(TeacherCacheError, match="random teacher"):
         ensure_teacher_cache(root, "train", None, checkpoint=None)
 
@@ -234,7 +211,7 @@ def test_concurrent_runs_build_the_cache_once(ray_local, dataset):
         try:
             results.append(
                 ensure_teacher_cache(
-                    dataset / "camouflage", "val", _key(), checkpoint=TEACHER, quiet=True
+                    dataset / "camouflage", "val", cache_key(), checkpoint=TEACHER, quiet=True
                 )
             )
         except Exception as exc:  # surfaced below
@@ -248,21 +225,3 @@ def test_concurrent_runs_build_the_cache_once(ray_local, dataset):
     assert not errors and len(results) == 2
     assert results[0]["files"] == results[1]["files"]
     assert len(list((dataset / "camouflage").glob("teacher_cache/*/val-*"))) == 1
-
-
-@pytest.mark.slow
-def test_a_rebuild_keeps_the_generation_a_running_reader_streams(ray_local, dataset):
-    """A rebuild never deletes the files a run opened a moment ago: the superseded generation
-    stays until the next rebuild, and only the one before it goes."""
-    root = dataset / "camouflage"
-    gens = []
-    for _ in range(3):
-        build_teacher_cache(root, ["val"], _key(), checkpoint=TEACHER, quiet=True)
-        opened = open_teacher_cache(root, "val", _key())
-        gens.append({Path(f).parent.name for f in opened["files"]})
-        folders = {p.name for p in root.glob("teacher_cache/*/val-*")}
-        assert gens[-1] <= folders
-        if len(gens) > 1:
-            assert gens[-2] <= folders, "the generation a reader may stream was deleted"
-        if len(gens) > 2:
-            assert not gens[0] & folders, "generations before the previous one are removed"

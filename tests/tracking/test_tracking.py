@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import signal_driver_when, train_config
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking.runs import EXPERIMENT_KIND, ensure_experiment, experiment_url, view_hint
 from orchestrator.tracking.server import TrackingServerError, read_secret, redact
 from orchestrator.train.driver import fit
+from tests.helpers import ROOT, signal_driver_when, train_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
