@@ -177,26 +177,9 @@ class DatasetWriter:
             self.reject(source, reason, split)
             return False
         self._claim(sample_id, image, split)
-        shard = self.open.setdefault(split, _Shard(split))
-        shard.rows.append(
-            {
-                "id": sample_id,
-                "dataset": self.name,
-                "split": split,
-                "image": image,
-                "mask": mask,
-                "height": int(height),
-                "width": int(width),
-                "source": source,
-                "flags": sorted(set(flags)),
-            }
-        )
-        shard.nbytes += len(image) + len(mask)
+        row = self._row(split, sample_id, image, mask, height, width, source, flags)
+        self._append(split, row, len(image) + len(mask), flags)
         self.counts[split] += 1
-        fc = self.flag_counts.setdefault(split, Counter())
-        fc.update(set(flags))
-        if shard.nbytes >= self.shard_bytes:
-            self._flush(split)
         return True
 
     def add_image(
@@ -219,34 +202,52 @@ class DatasetWriter:
                 self.reject(f"{source}#{inst['id']}", reason, split)
             return False
         self._claim(image_id, image, split)
-        shard = self.open.setdefault(split, _Shard(split))
-        shard.rows.append(
-            {
-                "id": image_id,
-                "dataset": self.name,
-                "split": split,
-                "image": image,
-                "mask": None,
-                "height": int(height),
-                "width": int(width),
-                "source": source,
-                "flags": sorted(set(flags)),
-                "instance_ids": [str(i["id"]) for i in instances],
-                "instance_masks": [i["mask"] for i in instances],
-                "instance_categories": [str(i["category"]) for i in instances],
-                "instance_flags": [sorted(set(i["flags"])) for i in instances],
-            }
-        )
-        shard.nbytes += len(image) + sum(len(i["mask"]) for i in instances)
+        row = self._row(split, image_id, image, None, height, width, source, flags)
+        row |= {
+            "instance_ids": [str(i["id"]) for i in instances],
+            "instance_masks": [i["mask"] for i in instances],
+            "instance_categories": [str(i["category"]) for i in instances],
+            "instance_flags": [sorted(set(i["flags"])) for i in instances],
+        }
+        nbytes = len(image) + sum(len(i["mask"]) for i in instances)
+        self._append(split, row, nbytes, flags, *(i["flags"] for i in instances))
         self.counts[split] += len(instances)
         self.image_counts[split] += 1
+        return True
+
+    def _row(
+        self,
+        split: str,
+        row_id: str,
+        image: bytes,
+        mask: bytes | None,
+        height: int,
+        width: int,
+        source: str,
+        flags: list[str],
+    ) -> dict:
+        return {
+            "id": row_id,
+            "dataset": self.name,
+            "split": split,
+            "image": image,
+            "mask": mask,
+            "height": int(height),
+            "width": int(width),
+            "source": source,
+            "flags": sorted(set(flags)),
+        }
+
+    def _append(self, split: str, row: dict, nbytes: int, *flag_lists: list[str]) -> None:
+        """Queue a row in its split's open shard (flushed once it reaches the shard size)."""
+        shard = self.open.setdefault(split, _Shard(split))
+        shard.rows.append(row)
+        shard.nbytes += nbytes
         fc = self.flag_counts.setdefault(split, Counter())
-        fc.update(set(flags))
-        for inst in instances:
-            fc.update(set(inst["flags"]))
+        for flags in flag_lists:
+            fc.update(set(flags))
         if shard.nbytes >= self.shard_bytes:
             self._flush(split)
-        return True
 
     def _flush(self, split: str) -> None:
         shard = self.open.pop(split, None)
