@@ -108,6 +108,21 @@ BROKEN = {
         _set(["head_setup_commands"], ["infosam tracking serve --auth --host 10.0.0.1"]),
         "the MLflow server runs on a Ray node",
     ),
+    "a hand-written package list": (
+        _set(["setup_commands"], ["pip install torch segment-anything mlflow pandas"]),
+        "do not install the project on every node",
+    ),
+    "the project without its dependencies": (
+        _set(
+            ["setup_commands"],
+            ["pip install --no-deps -c /home/ray/infosam/constraints.txt -e /home/ray/infosam"],
+        ),
+        "do not install the project on every node",
+    ),
+    "the project unpinned": (
+        _set(["setup_commands"], ["pip install -e /home/ray/infosam"]),
+        "constraints.txt",
+    ),
     "schema violation": (_set(["max_workers"], "many"), "Ray schema"),
     "unknown head type": (_set(["head_node_type"], "nope"), "head_node_type"),
 }
