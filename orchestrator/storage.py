@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 __all__ = [
     "LockedError",
+    "ResultsDir",
     "atomic_file",
     "atomic_write",
     "atomic_write_json",
@@ -204,3 +205,119 @@ def exclusive(lock_path: str | os.PathLike, what: str, *, wait: bool = False) ->
                 f.seek(0)
                 f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class ResultsDir:
+    """A folder of results a driver writes and a later driver resumes from, on local disk or
+    on object storage (`s3://bucket/prefix`, endpoint and credentials from the standard AWS
+    variables, so S3-compatible stores work too).
+
+    Local: the folder itself. Remote: a local working copy (`local`) that `pull` fills from
+    the bucket, and `push` sends each written file back under the same relative path, so the
+    bucket always holds what the driver has recorded. Writers and readers use `local` only:
+    pandas, matplotlib and torch keep writing plain files.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        import hashlib
+        import tempfile
+
+        self.location = resolve_location(location)
+        self.remote = is_remote(self.location)
+        if self.remote:
+            key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
+            root = Path(os.environ.get("INFOSAM_STAGING", tempfile.gettempdir())) / "infosam"
+            self.local = root / f"results-{key}"
+            self.lock_path = root / f"results-{key}.lock"  # beside the copy: `pull` replaces it
+        else:
+            self.local = Path(self.location)
+            self.lock_path = self.local / ".lock"
+
+    def pull(self) -> None:
+        """Local: make the folder. Remote: replace the working copy with the bucket's files."""
+        if not self.remote:
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        import shutil
+
+        import pyarrow.fs as pafs
+
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True)
+        fs, root = filesystem(self.location)
+        if fs.get_file_info(root).type == pafs.FileType.Directory:
+            pafs.copy_files(root, str(self.local), source_filesystem=fs)
+
+    def pull_files(self, names: list[str]) -> None:
+        """Remote: fetch these top-level files of the bucket's folder (those that exist) into
+        the working copy, and nothing else (a run folder also holds large checkpoints)."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            return
+        fs, root = filesystem(self.location)
+        for name in names:
+            try:
+                with fs.open_input_stream(f"{root}/{name}") as f:
+                    atomic_write(self.local / name, f.read())
+            except FileNotFoundError:
+                (self.local / name).unlink(missing_ok=True)  # the bucket is the truth
+
+    def pull_latest(self, pattern: str, marker: str) -> Path | None:
+        """Remote: fetch the newest sub-folder matching `pattern` that holds `marker` (a
+        complete checkpoint); returns its working-copy path."""
+        if not self.remote:
+            found = sorted(self.local.glob(f"{pattern}/{marker}"))
+            return found[-1].parent if found else None
+        import fnmatch
+        import shutil
+
+        import pyarrow.fs as pafs
+
+        fs, root = filesystem(self.location)
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return None
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+        names = sorted(i.base_name for i in infos if fnmatch.fnmatch(i.base_name, pattern))
+        for name in reversed(names):
+            if fs.get_file_info(f"{root}/{name}/{marker}").type == pafs.FileType.File:
+                target = self.local / name
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                pafs.copy_files(f"{root}/{name}", str(target), source_filesystem=fs)
+                return target
+        return None
+
+    def push_tree(self, folder: str | os.PathLike, keep: str | None = None, last: int = 2) -> str:
+        """Send a whole working-copy folder to the bucket (a checkpoint); with `keep`, only the
+        `last` folders matching that pattern stay in the bucket. Returns its location."""
+        target = self.where(folder)
+        if not self.remote:
+            return target
+        import fnmatch
+
+        import pyarrow.fs as pafs
+
+        fs, root = filesystem(self.location)
+        _, where = filesystem(target)
+        pafs.copy_files(str(folder), where, destination_filesystem=fs)
+        if keep:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            names = sorted(i.base_name for i in infos if fnmatch.fnmatch(i.base_name, keep))
+            for old in names[:-last]:
+                fs.delete_dir(f"{root}/{old}")
+        return target
+
+    def push(self, path: str | os.PathLike) -> str:
+        """Send one file of the working copy to the bucket (nothing to do locally); returns
+        where it now lives."""
+        rel = Path(path).resolve().relative_to(self.local.resolve())
+        if not self.remote:
+            return str(self.local / rel)
+        target = join(self.location, *rel.parts)
+        atomic_write(target, Path(path).read_bytes())
+        return target
+
+    def where(self, path: str | os.PathLike) -> str:
+        """The lasting location of a working-copy file (the bucket's URI when remote)."""
+        rel = Path(path).resolve().relative_to(self.local.resolve())
+        return join(self.location, *rel.parts)

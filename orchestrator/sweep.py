@@ -26,7 +26,7 @@ from orchestrator.config import (
     load_with_section,
 )
 from orchestrator.plots import sweep_scatter
-from orchestrator.storage import atomic_write, is_remote, resolve_location
+from orchestrator.storage import ResultsDir, atomic_write, join, resolve_location
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
 from orchestrator.tracking.runs import (
     check_tracking_server,
@@ -271,8 +271,9 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
     init_ray()
     laptop = on_one_machine()
     storage = resolve_location(base.storage.path)
-    out_dir = Path(tcfg.name) if is_remote(storage) else Path(storage) / tcfg.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    results = ResultsDir(join(storage, tcfg.name))  # on object storage: a working copy
+    results.pull()
+    out_dir = results.local
     artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
     parent, _ = open_parent_run(
         uri,
@@ -300,6 +301,7 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         best_row, best_sampled, best_yaml = _write_best(table, tcfg, base, out_dir, storage)
         for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
             parent.log_artifact(out_dir / name, "sweep")
+            results.push(out_dir / name)
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
         parent.log_metrics(
             {
@@ -312,7 +314,7 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         )
         parent.finish("FINISHED")
     print(table.to_markdown(index=False), flush=True)
-    return SweepResult(table, str(best_yaml), best_sampled, parent.run_id, uri)
+    return SweepResult(table, results.where(best_yaml), best_sampled, parent.run_id, uri)
 
 
 def make_tuner(tcfg: SweepConfig, context: SweepContext, storage: str, cap: int | None) -> Any:

@@ -100,3 +100,30 @@ def dataset(tmp_path, synthetic_root):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "camouflage", root / "camouflage")
     return root
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3-protocol server on loopback (moto's server mode, as Ray's and MLflow's own tests
+    use), with bucket `bkt`; the project reaches it through AWS_ENDPOINT_URL like any
+    S3-compatible store. Yields a boto3 client for assertions; the server is stopped after."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bkt")
+    try:
+        yield client
+    finally:
+        server.stop()

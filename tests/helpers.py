@@ -168,3 +168,9 @@ def make_coco(root, *, extra_annotations=(), extra_images=(), seed=0):
     path = root / "instances.json"
     path.write_text(json.dumps(data))
     return path, images_dir
+
+
+def bucket_keys(client, prefix: str = "") -> list[str]:
+    """Every object key under `prefix`, read with boto3 (not with the project's code)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="bkt", Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))

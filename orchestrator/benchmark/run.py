@@ -46,8 +46,11 @@ from orchestrator.config import (
 )
 from orchestrator.errors import reported
 from orchestrator.storage import (
+    ResultsDir,
     atomic_write_json,
     exclusive,
+    is_remote,
+    join,
     safe_component,
 )
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
@@ -115,15 +118,18 @@ class BenchmarkResult:
     failed: list[str]
     timeline: list[dict[str, Any]]
     stats: dict[str, float]
+    location: str = ""  # where the files last: the output folder, or its s3:// prefix
 
 
 class CellStore:
     """`cells.json`: the parent run id and each cell's outcome, rewritten atomically after
-    every change, so a killed driver resumes from what it recorded."""
+    every change (and sent to the bucket when the results live on object storage), so a killed
+    driver, resubmitted anywhere, resumes from what it recorded."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.path = out_dir / "cells.json"
+    def __init__(self, results: ResultsDir) -> None:
+        self.results = results
+        self.out_dir = results.local
+        self.path = self.out_dir / "cells.json"
         self.state: dict[str, Any] = (
             json.loads(self.path.read_text()) if self.path.is_file() else {"cells": {}}
         )
@@ -137,11 +143,14 @@ class CellStore:
         return bool(done) and done.get("status", "FINISHED") == "FINISHED"
 
     def record(self, key: str, entry: dict[str, Any]) -> None:
+        if entry.get("scores"):  # the per-image scores first: cells.json then points at them
+            self.results.push(self.out_dir / entry["scores"])
         self.cells[key] = entry
         self.save()
 
     def save(self) -> None:
         atomic_write_json(self.path, self.state, indent=2)
+        self.results.push(self.path)
 
 
 @dataclass
@@ -171,10 +180,10 @@ def run_benchmark(
         safe_component(bench.name, "benchmark.name")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out_dir = Path(bench.output or Path(base.storage.path) / bench.name).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(out_dir / ".lock", f"benchmark {bench.name!r} ({out_dir})"):
-        return _run_benchmark(bench, base, CellStore(out_dir), quiet, allow_config_change)
+    results = ResultsDir(bench.output or join(base.storage.path, bench.name))
+    with exclusive(results.lock_path, f"benchmark {bench.name!r} ({results.location})"):
+        results.pull()  # on object storage: what an earlier driver recorded, wherever it ran
+        return _run_benchmark(bench, base, CellStore(results), quiet, allow_config_change)
 
 
 def _run_benchmark(
@@ -409,6 +418,7 @@ def _report(
         files.update(write_timeline(timeline, store.out_dir))
     for kind, path in files.items():
         parent.log_artifact(path, "timeline" if kind.startswith("timeline") else "results")
+        store.results.push(path)
     return BenchmarkResult(
         table=table,
         raw=raw,
@@ -419,6 +429,7 @@ def _report(
         failed=[k for k, e in store.cells.items() if e.get("status") == "FAILED"],
         timeline=timeline,
         stats=timeline_stats(timeline),
+        location=store.results.location,
     )
 
 
@@ -478,6 +489,8 @@ def _main(args: argparse.Namespace) -> int:
     )
     for kind, path in result.files.items():
         print(f"[benchmark] {kind}: {path}")
+    if is_remote(result.location):
+        print(f"[benchmark] kept in {result.location} (cells.json, results, scores)")
     print(f"[benchmark] MLflow: {view_hint(result.tracking_uri, result.parent_run_id)}")
     if result.failed:
         print(

@@ -28,7 +28,14 @@ from orchestrator.config import (
     result_view,
     resume_refusal,
 )
-from orchestrator.storage import atomic_write, atomic_write_json, is_remote, join, resolve_location
+from orchestrator.storage import (
+    ResultsDir,
+    atomic_write,
+    atomic_write_json,
+    is_remote,
+    join,
+    resolve_location,
+)
 from orchestrator.tracking.runs import (
     RunLogger,
     check_tracking_server,
@@ -38,6 +45,7 @@ from orchestrator.tracking.runs import (
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
 from orchestrator.tracking.runs import open_run as tracking_open_run
 from orchestrator.train.checkpoints import (
+    HISTORY_FILE,
     checkpoint_scores,
 )
 from orchestrator.train.epoch_log import checkpoint_history, log_epochs
@@ -79,11 +87,23 @@ def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, 
     return storage, name
 
 
-def _run_dir(storage: str, name: str) -> Path | None:
-    return None if is_remote(storage) else Path(storage) / name
+def _working_copy(cfg: Config, storage: str, name: str) -> ResultsDir:
+    """The run's folder: `storage/name` on disk, or a local working copy of it when storage is a
+    bucket, holding what a resume reads (run_config.json, mlflow_run_id and, in Train local
+    mode, the newest complete checkpoint; multi-worker checkpoints stay Ray Train's)."""
+    results = ResultsDir(join(storage, name))
+    if results.remote:
+        import shutil
+
+        shutil.rmtree(results.local, ignore_errors=True)  # only what the bucket holds counts
+        results.pull_files([RUN_CONFIG_FILE, MLFLOW_RUN_ID_FILE])
+        if cfg.scaling.max_workers == 0:
+            results.pull_latest("checkpoint_epoch_*", HISTORY_FILE)
+    return results
 
 
 RUN_CONFIG_FILE = "run_config.json"
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 
 
 def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> list[str]:
@@ -127,7 +147,7 @@ def open_training_run(
 ) -> RunLogger:
     """The run's MLflow run: re-opened (RUNNING again) when this Train run resumes, else new."""
     uri = _tracking_uri(cfg)
-    run_id_file = run_dir / "mlflow_run_id" if run_dir else None
+    run_id_file = run_dir / MLFLOW_RUN_ID_FILE if run_dir else None
     previous = run_id_file.read_text().strip() if run_id_file and run_id_file.is_file() else None
     logger, resumed = tracking_open_run(
         uri,
@@ -188,6 +208,7 @@ class RunPlan:
     storage: str
     name: str
     run_dir: Path | None
+    results: ResultsDir  # run_dir as a folder that may live in a bucket
     changes: list[str]  # configuration changes a resume was allowed to take
     teacher_sha: str | None
     run_name: str | None
@@ -230,6 +251,7 @@ def fit(
     with watch("startup_s"):
         if logger is None:
             logger = _open_run(cfg, plan, shared, tags)
+        _persist_run_files(plan)
     # SIGTERM/Ctrl-C end the run KILLED, an error FAILED; a caller's run is the caller's to close
     with closing_on_exit(
         logger if owns_logger else None, children=False, signals=not in_ray_worker()
@@ -239,7 +261,8 @@ def fit(
         with watch("fit_s"):
             result = trainer.fit()
         with watch("logging_s"):
-            history, test_scores = _collect(result, logger, cfg)
+            checkpoint = _lasting_checkpoint(result, plan, cfg)
+            history, test_scores = _collect(result, logger, cfg, checkpoint)
             if owns_logger:
                 logger.finish("FINISHED")
     return FitResult(
@@ -247,7 +270,7 @@ def fit(
         tracking_uri=logger.uri,
         storage_dir=join(plan.storage, plan.name),
         metrics=dict(result.metrics or {}),
-        checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
+        checkpoint_dir=checkpoint,
         history=history,
         timings=_phase_timings(watch.seconds, history),
         test_scores=test_scores,
@@ -304,10 +327,12 @@ def _resolve_run(
         check_tracking_server(_tracking_uri(cfg))
     init_ray()
     storage, name = _storage(cfg, storage_name, run_name)
+    results = _working_copy(cfg, storage, name)
     return RunPlan(
         storage=storage,
         name=name,
-        run_dir=_run_dir(storage, name),
+        run_dir=results.local,
+        results=results,
         changes=[],
         teacher_sha=teacher_sha,
         run_name=run_name,
@@ -334,8 +359,25 @@ def _open_run(
     )
 
 
+def _persist_run_files(plan: RunPlan) -> None:
+    """run_config.json and mlflow_run_id into the bucket, when the run folder is one."""
+    for small in (RUN_CONFIG_FILE, MLFLOW_RUN_ID_FILE):
+        if plan.results.remote and (plan.results.local / small).is_file():
+            plan.results.push(plan.results.local / small)
+
+
+def _lasting_checkpoint(result: Any, plan: RunPlan, cfg: Config) -> str | None:
+    """Where the last checkpoint lives for good: Ray Train's path, or, in Train local mode on
+    a bucket, the bucket copy of the working copy's folder."""
+    if result.checkpoint is None:
+        return None
+    if plan.results.remote and cfg.scaling.max_workers == 0:
+        return plan.results.where(result.checkpoint.path)
+    return result.checkpoint.path
+
+
 def _collect(
-    result: Any, logger: RunLogger, cfg: Config
+    result: Any, logger: RunLogger, cfg: Config, checkpoint: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(history, test scores) from the last checkpoint; fills any epoch a driver crash left
     unlogged (idempotent), logs the scores, curves and the checkpoint's path."""
@@ -350,8 +392,8 @@ def _collect(
             log_category_results(logger, test_scores)
     with contextlib.suppress(Exception):
         _log_curves(logger, cfg)
-    if result.checkpoint is not None:
-        logger.set_tags({"infosam.checkpoint": result.checkpoint.path})
+    if checkpoint is not None:
+        logger.set_tags({"infosam.checkpoint": checkpoint})
     return history, test_scores
 
 
@@ -403,6 +445,10 @@ def make_trainer(
             "n_train": shared.n_train,
             "teacher_sha256": shared.teacher_sha256,
             "local_checkpoint_root": str(run_dir) if sc.max_workers == 0 and run_dir else None,
+            # Train local mode persists no checkpoint itself: on a bucket, the loop sends each
+            "checkpoint_upload": join(storage, name)
+            if sc.max_workers == 0 and is_remote(storage)
+            else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(sc.num_workers) if sc.elastic else sc.num_workers,

@@ -26,6 +26,7 @@ from orchestrator.config import (
     ConfigError,
 )
 from orchestrator.data.reader import to_torch
+from orchestrator.storage import ResultsDir
 from orchestrator.tracking.runs import (
     RunLogger,
 )
@@ -140,6 +141,7 @@ class _Worker:
     local_batch: int
     teacher_sha256: str | None
     local_dir: str | None
+    upload_to: str | None = None  # Train local mode on a bucket: each checkpoint is sent there
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
@@ -204,6 +206,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
         local_bs,
         loop_config.get("teacher_sha256"),
         loop_config.get("local_checkpoint_root"),
+        loop_config.get("checkpoint_upload"),
     )
     return w
 
@@ -462,6 +465,8 @@ def _save_and_report(
                 partial=partial,
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if w.upload_to:  # before the report: a reported checkpoint is one that lasts
+                ResultsDir(w.upload_to).push_tree(tmp, keep="checkpoint_epoch_*")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
