@@ -33,10 +33,6 @@ def save(fig: Any, path: str | Path) -> str:
     return str(path)
 
 
-def close(fig: Any) -> None:
-    pyplot().close(fig)
-
-
 _COLOURS = {"gt": (0, 200, 0), "teacher": (0, 120, 255), "student": (255, 60, 0)}
 
 

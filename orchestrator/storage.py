@@ -212,8 +212,8 @@ class ResultsDir:
     on object storage (`s3://bucket/prefix`, endpoint and credentials from the standard AWS
     variables, so S3-compatible stores work too).
 
-    Local: the folder itself. Remote: a local working copy (`local`) that `pull` fills from
-    the bucket, and `push` sends each written file back under the same relative path, so the
+    Local: the folder itself. Remote: a local working copy (`local`) that `pull` fills with
+    the named entries from the bucket, and `push` sends each written file back under the same relative path, so the
     bucket always holds what the driver has recorded. Writers and readers use `local` only:
     pandas, matplotlib and torch keep writing plain files.
     """
@@ -233,8 +233,10 @@ class ResultsDir:
             self.local = Path(self.location)
             self.lock_path = self.local / ".lock"
 
-    def pull(self) -> None:
-        """Local: make the folder. Remote: replace the working copy with the bucket's files."""
+    def pull(self, names: tuple[str, ...]) -> None:
+        """Local: make the folder. Remote: replace the working copy with the entries `names`
+        (files or folders) of the bucket's folder, and only those: a benchmark folder in a
+        bucket also holds its cells' run folders, checkpoints included, never read here."""
         if not self.remote:
             self.local.mkdir(parents=True, exist_ok=True)
             return
@@ -245,8 +247,16 @@ class ResultsDir:
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
         fs, root = filesystem(self.location)
-        if fs.get_file_info(root).type == pafs.FileType.Directory:
-            pafs.copy_files(root, str(self.local), source_filesystem=fs)
+        for name in names:
+            source = f"{root}/{name}"
+            kind = fs.get_file_info(source).type
+            target = self.local / name
+            if kind == pafs.FileType.Directory:
+                target.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(source, str(target), source_filesystem=fs)
+            elif kind == pafs.FileType.File:
+                with fs.open_input_stream(source) as f:
+                    atomic_write(target, f.read())
 
     def pull_files(self, names: list[str]) -> None:
         """Remote: fetch these top-level files of the bucket's folder (those that exist) into
@@ -263,11 +273,8 @@ class ResultsDir:
                 (self.local / name).unlink(missing_ok=True)  # the bucket is the truth
 
     def pull_latest(self, pattern: str, marker: str) -> Path | None:
-        """Remote: fetch the newest sub-folder matching `pattern` that holds `marker` (a
+        """Remote only: fetch the newest sub-folder matching `pattern` that holds `marker` (a
         complete checkpoint); returns its working-copy path."""
-        if not self.remote:
-            found = sorted(self.local.glob(f"{pattern}/{marker}"))
-            return found[-1].parent if found else None
         import fnmatch
         import shutil
 

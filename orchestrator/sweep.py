@@ -272,7 +272,7 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
     laptop = on_one_machine()
     storage = resolve_location(base.storage.path)
     results = ResultsDir(join(storage, tcfg.name))  # on object storage: a working copy
-    results.pull()
+    results.pull(())  # a sweep writes its files afresh: nothing to fetch
     out_dir = results.local
     artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
     parent, _ = open_parent_run(

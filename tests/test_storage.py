@@ -19,7 +19,7 @@ def test_a_remote_results_folder_is_in_the_bucket_for_the_next_driver(s3, tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("INFOSAM_STAGING", str(tmp_path / "driver1"))
     first = ResultsDir("s3://bkt/bench/demo")
-    first.pull()
+    first.pull(("cells.json", "scores"))
     (first.local / "scores").mkdir()
     (first.local / "scores" / "a.csv").write_text("x\n1\n")
     (first.local / "cells.json").write_text(json.dumps({"cells": {"a": {"status": "FINISHED"}}}))
@@ -35,14 +35,16 @@ def test_a_remote_results_folder_is_in_the_bucket_for_the_next_driver(s3, tmp_pa
     assert second.local != first.local
     second.local.mkdir(parents=True)
     (second.local / "stale.txt").write_text("from an older run on this machine")
-    second.pull()
+    # a cell's run folder under the same prefix (checkpoints): stays in the bucket
+    s3.put_object(Bucket="bkt", Key="bench/demo/adapter-seed0/checkpoint/state.pt", Body=b"x")
+    second.pull(("cells.json", "scores"))
     assert sorted(p.name for p in second.local.rglob("*") if p.is_file()) == ["a.csv", "cells.json"]
     assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))  # no ./s3: folder
 
 
 def test_a_local_results_folder_is_the_folder_itself(tmp_path):
     results = ResultsDir(tmp_path / "out")
-    results.pull()
+    results.pull(("cells.json",))
     (results.local / "r.md").write_text("x")
     assert results.push(results.local / "r.md") == str(tmp_path / "out" / "r.md")
     assert results.lock_path == tmp_path / "out" / ".lock"

@@ -182,7 +182,9 @@ def run_benchmark(
         raise ConfigError(str(exc)) from None
     results = ResultsDir(bench.output or join(base.storage.path, bench.name))
     with exclusive(results.lock_path, f"benchmark {bench.name!r} ({results.location})"):
-        results.pull()  # on object storage: what an earlier driver recorded, wherever it ran
+        # On object storage: what an earlier driver recorded, wherever it ran (its cells'
+        # run folders under the same prefix stay in the bucket)
+        results.pull(("cells.json", "scores"))
         return _run_benchmark(bench, base, CellStore(results), quiet, allow_config_change)
 
 
