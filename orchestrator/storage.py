@@ -29,8 +29,11 @@ __all__ = [
     "exclusive",
     "has_password",
     "is_remote",
+    "local_copy",
+    "local_target",
     "password_refusal",
     "safe_component",
+    "staging_root",
     "swap_dir",
 ]
 
@@ -69,6 +72,59 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
     if is_remote(text):
         return pafs.FileSystem.from_uri(text)
     return pafs.LocalFileSystem(), resolve_location(text)
+
+
+def staging_root(kind: str, location: str) -> Path:
+    """This machine's working folder for a remote `location` (`$INFOSAM_STAGING`, else the
+    temp folder): one per (kind, location), so two locations never share one."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("INFOSAM_STAGING", tempfile.gettempdir())) / "infosam"
+    return root / f"{kind}-{key}"
+
+
+def local_copy(location: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """A local path for reading `location`: the path itself, or for a URI a fresh copy of the
+    file or folder under the staging folder (`$INFOSAM_STAGING`, else the temp folder), so that
+    torch and PIL read plain files. A missing object is a `FileNotFoundError` naming it."""
+    if not is_remote(location):
+        return Path(location).expanduser()
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    uri = resolve_location(location)
+    fs, where = filesystem(uri)
+    kind = fs.get_file_info(where).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what} not found: {uri} (no such object or folder in the bucket)")
+    target = staging_root("copy", uri) / uri.rsplit("/", 1)[-1]
+    shutil.rmtree(target.parent, ignore_errors=True)  # the bucket is the truth: no stale copy
+    target.parent.mkdir(parents=True)
+    if kind == pafs.FileType.Directory:
+        target.mkdir()
+        pafs.copy_files(where, str(target), source_filesystem=fs)
+    else:
+        with fs.open_input_stream(where) as f:
+            atomic_write(target, f.read())
+    return target
+
+
+@contextlib.contextmanager
+def local_target(location: str | os.PathLike) -> Iterator[Path]:
+    """A local file path to write `location` through: the path itself, or for a URI a
+    temporary file that is uploaded (one PUT) when the block ends without an error."""
+    if not is_remote(location):
+        yield Path(location).expanduser()
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="infosam-out-") as tmp:
+        path = Path(tmp) / os.fspath(location).rsplit("/", 1)[-1]
+        yield path
+        atomic_write(location, path.read_bytes())
 
 
 def has_password(uri: str) -> bool:
@@ -219,16 +275,11 @@ class ResultsDir:
     """
 
     def __init__(self, location: str | os.PathLike) -> None:
-        import hashlib
-        import tempfile
-
         self.location = resolve_location(location)
         self.remote = is_remote(self.location)
         if self.remote:
-            key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-            root = Path(os.environ.get("INFOSAM_STAGING", tempfile.gettempdir())) / "infosam"
-            self.local = root / f"results-{key}"
-            self.lock_path = root / f"results-{key}.lock"  # beside the copy: `pull` replaces it
+            self.local = staging_root("results", self.location)
+            self.lock_path = self.local.with_name(f"{self.local.name}.lock")  # `pull` replaces it
         else:
             self.local = Path(self.location)
             self.lock_path = self.local / ".lock"

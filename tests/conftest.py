@@ -121,6 +121,12 @@ def s3(monkeypatch):
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    import urllib.request
+
+    # moto keeps its buckets in process-wide state: start every test from an empty store
+    urllib.request.urlopen(
+        urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+    )
     client = boto3.client("s3")
     client.create_bucket(Bucket="bkt")
     try:

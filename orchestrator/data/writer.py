@@ -43,7 +43,16 @@ from orchestrator.data.codec import (
     printable,
 )
 from orchestrator.data.manifest import INSTANCE_SCHEMA, MASK_RULE, PARQUET_SCHEMA, SCHEMA_VERSION
-from orchestrator.storage import atomic_write_json, exclusive, safe_component, swap_dir
+from orchestrator.data.publish import check_remote_replaceable, publish_dataset
+from orchestrator.storage import (
+    atomic_write_json,
+    exclusive,
+    is_remote,
+    join,
+    safe_component,
+    staging_root,
+    swap_dir,
+)
 
 DEFAULT_SHARD_BYTES = 64 << 20
 
@@ -86,6 +95,11 @@ class DatasetWriter:
             safe_component(name, "dataset name (--name)")
         except ValueError as exc:
             raise IngestError(str(exc)) from None
+        self.remote = None  # s3://.../<name>: staged here whole, then published (data.publish)
+        if is_remote(out):
+            self.remote = join(out, name)
+            check_remote_replaceable(self.remote)
+            out = staging_root("ingest", self.remote)
         out = Path(out).expanduser()
         self.final = out / name
         check_output(self.final, sources)
@@ -286,6 +300,9 @@ class DatasetWriter:
                 finalize(self.tmp)
             (self.tmp / PARTIAL_MARKER).unlink()
             swap_dir(self.tmp, self.final)
+            if self.remote:
+                manifest = publish_dataset(self.final, self.remote)
+                shutil.rmtree(self.final, ignore_errors=True)
         except BaseException:
             self.abort()
             raise
