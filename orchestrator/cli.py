@@ -289,22 +289,21 @@ def _cuda() -> bool:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from orchestrator.data.codec import IngestError
     from orchestrator.predict import load_model, parse_prompts, predict_dataset, predict_files
+    from orchestrator.storage import local_copy
 
     try:
         if bool(args.images) == bool(args.data):
             raise ValueError("give --images FILE... (with prompts) or --data DATASET_DIR")
         if args.data:  # prompts from each sample's (instance's) own mask
-            cfg = None
-            if Path(args.checkpoint).is_dir():
+            cfg, checkpoint = None, local_copy(args.checkpoint)  # s3://...: copied once
+            if checkpoint.is_dir():
                 from orchestrator.train.checkpoints import load_trained
 
-                model, cfg, _ = load_trained(args.checkpoint, args.device)
+                model, cfg, _ = load_trained(checkpoint, args.device)
             else:
-                model, _ = load_model(args.checkpoint, args.variant, args.device)
+                model, _ = load_model(checkpoint, args.variant, args.device)
             done = predict_dataset(
                 model,
                 args.data,

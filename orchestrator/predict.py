@@ -18,7 +18,7 @@ from infosam.sam import PromptableSam, build_sam, load_exported, save_exported
 from infosam.transforms import prepare_pair, preprocess_shape
 from infosam.tuning import has_adapters, merge_for_export
 from orchestrator.data.codec import Rejected, decode_image, open_encoded
-from orchestrator.storage import atomic_file, atomic_write_json
+from orchestrator.storage import atomic_file, atomic_write_json, local_copy, local_target
 
 __all__ = [
     "Prompt",
@@ -41,8 +41,12 @@ class Prompt:
 def load_model(
     checkpoint: str | os.PathLike, variant: str | None = None, device: str = "cpu"
 ) -> tuple[PromptableSam, str]:
-    """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant)."""
-    path = Path(checkpoint)
+    """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant);
+    local or on object storage (`s3://...`, read through a local copy)."""
+    try:
+        path = local_copy(checkpoint)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
     if not path.exists():
         raise ValueError(
             f"checkpoint not found: {path} (a training checkpoint directory, an `infosam export` "
@@ -317,12 +321,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     model, cfg, _ = load_trained(checkpoint)
     sam = model.sam
     if has_adapters(sam):
-        save_exported(sam, out, cfg.model.variant, cfg.tuning)
+        with local_target(out) as path:
+            save_exported(sam, path, cfg.model.variant, cfg.tuning)
         return "self-contained", (
             f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
             "self-contained export: load it with `infosam.sam.load_exported(path)`"
         )
-    with atomic_file(out) as f:
+    with local_target(out) as path, atomic_file(path) as f:
         torch.save(merge_for_export(sam), f)
     how = (
         f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"

@@ -274,7 +274,7 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
     results = ResultsDir(join(storage, tcfg.name))  # on object storage: a working copy
     results.pull(())  # a sweep writes its files afresh: nothing to fetch
     out_dir = results.local
-    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment, uri)
     parent, _ = open_parent_run(
         uri,
         base.tracking.experiment,

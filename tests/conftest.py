@@ -103,6 +103,23 @@ def dataset(tmp_path, synthetic_root):
 
 
 @pytest.fixture
+def ray_s3(_ray_session, s3):
+    """A local Ray whose workers reach the `s3` server (its AWS_* variables in the job's
+    runtime env, as an instance profile gives every node on a cluster); stopped after, so the
+    next `ray_local` starts one without them."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": aws})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
 def s3(monkeypatch):
     """A real S3-protocol server on loopback (moto's server mode, as Ray's and MLflow's own tests
     use), with bucket `bkt`; the project reaches it through AWS_ENDPOINT_URL like any

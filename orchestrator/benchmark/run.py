@@ -283,7 +283,7 @@ def _open_parent(bench: BenchmarkConfig, base: Config, plan: Plan, store: CellSt
         base.tracking.experiment,
         f"benchmark:{bench.name}",
         resume_run_id=store.state.get("parent_run_id"),
-        artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment),
+        artifact_root=tracking_artifact_root(base.storage.path, base.tracking.experiment, plan.uri),
         tags={"infosam.benchmark": bench.name},
         params={
             **plan.provenance,
@@ -307,7 +307,7 @@ def pending_jobs(
     parent_run_id: str,
 ) -> list[CellJob]:
     """A job for every cell not FINISHED earlier (those are named and skipped)."""
-    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment)
+    artifact_root = tracking_artifact_root(base.storage.path, base.tracking.experiment, plan.uri)
     jobs: list[CellJob] = []
     for i, cell in enumerate(plan.cells, 1):
         if store.finished(cell.key):

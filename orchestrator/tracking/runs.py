@@ -119,9 +119,11 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def artifact_root(storage_path: str, experiment: str) -> str | None:
-    """Local runs keep artifacts beside their checkpoints; remote storage lets the server decide."""
-    if is_remote(storage_path):
+def artifact_root(storage_path: str, experiment: str, tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A tracking server decides for itself (its
+    `--artifacts-destination`, e.g. s3://...; clients upload through it), as does a run whose
+    storage is remote; a local store keeps them beside the runs' checkpoints."""
+    if is_remote(storage_path) or tracking_uri.startswith(("http://", "https://")):
         return None
     return str(Path(storage_path).expanduser().resolve() / "mlartifacts" / experiment)
 

@@ -9,6 +9,7 @@ Loaded with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,14 @@ import torch
 from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
 from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
 from orchestrator.config import Config, ConfigError
-from orchestrator.storage import atomic_file, atomic_write, atomic_write_json
+from orchestrator.storage import (
+    atomic_file,
+    atomic_write,
+    atomic_write_json,
+    is_remote,
+    join,
+    local_copy,
+)
 from orchestrator.train.models import teacher_checkpoint, unwrap
 
 __all__ = [
@@ -88,7 +96,11 @@ def save_checkpoint(
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
-    """The raw `state.pt` of a checkpoint directory; a ConfigError says what to point at."""
+    """The raw `state.pt` of a checkpoint directory (a local folder or `s3://...`, copied to the
+    staging folder first); a ConfigError says what to point at."""
+    if is_remote(checkpoint_dir):
+        with contextlib.suppress(FileNotFoundError):  # refused below with the hint
+            checkpoint_dir = local_copy(join(checkpoint_dir, STATE_FILE)).parent
     path = Path(checkpoint_dir) / STATE_FILE
     if not path.is_file():
         raise ConfigError(

@@ -154,7 +154,7 @@ def open_training_run(
         cfg.tracking.experiment,
         run_name,
         resume_run_id=previous,
-        artifact_root=tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment),
+        artifact_root=tracking_artifact_root(cfg.storage.path, cfg.tracking.experiment, uri),
         tags=tags
         if previous
         else {
