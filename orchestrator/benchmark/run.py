@@ -389,7 +389,7 @@ class OutcomeRecorder:
         )
         shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
         msg = f"{out.cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
-        return msg, r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][:6]}"
+        return msg, r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][-6:]}"
 
     def _failed(self, out: CellOutcome, entry: dict[str, Any]) -> tuple[str, float, float, str]:
         close_child_runs(
@@ -402,7 +402,7 @@ class OutcomeRecorder:
         entry.update(status="FAILED", error=out.error, metrics={})
         msg = f"{out.cell.key}: FAILED after {max(len(out.starts), 1)} attempt(s): {out.error}"
         start = out.starts[-1][1] if out.starts else out.failed_at
-        node = out.starts[-1][0][:6] if out.starts else "?"
+        node = out.starts[-1][0][-6:] if out.starts else "?"
         return msg, start, out.failed_at, node
 
 
