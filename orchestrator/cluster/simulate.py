@@ -283,8 +283,9 @@ def benchmark_overrides(
         "benchmark.name=autoscaled",
         "benchmark.bootstrap_resamples=200",
         "optim.epochs=1",
-        f"data.root={data_root}",
-        "data.synthesize=false",
+        f"data.root={data_root}",  # synthesised by the job's driver on first use
+        "data.synth_scale=0.2",
+        "data.synth_counts={test: 24}",
         f"storage.path={storage}",
         f"scaling.worker_resources={{{SLOT}: 1}}",
         "scaling.cpus_per_worker=1",
@@ -306,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from orchestrator.cluster.check import load_cluster_yaml
-    from orchestrator.data.synthetic import synthesize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cluster", default="cluster.yaml")
@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=fake.token)
     root = Path(__file__).resolve().parents[2]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="infosam-autoscale-")).resolve()
-    synthesize(work / "data", ["camouflage"], seed=0, counts={"train": 24, "val": 8, "test": 24})
     import ray._private.services as services
 
     cluster = load_cluster_yaml(
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         only=None if args.node_types == "all" else args.node_types.split(","),
     )
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
-    entry = [sys.executable, str(root / "experiments" / "benchmark_all.py")]
+    entry = [str(Path(sys.executable).parent / "infosam"), "benchmark"]  # the installed CLI
     entry += benchmark_overrides(str(work / "data"), str(work / "runs"), methods, seeds)
     try:
         fake.start()
