@@ -39,6 +39,24 @@ SLOT = "accelerator_slot"  # the custom resource standing for a simulated GPU
 FAKE_HEAD = "ray.head.default"  # the head node type the fake provider registers itself
 
 
+# The fake provider starts nodes in-process: no sync, no setup, no start commands.
+_NOTHING_TO_RUN: dict[str, Any] = {
+    "auth": {},
+    "docker": {},
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+}
+
+
 def fake_autoscaling_config(
     cluster: dict[str, Any],
     *,
@@ -86,19 +104,7 @@ def fake_autoscaling_config(
         },
         "available_node_types": node_types,
         "head_node_type": FAKE_HEAD,
-        "auth": {},
-        "docker": {},
-        "file_mounts": {},
-        "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False,
-        "rsync_exclude": [],
-        "rsync_filter": [],
-        "initialization_commands": [],
-        "setup_commands": [],
-        "head_setup_commands": [],
-        "worker_setup_commands": [],
-        "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
+        **_NOTHING_TO_RUN,
     }
 
 
@@ -302,11 +308,8 @@ def _cells(results: Path) -> list[dict[str, Any]]:
     return frame.rename(columns={"node": "node_id"})[["start", "end", "node_id"]].to_dict("records")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start the simulated cluster, submit the benchmark, wait for the nodes to go, report."""
+def _parse(argv: list[str] | None) -> Any:
     import argparse
-
-    from orchestrator.cluster.check import load_cluster_yaml
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cluster", default="cluster.yaml")
@@ -324,7 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="data and results (default: a temporary folder)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--timeout-s", type=float, default=1200)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the simulated cluster, submit the benchmark, wait for the nodes to go, report."""
+    from orchestrator.cluster.check import load_cluster_yaml
+
+    args = _parse(argv)
     fake = FakeCluster(config={}, head_resources={})
     # Ray reads its auth mode when imported: this process (list_nodes) holds the token first.
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=fake.token)
