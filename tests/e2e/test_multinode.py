@@ -25,7 +25,7 @@ def test_cells_fill_every_slot_and_a_new_node_takes_pending_cells(
     assert not result["failed"]
     nodes = {r["node"].split(":")[-1] for r in rows}
     assert len(result["added_node_ids"]) == 1
-    added = result["added_node_ids"][0][:6]
+    added = result["added_node_ids"][0][-6:]
     assert added in nodes, "the node added mid-run took no pending cell"
     assert len(nodes) == 3  # every slot node ran cells; the head (no slot) none
     # Before the third node joined, at most 2 at once (one per slot); at the end up to 3.
@@ -59,7 +59,7 @@ def test_a_cell_on_a_lost_node_reruns_elsewhere_and_resumes(_ray_session, tmp_pa
     assert not result["failed"] and all(r["status"] == "FINISHED" for r in rows.values())
     # The rerun finished on a node that is still alive (not the one removed).
     assert rows[lost["cell"]]["attempts"] == 2
-    assert not rows[lost["cell"]]["node"].endswith(lost["node_id"][:6])
+    assert not rows[lost["cell"]]["node"].endswith(lost["node_id"][-6:])
     client = MlflowClient(result["tracking_uri"])
     exp = client.get_experiment_by_name("demo")
     runs = client.search_runs([exp.experiment_id], f"tags.`infosam.cell` = '{lost['cell']}'")
