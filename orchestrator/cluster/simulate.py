@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SLOT", "AutoscalerReport", "FakeCluster", "fake_autoscaling_config", "report"]
+__all__ = ["SLOT", "AutoscalerReport", "SimulatedCluster", "report", "simulated_autoscaling_config"]
 
 
 SLOT = "accelerator_slot"  # the custom resource standing for a simulated GPU
@@ -57,7 +57,7 @@ _NOTHING_TO_RUN: dict[str, Any] = {
 }
 
 
-def fake_autoscaling_config(
+def simulated_autoscaling_config(
     cluster: dict[str, Any],
     *,
     gcs_address: str,
@@ -115,7 +115,7 @@ def _free_port() -> int:
 
 
 @dataclass
-class FakeCluster:
+class SimulatedCluster:
     """A head started with the fake provider; `nodes()` samples the worker nodes alive."""
 
     config: dict[str, Any]
@@ -238,7 +238,7 @@ class AutoscalerReport:
 
 
 def report(
-    cluster: FakeCluster, cells: list[dict[str, Any]], submitted: float, finished: float
+    cluster: SimulatedCluster, cells: list[dict[str, Any]], submitted: float, finished: float
 ) -> AutoscalerReport:
     """Figures from the node samples and the cells' own start/end/node records. The ideal is
     the makespan a perfect packing of these cells onto the peak's slots would take: the sum of
@@ -335,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.cluster.check import load_cluster_yaml
 
     args = _parse(argv)
-    fake = FakeCluster(config={}, head_resources={})
+    sim = SimulatedCluster(config={}, head_resources={})
     # Ray reads its auth mode when imported: this process (list_nodes) holds the token first.
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=fake.token)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=sim.token)
     root = Path(__file__).resolve().parents[2]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="infosam-autoscale-")).resolve()
     import ray._private.services as services
@@ -346,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         root / args.cluster if not Path(args.cluster).is_absolute() else args.cluster
     )
     head = cluster["available_node_types"][cluster["head_node_type"]]
-    fake.head_resources = dict(head.get("resources", {}))
-    fake.config = fake_autoscaling_config(
+    sim.head_resources = dict(head.get("resources", {}))
+    sim.config = simulated_autoscaling_config(
         cluster,
-        gcs_address=f"{services.get_node_ip_address()}:{fake.port}",
+        gcs_address=f"{services.get_node_ip_address()}:{sim.port}",
         max_nodes=args.max_nodes,
         cpus_per_slot=args.cpus_per_slot,
         idle_timeout_minutes=args.idle_timeout_minutes,
@@ -359,27 +359,27 @@ def main(argv: list[str] | None = None) -> int:
     entry = [str(Path(sys.executable).parent / "infosam"), "benchmark"]  # the installed CLI
     entry += benchmark_overrides(str(work / "data"), str(work / "runs"), methods, seeds)
     try:
-        fake.start()
+        sim.start()
         submitted = time.time()
-        rc, out = fake.submit(entry, args.timeout_s)
+        rc, out = sim.submit(entry, args.timeout_s)
         finished = time.time()
         if rc != 0:
             print(out[-4000:], file=sys.stderr)
             return 1
         print("\n".join(x for x in out.splitlines() if x.startswith("[benchmark]")), flush=True)
-        if not fake.wait_for_workers(0, args.idle_timeout_minutes * 60 + 180):
+        if not sim.wait_for_workers(0, args.idle_timeout_minutes * 60 + 180):
             print("[autoscaler] idle nodes were not all removed in time", flush=True)
-        if not fake.samples:
-            print(f"[autoscaler] no node sample: {fake.errors[-3:]}", file=sys.stderr)
-        rep = report(fake, _cells(work / "runs" / "autoscaled"), submitted, finished)
+        if not sim.samples:
+            print(f"[autoscaler] no node sample: {sim.errors[-3:]}", file=sys.stderr)
+        rep = report(sim, _cells(work / "runs" / "autoscaled"), submitted, finished)
     finally:
-        fake.stop()
+        sim.stop()
     for line in rep.lines():
         print(f"[autoscaler] {line}", flush=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {**rep.__dict__, "makespan_ratio": rep.makespan_ratio, "samples": fake.samples},
+                {**rep.__dict__, "makespan_ratio": rep.makespan_ratio, "samples": sim.samples},
                 indent=2,
             )
         )
