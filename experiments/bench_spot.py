@@ -62,13 +62,26 @@ class HoldAfterEpoch:
         train_loop_per_worker(loop_config)
 
 
-def registered(run_dir: Path) -> list[str]:
+def _read_text(location: str) -> str | None:
+    """A file's text from a local folder or a bucket alike; None while it does not exist."""
+    from orchestrator.storage import filesystem
+
+    fs, where = filesystem(location)
+    try:
+        with fs.open_input_stream(where) as f:
+            return f.read().decode("latin-1")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def registered(run_dir: str) -> list[str]:
     """Checkpoint directory names Ray Train's controller has registered, oldest first."""
-    path = run_dir / SNAPSHOT
-    if not path.is_file():
+    from orchestrator.storage import join
+
+    text = _read_text(join(run_dir, SNAPSHOT))
+    if text is None:
         return []
-    names = re.findall(r"checkpoint_epoch_\d{4}(?:_step_\d{5})?", path.read_text("latin-1"))
-    return sorted(set(names))
+    return sorted(set(re.findall(r"checkpoint_epoch_\d{4}(?:_step_\d{5})?", text)))
 
 
 def wait_for(
@@ -113,11 +126,11 @@ def drain(node_id: str, notice_s: float) -> int:
     return deadline_ms
 
 
-def config(workdir: Path, data_root: Path | None, *overrides: str):
+def config(workdir: Path, data_root: Path | None, *overrides: str, storage: str | None = None):
     from orchestrator.config import load_config
 
     base = [
-        f"storage.path={workdir / 'runs'}",
+        f"storage.path={storage or workdir / 'runs'}",
         "tracking.experiment=spot",
         "tracking.overlays=0",
         "scaling.worker_resources={slot: 1}",
@@ -131,17 +144,18 @@ def config(workdir: Path, data_root: Path | None, *overrides: str):
     return load_config(ROOT / "experiments" / "configs" / "smoke.yaml", [*base, *overrides])
 
 
-def _epochs_on(run_dir: Path, cfg: Any, world: int) -> bool:
+def _epochs_on(run_dir: str, cfg: Any, world: int) -> bool:
     """Whether MLflow holds an epoch trained by `world` workers (metric `scaling/world_size`)."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.storage import join
     from orchestrator.tracking.runs import resolve_tracking_uri
 
-    id_file = run_dir / "mlflow_run_id"
-    if not id_file.is_file():
+    run_id = _read_text(join(run_dir, "mlflow_run_id"))
+    if run_id is None:
         return False
     client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri, cfg.storage.path))
-    points = client.get_metric_history(id_file.read_text().strip(), "scaling/world_size")
+    points = client.get_metric_history(run_id.strip(), "scaling/world_size")
     return any(int(p.value) == world for p in points)
 
 
@@ -193,8 +207,11 @@ def run(
     notice_s: float = 3.0,
     start_timeout_s: float = 30.0,
     overrides: tuple[str, ...] = (),
+    storage: str | None = None,
 ) -> dict[str, Any]:
-    """Run one drill on a fresh simulated cluster; returns `_summary` plus drill specifics."""
+    """Run one drill on a fresh simulated cluster; returns `_summary` plus drill specifics.
+    `storage` is the runs' location (default `workdir/runs`), a bucket such as s3://b/runs
+    included: the nodes then read and write checkpoints there, as on a cloud cluster."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -242,6 +259,7 @@ def run(
                     *extra,
                     "scaling.num_workers=2",
                     "storage.name=elastic-reference",
+                    storage=storage,
                 ),
                 quiet=True,
             )
@@ -258,8 +276,10 @@ def run(
             env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "1"
         saved.update({k: os.environ.get(k) for k in env})
         os.environ.update(env)
-        cfg = config(workdir, data_root, *extra)
-        run_dir = workdir / "runs" / drill
+        from orchestrator.storage import join
+
+        cfg = config(workdir, data_root, *extra, storage=storage)
+        run_dir = join(cfg.storage.path, drill)
         holder: dict[str, Any] = {}
 
         def target() -> None:
@@ -331,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--notice-s", type=float, default=3.0)
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="runs' location, e.g. s3://bucket/runs (default WORKDIR/runs)",
+    )
     args = p.parse_args(argv)
     out = run(
         args.drill,
@@ -338,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         data_root=args.data_root,
         epochs=args.epochs,
         notice_s=args.notice_s,
+        storage=args.storage,
     )
     keep = ("status", "tags", "steps", "epoch_gaps_s", "time_lost_s", "events")
     print(json.dumps({k: out[k] for k in keep}, indent=2, default=str))

@@ -49,6 +49,14 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(storage_path: str | os.PathLike) -> str:
+    """SQLite beside the runs, for a local storage.path only: SQLite cannot live in a bucket,
+    and a database quietly kept on one node's disk would be lost with the node."""
+    if is_remote(storage_path):
+        raise TrackingError(
+            f"storage.path={os.fspath(storage_path)} is object storage and no tracking URI is "
+            "set: SQLite cannot live in a bucket. Set tracking.uri (or $MLFLOW_TRACKING_URI) "
+            "to an MLflow server, http://<host>:5000, or sqlite:///<local abs path>/mlflow.db"
+        )
     path = Path(storage_path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"

@@ -131,9 +131,7 @@ def record_run_config(run_dir: Path, cfg: Config, what: str, allow: bool) -> lis
 
 
 def _tracking_uri(cfg: Config) -> str:
-    return resolve_tracking_uri(
-        cfg.tracking.uri, "." if is_remote(cfg.storage.path) else cfg.storage.path
-    )
+    return resolve_tracking_uri(cfg.tracking.uri, cfg.storage.path)
 
 
 def open_training_run(

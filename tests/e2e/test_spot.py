@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, bucket_keys
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_spot
@@ -29,15 +29,33 @@ def _exactly_once(out, epochs):
         assert steps == list(range(epochs)), (key, steps)
 
 
-def test_lost_node_resumes_from_the_last_checkpoint(_ray_session, tmp_path, synthetic_root):
-    out = bench_spot.run("node-loss", tmp_path, data_root=synthetic_root, epochs=4)
+def test_lost_node_resumes_from_the_last_checkpoint_in_the_bucket(
+    _ray_session, s3, tmp_path, synthetic_root, monkeypatch
+):
+    """As on a cloud cluster: checkpoints in object storage (the loopback S3 server; the nodes
+    inherit its AWS_* variables as an instance profile gives them), the run resumed from there."""
+    monkeypatch.chdir(tmp_path)
+    out = bench_spot.run(
+        "node-loss",
+        tmp_path,
+        data_root=synthetic_root,
+        epochs=4,
+        storage="s3://bkt/runs",
+        overrides=(f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",),
+    )
     print("node-loss:", out["time_lost_s"], out["epoch_gaps_s"], out["tags"])
     _exactly_once(out, 4)
     tags = out["tags"]
     assert tags["infosam.restarts"] == "1" and tags["infosam.restart_reasons"] == "failure"
     assert tags["infosam.world_sizes"] == "2,2"
-    assert tags["infosam.resumed_from_epochs"] == str(_last_registered_before(out, "node_lost"))
+    resumed = _last_registered_before(out, "node_lost")
+    assert tags["infosam.resumed_from_epochs"] == str(resumed)
     assert out["time_lost_s"] is not None and out["time_lost_s"] > 0
+    keys = bucket_keys(s3, "runs/node-loss/")
+    states = {k.split("/")[2] for k in keys if k.endswith("/state.pt")}
+    assert "checkpoint_epoch_0003" in states, keys  # older ones pruned (checkpoint.num_to_keep)
+    assert out["checkpoint_dir"].startswith("s3://bkt/runs/node-loss/"), out["checkpoint_dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # nothing went to disk
 
 
 def test_reclaim_notice_checkpoints_mid_epoch_and_the_run_resumes_there(_ray_session, tmp_path):

@@ -137,6 +137,22 @@ def test_a_password_in_the_tracking_uri_is_refused_before_anything_runs(
     assert captured.err.startswith("error: tracking.uri holds a password")
 
 
+def test_runs_in_a_bucket_without_a_tracking_uri_are_refused_not_kept_in_a_local_s3_folder(
+    tmp_path, synthetic_root, monkeypatch, capsys
+):
+    """SQLite cannot live in a bucket; quietly keeping it under ./s3:/... on one node's disk
+    would lose every run with the node."""
+    from orchestrator.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sets = ["storage.path=s3://bkt/runs", f"data.root={synthetic_root}", "data.synthesize=false"]
+    assert cli(["train", *[x for v in sets for x in ("--set", v)]]) == 2
+    err = capsys.readouterr().err
+    assert "SQLite cannot live in a bucket" in err and "tracking.uri" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unreachable_tracking_server_fails_in_seconds_before_ray(tmp_path, synthetic_root):
     """A real `infosam train`: no Ray start, no data preparation, no minutes of retries."""
     import socket
