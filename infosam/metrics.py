@@ -11,7 +11,6 @@ from `pysodmetrics`, fed uint8 0..255 maps as the reference does.
 from __future__ import annotations
 
 import numpy as np
-import py_sod_metrics as sod
 import torch
 
 __all__ = [
@@ -66,6 +65,8 @@ def saliency_metrics(
     _check_protocol(protocol)
     pred = _saliency_map(logits, protocol)
     gt_u8 = ((gt > 0).to(torch.uint8) * 255).cpu().numpy()
+    import py_sod_metrics as sod  # here: it pulls in scikit-learn, 3 s of every worker's start
+
     sm, em, wfm, mae = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure(beta=0.3), sod.MAE()
     for metric in (sm, em, wfm, mae):
         metric.step(pred, gt_u8)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import (
     Block,
@@ -141,6 +140,10 @@ def _tune_bitfit(sam: Sam, cfg: TuningConfig) -> None:
 
 
 def _tune_lora(sam: Sam, cfg: TuningConfig) -> None:
+    # peft imported here, not at the top: it pulls in transformers, 3 s of every Ray worker's
+    # start on 2 cores, and only LoRA students need it
+    from peft import LoraConfig, inject_adapter_in_model
+
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
@@ -246,8 +249,9 @@ def merge_for_export(sam: Sam) -> dict[str, torch.Tensor]:
             "export a self-contained checkpoint instead (infosam.sam.build_sam + adapter config)"
         )
     merged = copy.deepcopy(sam)
+    lora = sys.modules.get("peft.tuners.lora")  # no LoRA layer exists unless peft made one
     for name, module in list(merged.named_modules()):
-        if isinstance(module, LoraLayer):
+        if lora is not None and isinstance(module, lora.LoraLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.get_base_layer())

@@ -162,3 +162,21 @@ def test_the_library_reads_nothing_under_experiments():
     assert {k: v for k, v in readers.items() if v} == {}
     old = 'DEMO = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"'
     assert _experiments_paths(old) == ["experiments"]
+
+
+def test_a_train_worker_starts_without_peft_or_scikit_learn():
+    """Every Ray Train worker, controller and CLI process imports the worker module: peft
+    (transformers) and pysodmetrics (scikit-learn) cost it 6 of its 15 s on 2 cores, so they
+    load only where LoRA or saliency metrics are used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, orchestrator.train.worker; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'peft', 'transformers', 'sklearn', 'py_sod_metrics'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
