@@ -129,10 +129,13 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 def artifact_root(storage_path: str, experiment: str, tracking_uri: str) -> str | None:
     """Where a new experiment keeps its artifacts. A tracking server decides for itself (its
-    `--artifacts-destination`, e.g. s3://...; clients upload through it), as does a run whose
-    storage is remote; a local store keeps them beside the runs' checkpoints."""
-    if is_remote(storage_path) or tracking_uri.startswith(("http://", "https://")):
+    `--artifacts-destination`, e.g. s3://...; clients upload through it); otherwise they go
+    beside the runs' checkpoints, in the bucket when storage is one (never MLflow's default
+    ./mlruns, which is a different folder in every process's working directory)."""
+    if tracking_uri.startswith(("http://", "https://")):
         return None
+    if is_remote(storage_path):
+        return "/".join([str(storage_path).rstrip("/"), "mlartifacts", experiment])
     return str(Path(storage_path).expanduser().resolve() / "mlartifacts" / experiment)
 
 

@@ -371,6 +371,11 @@ def _lasting_checkpoint(result: Any, plan: RunPlan, cfg: Config) -> str | None:
         return None
     if plan.results.remote and cfg.scaling.max_workers == 0:
         return plan.results.where(result.checkpoint.path)
+    if is_remote(plan.storage) and not is_remote(result.checkpoint.path):
+        # Ray's path is inside its pyarrow filesystem ("bkt/runs/..."): give back the URI a
+        # user pastes into `infosam evaluate --checkpoint`, as the MLflow tag shows it
+        scheme = str(plan.storage).split("://", 1)[0]
+        return f"{scheme}://{result.checkpoint.path.lstrip('/')}"
     return result.checkpoint.path
 
 

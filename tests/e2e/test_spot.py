@@ -54,7 +54,11 @@ def test_lost_node_resumes_from_the_last_checkpoint_in_the_bucket(
     keys = bucket_keys(s3, "runs/node-loss/")
     states = {k.split("/")[2] for k in keys if k.endswith("/state.pt")}
     assert "checkpoint_epoch_0003" in states, keys  # older ones pruned (checkpoint.num_to_keep)
-    assert out["checkpoint_dir"].startswith("s3://bkt/runs/node-loss/"), out["checkpoint_dir"]
+    # a URI a user can pass to `infosam evaluate --checkpoint`, in the result and in MLflow
+    assert out["checkpoint_dir"] == "s3://bkt/runs/node-loss/checkpoint_epoch_0003", out
+    assert tags["infosam.checkpoint"] == out["checkpoint_dir"]
+    # the run's MLflow artifacts went beside its checkpoints, not to ./mlruns of some process
+    assert [k for k in bucket_keys(s3, "runs/mlartifacts/spot/") if not k.endswith("/")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # nothing went to disk
 
 
