@@ -18,6 +18,7 @@ from PIL import Image
 
 from infosam.sam import load_exported
 from orchestrator.cli import main as cli
+from orchestrator.storage import local_copy
 from orchestrator.tracking.server import free_port
 from orchestrator.train.checkpoints import load_trained
 from orchestrator.train.driver import fit
@@ -179,3 +180,36 @@ def test_the_teacher_cache_is_built_reused_and_renewed_in_the_bucket(
     result = fit(cfg, quiet=True)  # streams the bucket's cache (val/test cached on first use)
     assert result.metrics["epoch"] == 0 and result.metrics["test/iou"] > 0
     assert "teacher cache train" not in capsys.readouterr().out, "train was encoded again"
+
+
+def test_a_sweep_on_object_storage_keeps_its_trials_and_best_config_in_the_bucket(
+    ray_s3, s3, tmp_path, synthetic_root, monkeypatch
+):
+    """`infosam tune` with storage.path on s3://: Tune's trial folders, every trial's
+    checkpoints and the sweep's own files (best.yaml, trials table, plot) land in the bucket,
+    and the best config it names trains from there."""
+    from orchestrator.config import load_config
+    from orchestrator.sweep import run_sweep
+    from tests.helpers import sweep_config
+
+    monkeypatch.chdir(tmp_path)
+    tcfg, base = sweep_config(
+        tmp_path,
+        synthetic_root,
+        "optim.epochs=1",
+        "tune.num_samples=1",
+        "storage.path=s3://bkt/runs",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        space={"optim.lr": {"type": "grid", "values": [0.001, 0.002]}},
+    )
+    result = run_sweep(tcfg, base)
+    assert sorted(result.table["status"]) == ["OK", "OK"], result.table
+    assert result.best_yaml == f"s3://bkt/runs/{tcfg.name}/best.yaml"
+    keys = set(bucket_keys(s3, f"runs/{tcfg.name}/"))
+    for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
+        assert f"runs/{tcfg.name}/{name}" in keys, sorted(keys)
+    trial_states = [k for k in keys if k.endswith("/state.pt")]
+    assert len({k.split("/checkpoint_epoch_")[0] for k in trial_states}) == 2, sorted(keys)
+    best = load_config(local_copy(result.best_yaml), ["scaling.num_workers=0"])
+    assert best.storage.path == "s3://bkt/runs" and best.optim.lr in (0.001, 0.002)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "sweep.yaml"]
