@@ -70,7 +70,7 @@ def _read_text(location: str) -> str | None:
     try:
         with fs.open_input_stream(where) as f:
             return f.read().decode("latin-1")
-    except (FileNotFoundError, OSError):
+    except OSError:  # missing (FileNotFoundError) or not readable yet
         return None
 
 
