@@ -20,6 +20,7 @@ __all__ = [
     "joint_renyi_entropy",
     "logit_distillation_loss",
     "relation_compression_loss",
+    "relation_diagnostics",
     "relation_distillation_loss",
     "renyi_entropy",
     "structure_loss",
@@ -89,13 +90,34 @@ def relation_distillation_loss(rel_t: torch.Tensor, rel_s: torch.Tensor) -> torc
     return -(renyi_entropy(g_rt) + renyi_entropy(g_rs) - joint_renyi_entropy(g_rt, g_rs))
 
 
+@torch.no_grad()
+def relation_diagnostics(rel_t: torch.Tensor, rel_s: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How much signal the InfoSAM terms can carry on this batch, in bits (logged, not trained).
+
+    Over a batch of B samples every order-2 entropy lies in [0, log2 B]: `mi_bound_bits` is that
+    ceiling for I(r_t; r_s) = -L_d (`mi_bits`). `relation_rank_*` = 2^S(G_r), the effective
+    number of distinct relations in the batch (1: every image's relation is the same and there
+    is nothing to transfer; B: all are orthogonal).
+    """
+    g_rt, g_rs = gram_matrix(rel_t), gram_matrix(rel_s)
+    s_t, s_s = renyi_entropy(g_rt), renyi_entropy(g_rs)
+    mi = s_t + s_s - joint_renyi_entropy(g_rt, g_rs)
+    return {
+        "mi_bits": mi,
+        "mi_bound_bits": torch.log2(torch.tensor(float(rel_t.shape[0]), device=mi.device)),
+        "relation_rank_t": torch.exp2(s_t),
+        "relation_rank_s": torch.exp2(s_s),
+    }
+
+
 @dataclass
 class InfoSAMLoss:
     """lambda * (weight_compression * L_r + weight_distillation * L_d).
 
     Reference values: lambda = 1, weight_compression = 1 (paper's alpha), weight_distillation =
     0.5 (the reference code's `ib_beta`, which multiplies L_d despite the paper's naming).
-    A weight of 0 switches its term off (and skips computing it).
+    A weight of 0 switches its term off (and skips computing it). The returned dict also
+    holds `relation_diagnostics` (detached): whether the terms carry signal on this batch.
     """
 
     weight_compression: float = 1.0
@@ -117,7 +139,10 @@ class InfoSAMLoss:
         )
         l_d = relation_distillation_loss(rel_t, rel_s) if self.weight_distillation else zero
         total = self.scale * (self.weight_compression * l_r + self.weight_distillation * l_d)
-        return {"compression": l_r, "distillation": l_d, "infosam": total}
+        out = {"compression": l_r, "distillation": l_d, "infosam": total}
+        if rel_t.shape[0] > 1:
+            out.update(relation_diagnostics(rel_t, rel_s))
+        return out
 
 
 def structure_loss(

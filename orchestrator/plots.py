@@ -296,3 +296,37 @@ def timeline_chart(
         ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return save(fig, path)
+
+
+def tradeoff_plot(
+    points: Sequence[Mapping[str, Any]], panels: Sequence[str], path: str | Path
+) -> str:
+    """Gain vs retention: per panel (a trained domain and retention set), each method's paired
+    difference vs its base in-domain (x) against its difference on the retention set (y), with
+    both intervals. Top right: better on both; bottom left: worse on both; the other two
+    quadrants trade one for the other."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        mine = [p for p in points if p["panel"] == panel]
+        for i, p in enumerate(mine):
+            colour = f"C{i % 10}"
+            ax.errorbar(
+                p["x"],
+                p["y"],
+                xerr=[[p["x"] - p["x_low"]], [p["x_high"] - p["x"]]],
+                yerr=[[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=p["label"],
+            )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(mine[0]["x_name"] if mine else "in-domain difference (points)")
+        ax.set_ylabel(mine[0]["y_name"] if mine else "retention difference (points)")
+        if mine:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Gain vs retention: paired difference vs base, with intervals", fontsize=11)
+    return save(fig, path)

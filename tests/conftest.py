@@ -89,6 +89,8 @@ def synthetic_root(tmp_path_factory):
     synthesize(
         root, ["camouflage"], seed=0, counts={"train": 32, "val": 8, "test": 8}, sheets=False
     )
+    # the teacher's own domain, for benchmark.retention (only its test split is scored)
+    synthesize(root, ["general"], seed=0, counts={"train": 2, "val": 2, "test": 8}, sheets=False)
     return root
 
 

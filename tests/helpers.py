@@ -81,11 +81,13 @@ def sweep_config(tmp_path, data_root, *extra: str, space: dict | None = None):
     return load_sweep(path, [*base, *extra])
 
 
-def benchmark_args(tmp_path, data_root, name="reduced") -> list[str]:
-    """--set overrides of the demo for a one-dataset, one-seed, one-epoch benchmark."""
+def benchmark_args(tmp_path, data_root, name="reduced", *, retention=False) -> list[str]:
+    """--set overrides of the demo for a one-dataset, one-seed, one-epoch benchmark (scored
+    on the `general` retention set only when asked)."""
     values = [
         "benchmark.methods=[zero_shot,adapter_infosam]",
         "benchmark.datasets=[camouflage]",
+        f"benchmark.retention=[{'general' if retention else ''}]",
         "benchmark.seeds=[0]",
         f"benchmark.name={name}",
         "optim.epochs=1",

@@ -60,6 +60,8 @@ class CellJob:
     tags: dict[str, str]
     shared: Any  # orchestrator.train.inputs.SharedData of the cell's dataset
     artifact_root: str | None = None
+    # benchmark.retention: (dataset, its folder, the cell's config to score it with) per set
+    retention: list[tuple[str, str, Config]] = field(default_factory=list)
 
 
 def task_options(
@@ -101,8 +103,9 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
     start = time.time()
     if board is not None:
         board.started.remote(job.cell.key, node_id, start)
+    retention: dict[str, dict[str, Any]] = {}
     if job.zero_shot:
-        metrics, run_id, timings, scores = _zero_shot_cell(job)
+        metrics, run_id, timings, scores = _zero_shot_cell(job, retention)
         params = 0
     else:
         from orchestrator.train.driver import fit
@@ -124,8 +127,18 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
         run_id, timings = result.run_id, result.timings
         scores = [r for r in result.test_scores if r.get("model") == "student"]
         params = int(result.metrics.get("model/trainable_params", 0))
+        if job.retention:
+            from orchestrator.tracking.runs import RunLogger
+            from orchestrator.train.checkpoints import load_trained
+
+            t_ret = time.perf_counter()
+            model, _, _ = load_trained(result.checkpoint_dir, _device(job.cfg))
+            logger = RunLogger(job.tracking_uri, run_id) if run_id else None
+            retention = score_retention(model, job.retention, logger)
+            timings = {**timings, "retention_s": time.perf_counter() - t_ret}
     end = time.time()
     return {
+        "retention": retention,
         "metrics": metrics,
         "scores": [{k: v for k, v in r.items() if k != "model"} for r in scores],
         "trainable_params": params,
@@ -139,9 +152,48 @@ def _run_cell(job: CellJob, board: Any) -> dict[str, Any]:
     }
 
 
+def _device(cfg: Config) -> str:
+    import torch
+
+    return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def score_retention(
+    model: Any, sets: list[tuple[str, str, Config]], logger: Any | None
+) -> dict[str, dict[str, Any]]:
+    """A cell's model on each retention set's test split: {dataset: {metrics, scores}}; the
+    means land on the cell's MLflow run as `retention/<dataset>/<metric>` (sortable in the
+    runs table), the per-image scores as `scores/retention_<dataset>.csv`."""
+    from orchestrator.train.evaluation import evaluate_model
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, data_dir, cfg in sets:
+        rows: list[dict[str, Any]] = []
+        result = evaluate_model(
+            model,
+            cfg,
+            data_dir,
+            split=cfg.data.test_split,
+            batch_size=cfg.optim.eval_batch_size,
+            scores=rows,
+        )
+        metrics = {
+            f"retention/{name}/{k}": float(v) for k, v in result.items() if k in cfg.optim.metrics
+        }
+        if logger is not None:
+            logger.log_metrics(metrics, step=0)
+            logger.log_rows(rows, f"scores/retention_{name}.csv")
+        out[name] = {
+            "metrics": metrics,
+            "scores": [{k: v for k, v in r.items() if k != "model"} for r in rows],
+        }
+    return out
+
+
 def _zero_shot_cell(
-    job: CellJob,
+    job: CellJob, retention: dict[str, dict[str, Any]]
 ) -> tuple[dict[str, float], str, dict[str, float], list[dict[str, Any]]]:
+    """The teacher's row: its test metrics (and its retention reference) on a child run."""
     from orchestrator.tracking.runs import open_run
     from orchestrator.train.evaluation import log_category_results, zero_shot
 
@@ -171,6 +223,11 @@ def _zero_shot_cell(
         child.log_metrics(metrics, step=0)
         child.log_rows(scores, "scores/test_scores.csv")
         log_category_results(child, scores)
+        if job.retention:
+            from orchestrator.train.models import build_teacher
+
+            teacher = build_teacher(cfg, _device(cfg))
+            retention.update(score_retention(teacher, job.retention, child))
     except BaseException:
         child.finish("FAILED")
         raise

@@ -10,7 +10,7 @@ from orchestrator.benchmark.cells import (
     Cell,
 )
 from orchestrator.benchmark.config import BenchmarkConfig, _metrics_for
-from orchestrator.benchmark.methods import LABELS
+from orchestrator.benchmark.retention import retention_report
 from orchestrator.benchmark.stats import compare
 from orchestrator.plots import bar_chart, forest_plot
 from orchestrator.storage import (
@@ -18,15 +18,21 @@ from orchestrator.storage import (
 )
 
 
-def _write_cell_scores(out_dir: Path, cell: Cell, rows: list[dict[str, Any]]) -> str | None:
-    """A finished cell's per-image test scores, kept beside cells.json (a resume re-reads them)."""
+def _write_cell_scores(
+    out_dir: Path, cell: Cell, rows: list[dict[str, Any]], retention: str | None = None
+) -> str | None:
+    """A finished cell's per-image test scores, kept beside cells.json (a resume re-reads them);
+    with `retention`, its scores on that retention set (`scores/retention/<set>/`)."""
     if not rows:
         return None
     import pandas as pd
 
-    path = out_dir / "scores" / f"{cell.method}-{cell.dataset}-seed{cell.seed}.csv"
+    folder = out_dir / "scores" / ("retention" if retention else "") / (retention or "")
+    path = folder / f"{cell.method}-{cell.dataset}-seed{cell.seed}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     where = {"cell": cell.key, "method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
+    if retention:
+        where["retention"] = retention
     pd.DataFrame([where | r for r in rows]).to_csv(path, index=False)
     return str(path.relative_to(out_dir))
 
@@ -94,7 +100,8 @@ def results_table(state: dict[str, Any], bench: BenchmarkConfig):
         f"{costs[m]['train_s']:.1f}" if costs.get(m, {}).get("train_s") else "-"
         for m in table.index
     ]
-    table.index = [LABELS.get(m, m) for m in table.index]
+    labels = bench.labels()
+    table.index = [labels.get(m, m) for m in table.index]
     return table, raw
 
 
@@ -140,7 +147,8 @@ def _write_outputs(
         "chart": str(out_dir / "results.png"),
     }
     scores = collect_scores(out_dir, state)
-    differences = _write_differences(out_dir, scores, bench, files)
+    differences, comparisons = _write_differences(out_dir, scores, bench, files)
+    retention = retention_report(out_dir, state, bench, comparisons, files)
     units = ""
     if not scores.empty and "image" in scores.columns:
         per_instance = scores["image"].astype(str) != scores["image_id"].astype(str)
@@ -151,11 +159,14 @@ def _write_outputs(
         f"# Benchmark `{bench.name}`\n\n{header}\n\nValues: mean ± std over {seeds} seed(s), in %, "
         f"on each dataset's test split; trainable parameters and training seconds per cell "
         f"(mean over its cells) on the right.{units}\n\n{table.to_markdown()}\n"
-        f"{_failed_markdown(state, seeds)}{differences}{_category_markdown(scores, bench)}"
+        f"{_failed_markdown(state, seeds)}{differences}{retention}"
+        f"{_category_markdown(scores, bench)}"
     )
     atomic_write(files["markdown"], md)
     raw.to_csv(files["csv"], index=False)
-    bar_chart(raw, bench.datasets, bench.methods, _main_metrics(bench), LABELS, files["chart"])
+    bar_chart(
+        raw, bench.datasets, bench.methods, _main_metrics(bench), bench.labels(), files["chart"]
+    )
     print(md, flush=True)
     return files
 
@@ -173,10 +184,13 @@ def _failed_markdown(state: dict[str, Any], seeds: int) -> str:
     )
 
 
-def _write_differences(out_dir: Path, scores: Any, bench: BenchmarkConfig, files: dict) -> str:
-    """scores.csv, differences.csv and the forest plot (added to `files`); their markdown."""
+def _write_differences(
+    out_dir: Path, scores: Any, bench: BenchmarkConfig, files: dict
+) -> tuple[str, list]:
+    """scores.csv, differences.csv and the forest plot (added to `files`); their markdown and
+    the comparisons."""
     if scores.empty:
-        return ""
+        return "", []
     files["scores"] = str(out_dir / "scores.csv")
     scores.to_csv(files["scores"], index=False)
     comparisons = compare(
@@ -188,14 +202,15 @@ def _write_differences(out_dir: Path, scores: Any, bench: BenchmarkConfig, files
         rng_seed=bench.bootstrap_seed,
     )
     if not comparisons:
-        return ""
+        return "", []
     import pandas as pd
 
     files["differences"] = str(out_dir / "differences.csv")
     pd.DataFrame([c.as_row() for c in comparisons]).to_csv(files["differences"], index=False)
     files["forest"] = str(out_dir / "differences.png")
-    forest_plot(comparisons, bench.datasets, _main_metrics(bench), _pair_label, files["forest"])
-    return _differences_markdown(comparisons, bench)
+    label = _pair_labeller(bench)
+    forest_plot(comparisons, bench.datasets, _main_metrics(bench), label, files["forest"])
+    return _differences_markdown(comparisons, bench), comparisons
 
 
 def _category_markdown(scores, bench: BenchmarkConfig) -> str:
@@ -214,7 +229,7 @@ def _category_markdown(scores, bench: BenchmarkConfig) -> str:
         per_seed = d.groupby(["method", "seed", "category"])[metric].mean()
         table = per_seed.groupby(["category", "method"]).mean().unstack("method") * 100
         table = table[[m for m in bench.methods if m in table.columns]]
-        table.columns = [LABELS.get(m, m) for m in table.columns]
+        table.columns = [bench.labels().get(m, m) for m in table.columns]
         means = table.mean()
         counts = d.groupby("category")["image_id"].nunique().reindex(table.index)
         table.insert(0, "instances", [str(int(n)) for n in counts])
@@ -227,8 +242,10 @@ def _category_markdown(scores, bench: BenchmarkConfig) -> str:
     return "".join(parts)
 
 
-def _pair_label(method: str, base: str) -> str:
-    return f"{LABELS.get(method, method)} vs {LABELS.get(base, base)}"
+def _pair_labeller(bench: BenchmarkConfig):
+    """`method vs base` in the benchmark's labels (custom methods included)."""
+    labels = bench.labels()
+    return lambda method, base: f"{labels.get(method, method)} vs {labels.get(base, base)}"
 
 
 def _differences_markdown(comparisons: list, bench: BenchmarkConfig) -> str:
@@ -236,6 +253,7 @@ def _differences_markdown(comparisons: list, bench: BenchmarkConfig) -> str:
     import pandas as pd
 
     first = comparisons[0]
+    _pair_label = _pair_labeller(bench)
     rows: dict[str, dict[str, str]] = {}
     for c in comparisons:
         mark = " *" if c.significant else ""

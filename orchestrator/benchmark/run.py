@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,13 @@ from orchestrator.benchmark.cells import (
     timeline_stats,
     write_timeline,
 )
-from orchestrator.benchmark.config import BenchmarkConfig, _metrics_for, cell_config, load_benchmark
-from orchestrator.benchmark.methods import METHODS
+from orchestrator.benchmark.config import (
+    BenchmarkConfig,
+    _metrics_for,
+    cell_config,
+    load_benchmark,
+    retention_config,
+)
 from orchestrator.benchmark.report import _write_cell_scores, _write_outputs, results_table
 from orchestrator.cluster.ray_env import concurrency_cap, init_ray, on_one_machine
 from orchestrator.config import (
@@ -70,7 +75,7 @@ DEMO = Path(__file__).resolve().parent / "demo.yaml"
 
 def _shared_key(cell: Cell, cfg: Config) -> tuple[str, bool]:
     """Cells of one dataset share prepared data; those streaming the teacher cache their own."""
-    cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and METHODS[cell.method]
+    cached = cfg.speed.teacher_cache and cfg.loss.needs_teacher and cell.method != "zero_shot"
     return cell.dataset, bool(cached)
 
 
@@ -80,9 +85,13 @@ def _default_cap(bench: BenchmarkConfig, cfgs: list[Config], laptop: bool) -> in
     return concurrency_cap(bench.max_concurrent_cells, need, laptop)
 
 
-def _cell_view(cell: Cell, cfg: Config) -> dict[str, Any]:
-    """The values a cell's result depends on (a zero-shot row: no training values)."""
-    return result_view(cfg, zero_shot=METHODS[cell.method] is None)
+def _cell_view(cell: Cell, cfg: Config, retention: list[str] | None = None) -> dict[str, Any]:
+    """The values a cell's result depends on (a zero-shot row: no training values), with the
+    retention sets it was scored on (a finished cell lacks those added later)."""
+    view = result_view(cfg, zero_shot=cell.method == "zero_shot")
+    if retention:
+        view["benchmark.retention"] = list(retention)
+    return view
 
 
 def _check_finished_cells(
@@ -97,7 +106,8 @@ def _check_finished_cells(
     for cell in cells:
         done = state["cells"].get(cell.key) or {}
         if done.get("status", "FINISHED") == "FINISHED":
-            changes = config_changes(done.get("config"), _cell_view(cell, configs[cell.key]))
+            now = _cell_view(cell, configs[cell.key], bench.retention)
+            changes = config_changes(done.get("config"), now)
             if changes:
                 changed.append((cell.key, changes))
     if changed and not allow:
@@ -143,8 +153,10 @@ class CellStore:
         return bool(done) and done.get("status", "FINISHED") == "FINISHED"
 
     def record(self, key: str, entry: dict[str, Any]) -> None:
-        if entry.get("scores"):  # the per-image scores first: cells.json then points at them
-            self.results.push(self.out_dir / entry["scores"])
+        # the per-image scores first: cells.json then points at them
+        files = [entry.get("scores")] + [r["scores"] for r in entry.get("retention", {}).values()]
+        for name in filter(None, files):
+            self.results.push(self.out_dir / name)
         self.cells[key] = entry
         self.save()
 
@@ -162,6 +174,9 @@ class Plan:
     provenance: dict[str, Any]
     teacher_sha: str | None
     uri: str
+    # per cell: {retention dataset: the config its model is scored with there}
+    retention: dict[str, dict[str, Config]] = field(default_factory=dict)
+    retention_dirs: dict[str, str] = field(default_factory=dict)  # filled by prepare_shared
 
 
 def run_benchmark(
@@ -252,10 +267,17 @@ def plan_cells(bench: BenchmarkConfig, base: Config) -> Plan:
             c.seed,
             {**no_teacher_eval, **bench.overrides.get(c.dataset, {})},
             _metrics_for(bench, c.dataset),
+            bench.method_table(),
         )
         for c in cells
     }
-    return Plan(cells, configs, provenance, teacher_sha, uri)
+    retention = {
+        key: {r: retention_config(bench, base, cfg, r) for r in bench.retention}
+        for key, cfg in configs.items()
+    }
+    if bench.retention:
+        provenance["retention"] = ", ".join(bench.retention)
+    return Plan(cells, configs, provenance, teacher_sha, uri, retention)
 
 
 def prepare_shared(plan: Plan, quiet: bool) -> dict[tuple[str, bool], Any]:
@@ -273,7 +295,31 @@ def prepare_shared(plan: Plan, quiet: bool) -> dict[tuple[str, bool], Any]:
         m = shared[key].manifest
         digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
         plan.provenance[f"data.{cell.dataset}"] = f"{m['counts']} manifest {digest}"
+    _prepare_retention(plan)
     return shared
+
+
+def _prepare_retention(plan: Plan) -> None:
+    """Each retention set's folder (synthesised on first use, like the domains), checked once
+    here so a missing set fails the benchmark before any cell trains."""
+    from orchestrator.data.manifest import load_manifest
+    from orchestrator.data.synthetic import ensure_data
+
+    first = plan.retention.get(plan.cells[0].key, {}) if plan.cells else {}
+    for name, cfg in first.items():
+        data_dir = ensure_data(cfg)
+        m = load_manifest(data_dir)
+        if cfg.data.test_split not in m.get("counts", {}):
+            raise ConfigError(
+                f"benchmark.retention: {data_dir} has no {cfg.data.test_split!r} split (it has "
+                f"{sorted(m.get('counts', {}))}); set data.test_split for it under "
+                f"benchmark.overrides.{name}"
+            )
+        digest = hashlib.sha256(json.dumps(m["shards"], sort_keys=True).encode()).hexdigest()[:16]
+        plan.provenance[f"retention.{name}"] = (
+            f"{m['counts'][cfg.data.test_split]} {cfg.data.test_split} manifest {digest}"
+        )
+        plan.retention_dirs[name] = str(data_dir)
 
 
 def _open_parent(bench: BenchmarkConfig, base: Config, plan: Plan, store: CellStore) -> Any:
@@ -320,7 +366,7 @@ def pending_jobs(
             CellJob(
                 cell=cell,
                 cfg=cfg,
-                zero_shot=METHODS[cell.method] is None,
+                zero_shot=cell.method == "zero_shot",
                 storage_name=f"{bench.name}/{cell.method}-{cell.dataset}-seed{cell.seed}",
                 parent_run_id=parent_run_id,
                 tracking_uri=plan.uri,
@@ -331,6 +377,10 @@ def pending_jobs(
                 },
                 shared=shared[_shared_key(cell, cfg)],
                 artifact_root=artifact_root,
+                retention=[
+                    (name, plan.retention_dirs[name], rcfg)
+                    for name, rcfg in plan.retention[cell.key].items()
+                ],
             )
         )
     return jobs
@@ -350,7 +400,8 @@ class OutcomeRecorder:
             "method": cell.method,
             "dataset": cell.dataset,
             "seed": cell.seed,
-            "config": _cell_view(cell, self.plan.configs[cell.key]),  # what a re-run must match
+            # what a re-run must match
+            "config": _cell_view(cell, self.plan.configs[cell.key], list(self.plan.retention_dirs)),
         }
         if out.ok:
             msg, start, end, node = self._finished(out, entry)
@@ -387,7 +438,19 @@ class OutcomeRecorder:
             trainable_params=r.get("trainable_params", 0),
             scores=_write_cell_scores(self.store.out_dir, out.cell, r.get("scores") or []),
         )
+        if r.get("retention"):
+            entry["retention"] = {
+                name: {
+                    "metrics": got["metrics"],
+                    "scores": _write_cell_scores(
+                        self.store.out_dir, out.cell, got["scores"], retention=name
+                    ),
+                }
+                for name, got in r["retention"].items()
+            }
         shown = ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["metrics"].items())
+        for got in (r.get("retention") or {}).values():
+            shown += "".join(f", {k}={v:.3f}" for k, v in list(got["metrics"].items())[:1])
         msg = f"{out.cell.key}: {shown} ({r['end'] - r['start']:.0f}s on {r['node_ip']})"
         return msg, r["start"], r["end"], f"{r['node_ip']}:{r['node_id'][-6:]}"
 

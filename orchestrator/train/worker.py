@@ -500,6 +500,11 @@ def _print_epoch(epoch: int, epochs: int, m: dict[str, Any], seconds: float) -> 
     ):
         if key in m:
             parts.append(f"{short} {m[key]:.4f}")
+    if "train/mi_bits" in m:  # InfoSAM's signal: I(r_t; r_s) against its ceiling log2(B)
+        parts.append(
+            f"I(r_t;r_s) {m['train/mi_bits']:.3f}/{m['train/mi_bound_bits']:.2f} bits, "
+            f"relation rank {m['train/relation_rank_t']:.2f}"
+        )
     for key in sorted(k for k in m if k.startswith(("val/", "test/")) and "zero_shot" not in k):
         parts.append(f"{key} {m[key]:.4f}")
     parts.append(f"{m['train/images_per_s']:.1f} img/s, {seconds:.0f}s")

@@ -11,6 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.benchmark.cells import CELL_TAG
 from tests.helpers import ROOT, benchmark_args
 
 DEMO_CONFIG = ROOT / "orchestrator" / "benchmark" / "demo.yaml"
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_root, capsys):
-    assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 0
+    args = benchmark_args(tmp_path, synthetic_root, retention=True)
+    assert benchmark_all.main(args) == 0
     out = capsys.readouterr().out
     md = (tmp_path / "runs" / "reduced" / "results.md").read_text()
     assert "SAM zero-shot (teacher)" in md and "Adapter + InfoSAM" in md
@@ -59,8 +61,21 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     assert {"results/differences.png", "results/scores.csv", "results/differences.csv"} <= logged
     for child in children:
         assert [a.path for a in client.list_artifacts(child.info.run_id, "scores")] == [
-            "scores/test_scores.csv"
+            "scores/retention_general.csv",
+            "scores/test_scores.csv",
         ]
+    # Retention: the trained cell and the teacher scored on `general`, on their runs, in
+    # cells.json with per-image scores, and in their own results.md section.
+    kept = {r.data.tags[CELL_TAG]: r.data.metrics["retention/general/iou"] for r in children}
+    assert set(kept) == {"zero_shot/camouflage/seed0", "adapter_infosam/camouflage/seed0"}
+    assert all(0 < v <= 1 for v in kept.values())
+    assert kept["zero_shot/camouflage/seed0"] > 0.5  # the teacher on its own domain
+    assert "## Retention: the pre-trained skill kept" in md and "camouflage → general iou" in md
+    assert "| Adapter + InfoSAM vs SAM zero-shot (teacher) | " in md.split("## Retention")[1]
+    retained = (out_dir / "retention_scores.csv").read_text().splitlines()
+    assert retained[0].startswith("cell,method,dataset,seed,retention,image_id,prompt,")
+    assert len(retained) == 1 + 2 * 8
+    assert "retention: general" in md and "retention.general: 8 test manifest" in md
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "results")} >= {
@@ -87,12 +102,15 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     cells = json.loads((tmp_path / "runs" / "reduced" / "cells.json").read_text())["cells"]
     trained = cells["adapter_infosam/camouflage/seed0"]
     assert trained["status"] == "FINISHED" and trained["timings"]["train_s"] > 0
+    assert trained["retention"]["general"]["metrics"]["retention/general/iou"] == pytest.approx(
+        kept["adapter_infosam/camouflage/seed0"]
+    )
     # Same name: nothing is redone. A new name: a fresh benchmark.
-    assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 0
+    assert benchmark_all.main(args) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
     assert len(client.search_runs([exp.experiment_id])) == 3
     # Same name, changed configuration: refused before Ray starts, naming cell and key...
-    changed = [*benchmark_args(tmp_path, synthetic_root), "--set", "optim.lr=3e-3"]
+    changed = [*args, "--set", "optim.lr=3e-3"]
     assert benchmark_all.main(changed) == 2
     err = capsys.readouterr().err
     assert "finished cells adapter_infosam/camouflage/seed0)" in err  # zero-shot: no lr
@@ -105,7 +123,7 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     from orchestrator.storage import exclusive
 
     with exclusive(tmp_path / "runs" / "reduced" / ".lock", "test"):
-        assert benchmark_all.main(benchmark_args(tmp_path, synthetic_root)) == 2
+        assert benchmark_all.main(args) == 2
     err = capsys.readouterr().err
     assert "benchmark 'reduced'" in err and f"pid {os.getpid()}" in err
 

@@ -87,6 +87,26 @@ def test_infosam_loss_weights_and_switching_terms_off():
     )
 
 
+def test_relation_diagnostics_read_signal_against_the_log2_batch_bound():
+    """Identical relations across images carry nothing (rank 1, 0 bits); orthogonal ones
+    reach the ceiling log2(B): what a user reads off the logged epoch metrics."""
+    emb, tok = torch.randn(4, 16, 8), torch.randn(4, 1, 8)
+    same = F.normalize(torch.randn(1, 16), dim=1).expand(4, 16)
+    flat = InfoSAMLoss()(emb, tok, same, same)
+    assert flat["mi_bound_bits"].item() == pytest.approx(2.0)
+    assert flat["mi_bits"].item() == pytest.approx(0.0, abs=1e-5)
+    assert flat["relation_rank_t"].item() == pytest.approx(1.0, abs=1e-4)
+    distinct = torch.eye(4, 16)
+    full = InfoSAMLoss()(emb, tok, distinct, distinct)
+    assert full["mi_bits"].item() == pytest.approx(2.0, abs=1e-5)
+    assert full["relation_rank_s"].item() == pytest.approx(4.0, abs=1e-4)
+    # the logged MI is the negated L_d the loss trains on
+    rel_t, rel_s = torch.randn(4, 16), torch.randn(4, 16)
+    out = InfoSAMLoss()(emb, tok, rel_t, rel_s)
+    assert out["mi_bits"].item() == pytest.approx(-out["distillation"].item(), abs=1e-5)
+    assert not out["mi_bits"].requires_grad
+
+
 def test_structure_loss_legacy_bce_is_the_plain_mean():
     torch.manual_seed(0)
     target = torch.zeros(2, 1, 64, 64)
