@@ -73,6 +73,10 @@ class DataSection:
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 disables shuffling
     materialize_max_mb: float = 512  # decode a split once and keep it in memory when this small
     augment: str = "none"  # none | hflip (random horizontal flip of training image+mask)
+    # Datasets under `root` whose val split is scored every epoch beside the run's own
+    # (`val/retention/<dataset>/<metric>`): whether the model keeps the pre-trained skill while
+    # it learns; what a sweep ranks a gain-vs-retention objective on. E.g. [general].
+    retention: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -314,6 +318,13 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.synth_scale": _num(0, lo_open=True),
     "data.synth_seed": _num(0),
     "data.synth_counts": _every(_num(1)),
+    "data.retention": (
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(x, str) and x and "/" not in x and x not in (".", "..") for x in v)
+        ),
+        "a list of dataset folder names under data.root, e.g. [general]",
+    ),
     "data.box_jitter": _num(0),
     "data.num_positive_points": _num(0),
     "data.num_negative_points": _num(0),

@@ -233,14 +233,17 @@ def bar_chart(
     return save(fig, path)
 
 
-def sweep_scatter(table: Any, metric: str, name: str, path: str | Path) -> str:
-    """Each sampled value of a sweep against the trial's metric (failed trials at 0, crossed)."""
+def sweep_scatter(
+    table: Any, metric: str, name: str, path: str | Path, measured: Sequence[str] = ()
+) -> str:
+    """Each sampled value of a sweep against the trial's metric (failed trials at 0, crossed);
+    `measured`: other metric columns of the table (not sampled values)."""
     plt = pyplot()
 
     numeric = [
         c
         for c in table.columns
-        if c not in ("trial", "status", "epochs", metric)
+        if c not in ("trial", "status", "epochs", metric, *measured)
         and not c.endswith("__off")
         and table[c].dtype.kind in "fi"
     ]
@@ -329,4 +332,31 @@ def tradeoff_plot(
         if mine:
             ax.legend(fontsize=7, loc="best")
     fig.suptitle("Gain vs retention: paired difference vs base, with intervals", fontsize=11)
+    return save(fig, path)
+
+
+def front_plot(
+    table: Any, on_front: Sequence[bool], metrics: Sequence[str], name: str, path: str | Path
+) -> str:
+    """Trials on two objective metrics; the non-dominated ones joined and labelled by trial."""
+    plt = pyplot()
+    x, y = metrics[0], metrics[1]
+    mask = np.asarray(on_front, dtype=bool)
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    ax.scatter(table[x][~mask], table[y][~mask], c="#999999", label="dominated")
+    front = table[mask].sort_values(x)
+    ax.plot(front[x], front[y], "o-", c="#d62728", label="non-dominated")
+    for _, r in front.iterrows():
+        ax.annotate(
+            str(r["trial"])[-5:],
+            (r[x], r[y]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"sweep {name}: the trade-off front", fontsize=10)
     return save(fig, path)

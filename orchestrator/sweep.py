@@ -25,7 +25,8 @@ from orchestrator.config import (
     flatten,
     load_with_section,
 )
-from orchestrator.plots import sweep_scatter
+from orchestrator.objective import OBJECTIVE_KEY, Objective, pareto_front
+from orchestrator.plots import front_plot, sweep_scatter
 from orchestrator.storage import ResultsDir, atomic_write, join, resolve_location
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
 from orchestrator.tracking.runs import (
@@ -60,6 +61,18 @@ class SweepConfig:
     seed: int = 0  # of the search: the same sweep config samples the same trials
     # key -> {type: loguniform|uniform|choice|grid, low, high, values, off: bool}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Rank trials by several metrics (`orchestrator.objective`): {weights: {metric: w},
+    # floors: {metric: minimum}}; when set, trials are ranked (and ASHA/Optuna steered) by
+    # the reported `objective`, and the non-dominated trials are listed (front.csv).
+    objective: dict[str, Any] = field(default_factory=dict)
+
+    def ranking(self) -> Objective | None:
+        return Objective.from_spec(self.objective) if self.objective else None
+
+    def ranking_metrics(self) -> list[str]:
+        """The objective's component metrics (columns of the trials table, not sampled values)."""
+        ranking = self.ranking()
+        return ranking.metrics if ranking else []
 
 
 def load_sweep(
@@ -80,7 +93,28 @@ def load_sweep(
         )
     if tcfg.mode not in ("max", "min"):
         raise ConfigError("tune.mode must be max or min")
+    if tcfg.objective:
+        _check_objective(tcfg, base)
+        tcfg.metric, tcfg.mode = OBJECTIVE_KEY, "max"
     return tcfg, base
+
+
+def _check_objective(tcfg: SweepConfig, base: Config) -> None:
+    """Every metric of `tune.objective` is one a trial reports each epoch."""
+    try:
+        objective = Objective.from_spec(tcfg.objective)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    known = [f"val/{m}" for m in base.optim.metrics] + [
+        f"val/retention/{r}/{m}" for r in base.data.retention for m in base.optim.metrics
+    ]
+    unknown = [m for m in objective.metrics if m not in known]
+    if unknown:
+        raise ConfigError(
+            f"tune.objective: {unknown} is not reported by the trials; they report {known} "
+            "(a retention set is scored when it is listed in data.retention, e.g. "
+            "--set 'data.retention=[general]')"
+        )
 
 
 def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -126,6 +160,7 @@ class SweepContext:
     parent_run_id: str
     uri: str
     artifact_root: str | None
+    objective: Objective | None = None
 
 
 def _trial(config: dict[str, Any], context: SweepContext) -> None:
@@ -137,6 +172,7 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = context.base.with_values(trial_values(config))
+    report = _objective_report(context.objective) if context.objective else TuneReportCallback()
     # A retried trial (its driver's node lost, or an error, `tune.trial_retries`) continues its
     # MLflow run and, through the same storage name, its Train run's last checkpoint.
     logger, resumed = open_run(
@@ -158,10 +194,23 @@ def _trial(config: dict[str, Any], context: SweepContext) -> None:
         cfg,
         logger=logger,
         quiet=True,
-        callbacks=[TuneReportCallback()],
+        callbacks=[report],
         storage_name=f"{context.name}/trial-{trial_id}",
     )
     logger.finish("FINISHED")
+
+
+def _objective_report(objective: Objective) -> Any:
+    """Tune's report callback with the declared objective added to every epoch's metrics."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReport(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+            first = dict(metrics[0])
+            first[OBJECTIVE_KEY] = objective.value(first)
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return ObjectiveReport()
 
 
 def _trial_run_id(context: SweepContext, trial_id: str) -> str | None:
@@ -290,16 +339,26 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         },
     )
     parent.log_text(base.to_yaml(), "base_config.yaml")
-    context = SweepContext(base, tcfg.name, parent.run_id, uri, artifact_root)
+    objective = tcfg.ranking()
+    if objective is not None:
+        parent.log_params({"objective": objective.describe()})
+        print(f"[tune] {tcfg.name}: ranking trials by {objective.describe()}", flush=True)
+    context = SweepContext(base, tcfg.name, parent.run_id, uri, artifact_root, objective)
     started = time.perf_counter()
     tuner = make_tuner(tcfg, context, storage, _max_concurrent(tcfg, base, laptop))
     # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED. Tune's own
     # Ctrl-C handler would stop the loop and return a partial grid that looks complete (and
     # its best config would be written as the sweep's): off, so Ctrl-C raises like SIGTERM.
     with closing_on_exit(parent, label=f"[tune] {tcfg.name}"), _tune_sigint_handler_off():
-        table = trials_table(tuner.fit(), tcfg.metric)
+        components = objective.metrics if objective else []
+        table = trials_table(tuner.fit(), tcfg.metric, components)
         best_row, best_sampled, best_yaml = _write_best(table, tcfg, base, out_dir, storage)
-        for name in ("best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"):
+        names = ["best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"]
+        if objective is not None:
+            front = _write_front(table, objective, tcfg, out_dir)
+            names += ["front.csv"] + (["front.png"] if (out_dir / "front.png").exists() else [])
+            parent.log_metrics({"front_trials": len(front)}, step=0)
+        for name in names:
             parent.log_artifact(out_dir / name, "sweep")
             results.push(out_dir / name)
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
@@ -357,8 +416,9 @@ def make_tuner(tcfg: SweepConfig, context: SweepContext, storage: str, cap: int 
     )
 
 
-def trials_table(grid: Any, metric: str) -> Any:
-    """One row per trial: id, OK or ERROR, epochs reached, the metric and the sampled values."""
+def trials_table(grid: Any, metric: str, components: list[str] | None = None) -> Any:
+    """One row per trial: id, OK or ERROR, epochs reached, the metric (and the objective's
+    component metrics) and the sampled values."""
     import pandas as pd
 
     rows = []
@@ -370,6 +430,7 @@ def trials_table(grid: Any, metric: str) -> Any:
                 "status": "ERROR" if result.error else "OK",
                 "epochs": metrics.get("training_iteration", 0),
                 metric: metrics.get(metric, math.nan),
+                **{k: metrics.get(k, math.nan) for k in components or [] if k != metric},
                 **dict(result.config or {}),
             }
         )
@@ -386,9 +447,8 @@ def _write_best(
             f"every trial of sweep {tcfg.name!r} failed; see the Tune logs in {storage}"
         )
     best_row = ok.sort_values(tcfg.metric, ascending=tcfg.mode == "min").iloc[0]
-    best_sampled = {
-        k: best_row[k] for k in table.columns if k not in ("trial", "status", "epochs", tcfg.metric)
-    }
+    measured = {"trial", "status", "epochs", tcfg.metric, *tcfg.ranking_metrics()}
+    best_sampled = {k: best_row[k] for k in table.columns if k not in measured}
     best_cfg = base.with_values(trial_values(best_sampled))
     best_yaml = out_dir / "best.yaml"
     atomic_write(
@@ -398,8 +458,34 @@ def _write_best(
     )
     atomic_write(out_dir / "trials.csv", table.to_csv(index=False))
     atomic_write(out_dir / "trials.md", table.to_markdown(index=False) + "\n")
-    sweep_scatter(table, tcfg.metric, tcfg.name, out_dir / "weights_vs_metric.png")
+    scatter = out_dir / "weights_vs_metric.png"
+    sweep_scatter(table, tcfg.metric, tcfg.name, scatter, tcfg.ranking_metrics())
     return best_row, best_sampled, best_yaml
+
+
+def _write_front(table: Any, objective: Objective, tcfg: SweepConfig, out_dir: Path) -> Any:
+    """front.csv (the non-dominated trials on the objective's metrics, best objective first),
+    its section in trials.md, front.png; returns the front's rows."""
+    ok = table[(table["status"] == "OK")].dropna(subset=objective.metrics)
+    on_front = pareto_front(ok.to_dict("records"), objective.metrics)
+    front = ok[on_front].sort_values(OBJECTIVE_KEY, ascending=False)
+    atomic_write(out_dir / "front.csv", front.to_csv(index=False))
+    text = (out_dir / "trials.md").read_text() if (out_dir / "trials.md").exists() else ""
+    atomic_write(
+        out_dir / "trials.md",
+        f"{text}\n## Ranked by {objective.describe()}\n\nNon-dominated trials on "
+        f"{', '.join(objective.metrics)} (no other trial is as good on all and better on one), "
+        f"best objective first; below a floor the objective is negative.\n\n"
+        f"{front.to_markdown(index=False)}\n",
+    )
+    if len(objective.metrics) >= 2:
+        front_plot(ok, on_front, objective.metrics[:2], tcfg.name, out_dir / "front.png")
+    print(
+        f"[tune] {tcfg.name}: {len(front)} non-dominated trial(s) on "
+        f"{', '.join(objective.metrics)}:\n{front.to_markdown(index=False)}",
+        flush=True,
+    )
+    return front
 
 
 @contextlib.contextmanager

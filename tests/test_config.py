@@ -27,6 +27,7 @@ BAD_VALUES = {
     "data.synth_scale": 0,
     "data.synth_seed": -3,
     "data.synth_counts": {"test": 0},
+    "data.retention": ["../elsewhere"],
     "data.box_jitter": -1,
     "data.num_positive_points": -1,
     "data.num_negative_points": -2,

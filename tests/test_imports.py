@@ -96,6 +96,7 @@ LAYERS = [
         "orchestrator.storage",
         "orchestrator.config",
         "orchestrator.plots",
+        "orchestrator.objective",
         "orchestrator.tracking",
         "orchestrator.cluster",
     ),

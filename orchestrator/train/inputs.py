@@ -88,8 +88,35 @@ def prepare_data(
         if rows * row_bytes <= cfg.data.materialize_max_mb * 2**20:
             ds = ds.materialize()
         datasets[key] = ds
+    datasets.update(_retention_datasets(cfg, size))
     n_train = int(manifest["counts"].get(cfg.data.train_split, 0))
     return SharedData(str(data_dir), manifest, datasets, teacher_sha256, n_train, train_cache)
+
+
+def _retention_datasets(cfg: Config, size: int) -> dict[str, Any]:
+    """`data.retention`: each set's val split, decoded once like the run's own val split."""
+    from orchestrator.data.reader import read_split
+
+    out = {}
+    for name in cfg.data.retention:
+        data_dir = ensure_data(cfg.with_values({"data.dataset": name}))
+        counts = load_manifest(data_dir)["counts"]
+        if cfg.data.val_split not in counts:
+            raise ConfigError(
+                f"data.retention: {data_dir} has no {cfg.data.val_split!r} split (it has "
+                f"{sorted(counts)}); retention sets are scored on the run's val split name"
+            )
+        ds = read_split(
+            data_dir,
+            cfg.data.val_split,
+            image_size=size,
+            channel_order=cfg.data.channel_order,
+            keep_original_mask=True,
+            num_cpus=cfg.scaling.data_cpus,
+        )
+        small = counts[cfg.data.val_split] * size * size * 4 <= cfg.data.materialize_max_mb * 2**20
+        out[f"retention-{name}"] = ds.materialize() if small else ds
+    return out
 
 
 def eval_unit(manifest: dict) -> str:

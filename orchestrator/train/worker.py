@@ -272,7 +272,12 @@ def _zero_shot_val(w: _Worker) -> dict[str, float]:
     sums, count, _ = evaluate_split(
         {"teacher": w.teacher}, ray.train.get_dataset_shard("val"), w.cfg, w.device
     )
-    return mean_metrics(sums["teacher"], count, "val/zero_shot_")
+    out = mean_metrics(sums["teacher"], count, "val/zero_shot_")
+    for name in w.cfg.data.retention:  # the reference a retention curve is read against
+        shard = ray.train.get_dataset_shard(f"retention-{name}")
+        sums, count, _ = evaluate_split({"teacher": w.teacher}, shard, w.cfg, w.device)
+        out.update(mean_metrics(sums["teacher"], count, f"val/zero_shot_retention/{name}/"))
+    return out
 
 
 def _train_epoch(w: _Worker, epoch: int, shard: Any, gen: torch.Generator) -> dict[str, Any]:
@@ -389,6 +394,10 @@ def _evaluate_epoch(
     models = {"student": unwrap(w.student)}
     sums_v, count, _ = evaluate_split(models, ray.train.get_dataset_shard("val"), cfg, device)
     metrics.update(mean_metrics(sums_v["student"], count, "val/"))
+    for name in cfg.data.retention:  # the pre-trained skill kept, epoch by epoch
+        shard = ray.train.get_dataset_shard(f"retention-{name}")
+        sums_r, count_r, _ = evaluate_split(models, shard, cfg, device)
+        metrics.update(mean_metrics(sums_r["student"], count_r, f"val/retention/{name}/"))
     metrics.update(zero_shot)
     if epoch == cfg.optim.epochs - 1:
         if w.teacher is not None and cfg.optim.zero_shot_eval:
