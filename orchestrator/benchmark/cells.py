@@ -60,8 +60,9 @@ class CellJob:
     tags: dict[str, str]
     shared: Any  # orchestrator.train.inputs.SharedData of the cell's dataset
     artifact_root: str | None = None
-    # benchmark.retention: (dataset, its folder, the cell's config to score it with) per set
-    retention: list[tuple[str, str, Config]] = field(default_factory=list)
+    # benchmark.retention: (dataset, its test split decoded once as a Ray Dataset, the cell's
+    # config to score it with) per set
+    retention: list[tuple[str, Any, Config]] = field(default_factory=list)
 
 
 def task_options(
@@ -159,27 +160,21 @@ def _device(cfg: Config) -> str:
 
 
 def score_retention(
-    model: Any, sets: list[tuple[str, str, Config]], logger: Any | None
+    model: Any, sets: list[tuple[str, Any, Config]], logger: Any | None
 ) -> dict[str, dict[str, Any]]:
     """A cell's model on each retention set's test split: {dataset: {metrics, scores}}; the
     means land on the cell's MLflow run as `retention/<dataset>/<metric>` (sortable in the
-    runs table), the per-image scores as `scores/retention_<dataset>.csv`."""
-    from orchestrator.train.evaluation import evaluate_model
+    runs table), the per-image scores as `scores/retention_<dataset>.csv`. The split comes
+    decoded (the driver decoded it once for every cell), through the evaluation code that
+    scores the in-domain test split."""
+    from orchestrator.train.evaluation import evaluate_split, mean_metrics
 
+    device = next(model.parameters()).device
     out: dict[str, dict[str, Any]] = {}
-    for name, data_dir, cfg in sets:
+    for name, split, cfg in sets:
         rows: list[dict[str, Any]] = []
-        result = evaluate_model(
-            model,
-            cfg,
-            data_dir,
-            split=cfg.data.test_split,
-            batch_size=cfg.optim.eval_batch_size,
-            scores=rows,
-        )
-        metrics = {
-            f"retention/{name}/{k}": float(v) for k, v in result.items() if k in cfg.optim.metrics
-        }
+        sums, count, _ = evaluate_split({"student": model}, split, cfg, device, scores=rows)
+        metrics = mean_metrics(sums["student"], count, f"retention/{name}/")
         if logger is not None:
             logger.log_metrics(metrics, step=0)
             logger.log_rows(rows, f"scores/retention_{name}.csv")

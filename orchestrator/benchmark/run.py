@@ -176,7 +176,8 @@ class Plan:
     uri: str
     # per cell: {retention dataset: the config its model is scored with there}
     retention: dict[str, dict[str, Config]] = field(default_factory=dict)
-    retention_dirs: dict[str, str] = field(default_factory=dict)  # filled by prepare_shared
+    # filled by prepare_shared: each set's test split, decoded once (a materialized Ray Dataset)
+    retention_splits: dict[str, Any] = field(default_factory=dict)
 
 
 def run_benchmark(
@@ -301,8 +302,11 @@ def prepare_shared(plan: Plan, quiet: bool) -> dict[tuple[str, bool], Any]:
 
 def _prepare_retention(plan: Plan) -> None:
     """Each retention set's folder (synthesised on first use, like the domains), checked once
-    here so a missing set fails the benchmark before any cell trains."""
+    here so a missing set fails the benchmark before any cell trains; its test split decoded
+    once into Ray's object store for every cell to score (not once per cell)."""
+    from infosam.sam import SAM_VARIANTS
     from orchestrator.data.manifest import load_manifest
+    from orchestrator.data.reader import read_split
     from orchestrator.data.synthetic import ensure_data
 
     first = plan.retention.get(plan.cells[0].key, {}) if plan.cells else {}
@@ -319,7 +323,14 @@ def _prepare_retention(plan: Plan) -> None:
         plan.provenance[f"retention.{name}"] = (
             f"{m['counts'][cfg.data.test_split]} {cfg.data.test_split} manifest {digest}"
         )
-        plan.retention_dirs[name] = str(data_dir)
+        plan.retention_splits[name] = read_split(
+            data_dir,
+            cfg.data.test_split,
+            image_size=SAM_VARIANTS[cfg.model.variant].image_size,
+            channel_order=cfg.data.channel_order,
+            keep_original_mask=True,
+            num_cpus=cfg.scaling.data_cpus,
+        ).materialize()
 
 
 def _open_parent(bench: BenchmarkConfig, base: Config, plan: Plan, store: CellStore) -> Any:
@@ -378,7 +389,7 @@ def pending_jobs(
                 shared=shared[_shared_key(cell, cfg)],
                 artifact_root=artifact_root,
                 retention=[
-                    (name, plan.retention_dirs[name], rcfg)
+                    (name, plan.retention_splits[name], rcfg)
                     for name, rcfg in plan.retention[cell.key].items()
                 ],
             )
@@ -401,7 +412,9 @@ class OutcomeRecorder:
             "dataset": cell.dataset,
             "seed": cell.seed,
             # what a re-run must match
-            "config": _cell_view(cell, self.plan.configs[cell.key], list(self.plan.retention_dirs)),
+            "config": _cell_view(
+                cell, self.plan.configs[cell.key], list(self.plan.retention_splits)
+            ),
         }
         if out.ok:
             msg, start, end, node = self._finished(out, entry)
