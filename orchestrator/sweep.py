@@ -353,14 +353,7 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         components = objective.metrics if objective else []
         table = trials_table(tuner.fit(), tcfg.metric, components)
         best_row, best_sampled, best_yaml = _write_best(table, tcfg, base, out_dir, storage)
-        names = ["best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"]
-        if objective is not None:
-            front = _write_front(table, objective, tcfg, out_dir)
-            names += ["front.csv"] + (["front.png"] if (out_dir / "front.png").exists() else [])
-            parent.log_metrics({"front_trials": len(front)}, step=0)
-        for name in names:
-            parent.log_artifact(out_dir / name, "sweep")
-            results.push(out_dir / name)
+        _log_outputs(parent, results, table, objective, tcfg, out_dir)
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
         parent.log_metrics(
             {
@@ -374,6 +367,20 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         parent.finish("FINISHED")
     print(table.to_markdown(index=False), flush=True)
     return SweepResult(table, results.where(best_yaml), best_sampled, parent.run_id, uri)
+
+
+def _log_outputs(
+    parent: Any, results: ResultsDir, table: Any, objective: Objective | None, tcfg, out_dir: Path
+) -> None:
+    """The sweep's files (and, with an objective, its front) on the parent run and in storage."""
+    names = ["best.yaml", "trials.csv", "trials.md", "weights_vs_metric.png"]
+    if objective is not None:
+        front = _write_front(table, objective, tcfg, out_dir)
+        names += ["front.csv"] + (["front.png"] if (out_dir / "front.png").exists() else [])
+        parent.log_metrics({"front_trials": len(front)}, step=0)
+    for name in names:
+        parent.log_artifact(out_dir / name, "sweep")
+        results.push(out_dir / name)
 
 
 def make_tuner(tcfg: SweepConfig, context: SweepContext, storage: str, cap: int | None) -> Any:

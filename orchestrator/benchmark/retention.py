@@ -182,6 +182,25 @@ def tradeoff(
     return points
 
 
+def _differences_markdown(kept: list[Comparison], bench: BenchmarkConfig) -> str:
+    """The paired differences on the retention sets as one markdown table."""
+    import pandas as pd
+
+    labels = bench.labels()
+    rows: dict[str, dict[str, str]] = {}
+    for c in kept:
+        mark = " *" if c.significant else ""
+        label = f"{labels.get(c.method, c.method)} vs {labels.get(c.base, c.base)}"
+        rows.setdefault(label, {})[f"{c.dataset} → {c.metric.replace(':', ' ')}"] = (
+            f"{c.difference:+.1f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}]{mark}"
+        )
+    frame = pd.DataFrame.from_dict(rows, orient="index").fillna("-")
+    return (
+        "\nPaired differences on the retention sets (method - base, points), same bootstrap as "
+        f"the in-domain differences; `*`: the interval excludes 0.\n\n{frame.to_markdown()}\n"
+    )
+
+
 def retention_report(
     out_dir: Path,
     state: dict[str, Any],
@@ -214,19 +233,7 @@ def retention_report(
         return md
     files["retention_differences"] = str(out_dir / "retention_differences.csv")
     pd.DataFrame([c.as_row() for c in kept]).to_csv(files["retention_differences"], index=False)
-    labels = bench.labels()
-    rows: dict[str, dict[str, str]] = {}
-    for c in kept:
-        mark = " *" if c.significant else ""
-        label = f"{labels.get(c.method, c.method)} vs {labels.get(c.base, c.base)}"
-        rows.setdefault(label, {})[f"{c.dataset} → {c.metric.replace(':', ' ')}"] = (
-            f"{c.difference:+.1f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}]{mark}"
-        )
-    frame = pd.DataFrame.from_dict(rows, orient="index").fillna("-")
-    md += (
-        "\nPaired differences on the retention sets (method - base, points), same bootstrap as "
-        f"the in-domain differences; `*`: the interval excludes 0.\n\n{frame.to_markdown()}\n"
-    )
+    md += _differences_markdown(kept, bench)
     points = tradeoff(in_domain, kept, bench)
     if points:
         files["tradeoff"] = str(out_dir / "tradeoff.png")
