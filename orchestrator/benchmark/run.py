@@ -311,7 +311,13 @@ def _prepare_retention(plan: Plan) -> None:
 
     first = plan.retention.get(plan.cells[0].key, {}) if plan.cells else {}
     for name, cfg in first.items():
-        data_dir = ensure_data(cfg)
+        try:
+            data_dir = ensure_data(cfg)
+        except ConfigError as e:
+            raise ConfigError(
+                f"benchmark.retention names {name!r}, which cannot be opened: {e}. Ingest it "
+                f"under data.root, or score no retention set with --set benchmark.retention=[]"
+            ) from e
         m = load_manifest(data_dir)
         if cfg.data.test_split not in m.get("counts", {}):
             raise ConfigError(
