@@ -73,6 +73,10 @@ class DataSection:
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 disables shuffling
     materialize_max_mb: float = 512  # decode a split once and keep it in memory when this small
     augment: str = "none"  # none | hflip (random horizontal flip of training image+mask)
+    # Where images are decoded: cpu (Ray Data decodes, resizes and pads; workers receive pixels)
+    # | gpu (Ray Data ships the stored bytes and each training worker decodes JPEGs with nvJPEG,
+    # resizes and pads on its device: fewer CPUs per GPU; on a CPU worker it decodes there)
+    decode_on: str = "cpu"
     # Datasets under `root` whose val split is scored every epoch beside the run's own
     # (`val/retention/<dataset>/<metric>`): whether the model keeps the pre-trained skill while
     # it learns; what a sweep ranks a gain-vs-retention objective on. E.g. [general].
@@ -315,6 +319,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.eval_prompt": _one_of(("box", "point")),
     "data.channel_order": _one_of(("rgb", "bgr")),
     "data.augment": _one_of(("none", "hflip")),
+    "data.decode_on": _one_of(("cpu", "gpu")),
     "data.synth_scale": _num(0, lo_open=True),
     "data.synth_seed": _num(0),
     "data.synth_counts": _every(_num(1)),
@@ -377,6 +382,7 @@ RESUME_NEUTRAL = (
     "data.root",
     "data.synthesize",
     "data.materialize_max_mb",
+    "data.decode_on",  # where pixels are decoded: within 1 grey level either way
 )
 
 

@@ -24,6 +24,7 @@ BAD_VALUES = {
     "data.eval_prompt": "mixed",
     "data.channel_order": "rbg",
     "data.augment": "flip",
+    "data.decode_on": "tpu",
     "data.synth_scale": 0,
     "data.synth_seed": -3,
     "data.synth_counts": {"test": 0},

@@ -334,6 +334,7 @@ def _prepare_retention(plan: Plan) -> None:
             cfg.data.test_split,
             image_size=SAM_VARIANTS[cfg.model.variant].image_size,
             channel_order=cfg.data.channel_order,
+            decode_on=cfg.data.decode_on,
             keep_original_mask=True,
             num_cpus=cfg.scaling.data_cpus,
         ).materialize()

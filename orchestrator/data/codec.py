@@ -145,6 +145,22 @@ def open_encoded(data: bytes, what: str, working_itemsize: int | None = None) ->
     return img
 
 
+def open_header(data: bytes, what: str) -> Image.Image:
+    """A supported image opened for its header alone (size, mode), budget checked, pixels not
+    decoded: what a reader needs when the pixels are decoded elsewhere (on the GPU)."""
+    _check_file_size(data, what)
+    try:
+        with _pil_check_off():
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            check_budget(*img.size, len(img.getbands()), _MODE_BYTES.get(img.mode, 1), what)
+    except Rejected:
+        raise
+    except Exception as exc:
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise Rejected(f"{what} is unreadable ({type(exc).__name__}: {message})") from None
+    return img
+
+
 def is_tiff(data: bytes) -> bool:
     return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -256,6 +272,8 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bytes, list[str]]:
 
 def binarise_mask(arr: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Apply MASK_RULE to a 2-D integer array -> (uint8 0/1, flags) or raise Rejected."""
+    if arr.size and arr.dtype.kind in "ub" and arr.max() <= 1:  # 0/1 already, as stored:
+        return arr.astype(np.uint8), []  # one pass instead of a 4 ms `unique` per 1 M px
     values = np.unique(arr)
     if values.size <= 2 and set(values.tolist()) <= {0, 1}:
         return arr.astype(np.uint8), []

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from infosam.transforms import pad_to_square, preprocess_shape, resize_longest_side
-from orchestrator.data.codec import binarise_mask, open_encoded
+from infosam.transforms import preprocess_shape, resize_longest_side
+from orchestrator.data.codec import binarise_mask, open_encoded, open_header
 from orchestrator.data.manifest import INSTANCE_COLUMNS, load_manifest, shard_paths
 
 __all__ = [
@@ -43,12 +44,11 @@ class SampleDecodeError(RuntimeError):
     """A stored sample no longer decodes (the shard changed after ingest)."""
 
 
-def _decode_image(image: bytes, channel_order: str) -> np.ndarray:
-    """Stored PNG/JPEG bytes -> (H, W, 3) uint8 under ingest's decoding budget and formats."""
-    img = np.asarray(open_encoded(image, "stored image").convert("RGB"))
-    if channel_order == "bgr":  # the reference reads BGR with OpenCV and never converts
-        img = img[..., ::-1]
-    return img
+def _open_rgb(image: bytes) -> Image.Image:
+    """Stored PNG/JPEG bytes -> an RGB PIL image under ingest's decoding budget and formats
+    (no copy when it already is RGB, as every JPEG and most PNGs are)."""
+    img = open_encoded(image, "stored image")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
@@ -58,9 +58,17 @@ def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def _prepare_image(img: np.ndarray, image_size: int) -> np.ndarray:
-    padded = pad_to_square(resize_longest_side(img, image_size), image_size)
-    return np.ascontiguousarray(padded.transpose(2, 0, 1))
+def _place_image(img: Image.Image, image_size: int, channel_order: str, out: np.ndarray) -> None:
+    """Resize the longest side (bilinear, as `resize_longest_side`) and write the CHW pixels
+    into `out`'s top-left corner (already zero: the padding). Resizing the PIL image itself
+    and writing once saves three full-size copies per image against array -> resize -> pad ->
+    transpose (the same bytes: `tests/data/test_reader.py`)."""
+    h, w = preprocess_shape(img.height, img.width, image_size)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), resample=Image.BILINEAR)
+    hwc = np.asarray(img)
+    chw = hwc.transpose(2, 0, 1)
+    out[:, :h, :w] = chw[::-1] if channel_order == "bgr" else chw
 
 
 def decode_images(
@@ -71,9 +79,9 @@ def decode_images(
     images = np.zeros((len(encoded), 3, image_size, image_size), np.uint8)
     sizes = np.zeros((len(encoded), 2), np.int64)
     for i, data in enumerate(encoded):
-        img = _decode_image(data, channel_order)
-        images[i] = _prepare_image(img, image_size)
-        sizes[i] = preprocess_shape(*img.shape[:2], image_size)
+        img = _open_rgb(data)
+        _place_image(img, image_size, channel_order, images[i])
+        sizes[i] = preprocess_shape(img.height, img.width, image_size)
     return images, sizes
 
 
@@ -97,8 +105,15 @@ def decode_batch(
     channel_order: str = "rgb",
     keep_original_mask: bool = False,
     embedding_shape: tuple[int, ...] | None = None,
+    decode_on: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
+
+    `decode_on="gpu"` leaves the images encoded: the batch carries `image_bytes` (the stored
+    PNG/JPEG, sizes read from the header and checked against the budget) and `channel_order`
+    instead of `image`, and the training worker decodes them on its device
+    (`orchestrator.data.device_decode`); masks are decoded here either way (cheap, and needed
+    at original resolution).
 
     Rows of an instance dataset (one image, a list of instance masks) become one sample per
     instance, id `<image id>#<instance id>`, the image decoded and resized once; their batches
@@ -110,7 +125,11 @@ def decode_batch(
     n = len(batch["id"])
     per_row = [_samples(batch, i) for i in range(n)]
     total = sum(len(s) for s in per_row)
-    images = np.zeros((total, 3, image_size, image_size), np.uint8)
+    on_device = decode_on == "gpu"
+    if on_device:
+        encoded = np.empty(total, dtype=object)
+    else:
+        images = np.zeros((total, 3, image_size, image_size), np.uint8)
     masks = np.zeros((total, image_size, image_size), np.uint8)
     input_size = np.zeros((total, 2), np.int64)
     original_size = np.zeros((total, 2), np.int64)
@@ -121,25 +140,29 @@ def decode_batch(
     rows = np.zeros(total, np.int64)
     j = 0
     for i in range(n):
-        img, decoded = _decode_row(batch, i, per_row[i], channel_order)
-        image = _prepare_image(img, image_size)
-        h, w = preprocess_shape(*img.shape[:2], image_size)
+        img, decoded = _decode_row(batch, i, per_row[i], on_device)
+        first = j
+        if not on_device:
+            _place_image(img, image_size, channel_order, images[first])
+        h, w = preprocess_shape(img.height, img.width, image_size)
         for sid, m, category in decoded:
-            images[j] = image
-            masks[j] = pad_to_square(resize_longest_side(m, image_size, is_mask=True), image_size)
+            if on_device:
+                encoded[j] = batch["image"][i]
+            elif j != first:  # another instance of the same image
+                images[j] = images[first]
+            masks[j, :h, :w] = resize_longest_side(m, image_size, is_mask=True)
             input_size[j] = (h, w)
             original_size[j] = m.shape
             originals[j], ids[j], image_ids[j], rows[j] = m, sid, batch["id"][i], i
             categories[j] = category
             j += 1
-    out = {
-        "id": ids,
-        "image_id": image_ids,
-        "image": images,
-        "mask": masks,
-        "input_size": input_size,
-        "original_size": original_size,
-    }
+    out = {"id": ids, "image_id": image_ids}
+    if on_device:
+        out["image_bytes"] = encoded
+        out["channel_order"] = np.full(total, channel_order, dtype=object)
+    else:
+        out["image"] = images
+    out.update(mask=masks, input_size=input_size, original_size=original_size)
     if any(c is not None for c in categories):  # an instance dataset's batch
         out["category"] = np.array(["" if c is None else c for c in categories], dtype=object)
     if keep_original_mask:
@@ -151,12 +174,15 @@ def decode_batch(
 
 
 def _decode_row(
-    batch: dict[str, np.ndarray], i: int, samples: list, channel_order: str
-) -> tuple[np.ndarray, list]:
-    """Row i's image and each of its samples' masks, or an error naming the sample and fix."""
+    batch: dict[str, np.ndarray], i: int, samples: list, header_only: bool = False
+) -> tuple[Image.Image, list]:
+    """Row i's image (RGB PIL; with `header_only` opened, not decoded) and each of its samples'
+    masks, or an error naming the sample and fix."""
     try:
-        img = _decode_image(batch["image"][i], channel_order)
-        return img, [(sid, _decode_mask(m, img.shape), c) for sid, m, c in samples]
+        data = batch["image"][i]
+        img = open_header(data, "stored image") if header_only else _open_rgb(data)
+        shape = (img.height, img.width)
+        return img, [(sid, _decode_mask(m, shape), c) for sid, m, c in samples]
     except Exception as exc:
         source = batch["source"][i] if "source" in batch else "?"
         raise SampleDecodeError(
@@ -184,8 +210,14 @@ def _teacher_embeddings(
 
 
 def to_torch(batch: dict[str, np.ndarray], device: Any = None) -> dict[str, Any]:
-    """Numeric columns become tensors (on `device`); ids and original masks stay lists."""
+    """Numeric columns become tensors (on `device`); ids and original masks stay lists. A
+    batch read with `decode_on="gpu"` gets its `image` decoded here, on `device`."""
     out: dict[str, Any] = {}
+    if "image_bytes" in batch:
+        from orchestrator.data.device_decode import decode_on_device
+
+        out["image"] = decode_on_device(batch, batch["mask"].shape[-1], device)
+        batch = {k: v for k, v in batch.items() if k not in ("image_bytes", "channel_order")}
     for key, value in batch.items():
         if key == "teacher_embedding" and value.dtype == np.uint16:  # bf16 bit patterns
             bits = (value if value.flags.writeable else value.copy()).view(np.int16)
@@ -224,8 +256,12 @@ def read_split(
     concurrency: int | None = None,
     verify: bool = False,
     teacher_cache: dict | None = None,
+    decode_on: str = "cpu",
 ) -> Any:
     """A lazy `ray.data.Dataset` of decoded, padded samples of one split.
+
+    `decode_on="gpu"` ships the stored image bytes instead of decoded pixels (see
+    `decode_batch`); `to_torch` decodes them on the consumer's device.
 
     With `teacher_cache` (from `orchestrator.data.teacher_cache.open_teacher_cache`) the split is read
     from the cache's shards and batches carry the cached `teacher_embedding`. On instance
@@ -248,6 +284,11 @@ def read_split(
     if manifest.get("kind") == "instances":  # a row is an image that becomes its instances
         per_image = manifest["counts"].get(split, 0) / max(manifest["images"].get(split, 0), 1)
         batch_size = max(1, round(batch_size / max(per_image, 1.0)))  # ~batch_size samples out
+    # A shard is read as one block (a 256-image shard of 1280 px JPEGs is 43 MB); decoding it
+    # would then be ONE task working through the whole shard while the other CPUs idle (1 of
+    # 2 CPUs busy: half the rate). Cutting the encoded rows into blocks of one decode batch
+    # first (cheap: bytes, no pixels) lets every CPU decode (docs/speed.md, "Is the GPU fed?").
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={
@@ -255,6 +296,7 @@ def read_split(
             "channel_order": channel_order,
             "keep_original_mask": keep_original_mask,
             "embedding_shape": shape,
+            "decode_on": decode_on,
         },
         batch_format="numpy",
         batch_size=batch_size,

@@ -75,6 +75,7 @@ def prepare_data(
             split,
             image_size=size,
             channel_order=cfg.data.channel_order,
+            decode_on=cfg.data.decode_on,
             keep_original_mask=key != "train",
             num_cpus=sc.data_cpus,
             teacher_cache=train_cache if key == "train" else None,
@@ -111,6 +112,7 @@ def _retention_datasets(cfg: Config, size: int) -> dict[str, Any]:
             cfg.data.val_split,
             image_size=size,
             channel_order=cfg.data.channel_order,
+            decode_on=cfg.data.decode_on,
             keep_original_mask=True,
             num_cpus=cfg.scaling.data_cpus,
         )
