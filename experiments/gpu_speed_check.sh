@@ -18,4 +18,5 @@ timeout "${STEP_S:-270}" python3 experiments/bench_step.py --variant vit_b --bat
   --configs "${CONFIGS:-bf16_folded_cache_ckpt,bf16_folded_cache_compile@16,bf16_folded_cache_compile@32,bf16_folded_cache_ckpt_compile,bf16_flex_cache_compile@16}" \
   2>"$OUT/bench.err" | grep '^{' | tee "$OUT/bench_vit_b.jsonl"
 timeout "${TEST_S:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/infosam/test_speed.py \
+  tests/data/test_device_decode_gpu.py \
   2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"

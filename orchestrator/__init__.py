@@ -15,7 +15,8 @@ Shared modules:
 Stages:
     data/      files -> parquet shards -> Ray Data batches: `codec` (decoding within one budget),
                `writer`, `manifest`, `formats/` (one module per source layout, the registry),
-               `synthetic`, `reader` (Ray Data), `teacher_cache`
+               `synthetic`, `reader` (Ray Data), `device_decode` (decoding on the GPU),
+               `teacher_cache`
     train/     one Ray Train run, tracked: `driver` (fit), `worker` (the loop's phases),
                `inputs`, `models`, `checkpoints`, `evaluation`, `epoch_log`
     benchmark/ the methods x datasets x seeds matrix: `methods`, `config`, `run`, `cells`,

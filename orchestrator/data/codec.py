@@ -145,6 +145,13 @@ def open_encoded(data: bytes, what: str, working_itemsize: int | None = None) ->
     return img
 
 
+def open_rgb(data: bytes, what: str = "stored image") -> Image.Image:
+    """Stored PNG/JPEG bytes -> an RGB PIL image under the decoding budget (no copy when it
+    already is RGB, as every stored JPEG and most PNGs are)."""
+    img = open_encoded(data, what)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def open_header(data: bytes, what: str) -> Image.Image:
     """A supported image opened for its header alone (size, mode), budget checked, pixels not
     decoded: what a reader needs when the pixels are decoded elsewhere (on the GPU)."""

@@ -7,7 +7,8 @@ CPU), PNGs through PIL on the CPU (no GPU PNG decoder; stored PNGs are the rarer
 images), then one antialiased bilinear resize of the longest side on the device, as PIL's
 `BILINEAR` downscale does, and zero padding to the model size. On CPU the same code runs, which
 is how it is tested against the PIL path (`tests/data/test_device_decode.py`): pixels within
-1 grey level.
+1 grey level. No Ray here: the GPU test (`tests/data/test_device_decode_gpu.py`) runs on a
+machine with torch and torchvision alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestrator.data.codec import open_rgb
+
 __all__ = ["decode_images_on_device", "decode_on_device"]
 
 _JPEG = b"\xff\xd8\xff"
@@ -27,8 +30,6 @@ _JPEG = b"\xff\xd8\xff"
 def _decode_all(encoded: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
     """Each distinct image -> (3, H, W) uint8 on `device`; JPEGs in one batched call."""
     from torchvision.io import ImageReadMode, decode_jpeg
-
-    from orchestrator.data.reader import _open_rgb
 
     out: list[torch.Tensor | None] = [None] * len(encoded)
     jpegs = [i for i, data in enumerate(encoded) if bytes(data[:3]) == _JPEG]
@@ -39,7 +40,7 @@ def _decode_all(encoded: Sequence[bytes], device: torch.device) -> list[torch.Te
             out[i] = img
     for i, data in enumerate(encoded):
         if out[i] is None:  # PNG (and anything ingest re-encoded): PIL on the CPU
-            hwc = np.asarray(_open_rgb(data))
+            hwc = np.asarray(open_rgb(data))
             out[i] = torch.from_numpy(hwc.copy()).permute(2, 0, 1).to(device)
     return out  # type: ignore[return-value]
 

@@ -16,7 +16,7 @@ from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from infosam.transforms import preprocess_shape, resize_longest_side
-from orchestrator.data.codec import binarise_mask, open_encoded, open_header
+from orchestrator.data.codec import binarise_mask, open_encoded, open_header, open_rgb
 from orchestrator.data.manifest import INSTANCE_COLUMNS, load_manifest, shard_paths
 
 __all__ = [
@@ -42,13 +42,6 @@ def columns(manifest: dict) -> list[str]:
 
 class SampleDecodeError(RuntimeError):
     """A stored sample no longer decodes (the shard changed after ingest)."""
-
-
-def _open_rgb(image: bytes) -> Image.Image:
-    """Stored PNG/JPEG bytes -> an RGB PIL image under ingest's decoding budget and formats
-    (no copy when it already is RGB, as every JPEG and most PNGs are)."""
-    img = open_encoded(image, "stored image")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
@@ -79,7 +72,7 @@ def decode_images(
     images = np.zeros((len(encoded), 3, image_size, image_size), np.uint8)
     sizes = np.zeros((len(encoded), 2), np.int64)
     for i, data in enumerate(encoded):
-        img = _open_rgb(data)
+        img = open_rgb(data)
         _place_image(img, image_size, channel_order, images[i])
         sizes[i] = preprocess_shape(img.height, img.width, image_size)
     return images, sizes
@@ -180,7 +173,7 @@ def _decode_row(
     masks, or an error naming the sample and fix."""
     try:
         data = batch["image"][i]
-        img = open_header(data, "stored image") if header_only else _open_rgb(data)
+        img = open_header(data, "stored image") if header_only else open_rgb(data)
         shape = (img.height, img.width)
         return img, [(sid, _decode_mask(m, shape), c) for sid, m, c in samples]
     except Exception as exc:
@@ -288,7 +281,7 @@ def read_split(
     # would then be ONE task working through the whole shard while the other CPUs idle (1 of
     # 2 CPUs busy: half the rate). Cutting the encoded rows into blocks of one decode batch
     # first (cheap: bytes, no pixels) lets every CPU decode (docs/speed.md, "Is the GPU fed?").
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={
