@@ -168,6 +168,12 @@ def main() -> None:
         help="with --decode-on gpu: decode in this process on this device (cuda, cpu); "
         "unset: time only what the CPUs deliver (bytes + decoded masks)",
     )
+    p.add_argument(
+        "--data-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per decode task (scaling.data_cpus; training's default 0.5 runs two per CPU)",
+    )
     p.add_argument("--step-rates", type=float, nargs="+", default=[73.4, 160.0])
     p.add_argument("--stats", action="store_true", help="print Ray Data's stats of each stream")
     p.add_argument("--out", help="append the JSON lines to this file")
@@ -183,7 +189,9 @@ def main() -> None:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             try:
                 for size in args.sizes:
-                    kinds = [("decoded", None)] + ([("teacher_cache", caches[size])] if caches else [])
+                    kinds = [("decoded", None)] + (
+                        [("teacher_cache", caches[size])] if caches else []
+                    )
                     for kind, cache in kinds:
                         ds = read_split(
                             path,
@@ -192,8 +200,11 @@ def main() -> None:
                             batch_size=BATCH,
                             teacher_cache=cache,
                             decode_on=args.decode_on,
+                            num_cpus=args.data_cpus,
                         )
                         consume = None
+                        if args.data_cpus != 1.0:
+                            kind += f"@{args.data_cpus:g}cpu"
                         if args.decode_on == "gpu":
                             kind += "+bytes"
                         if args.device:
