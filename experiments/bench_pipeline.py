@@ -8,7 +8,7 @@ streamed with `read_split` for --epochs passes, as a training run reads an unmat
 
 For each CPU count and size it prints one JSON line and, at the end, a markdown table:
 - `single_per_core`: `decode_batch` on 32 rows in this process, no Ray (median of 5, measured
-  right before each stream: this machine kind's speed drifts by 20 % within minutes);
+  right before each stream: this machine kind's speed drifts, up to 1.7x in an hour);
 - `first_batch_s`: from the pass's start to its first 32-image batch (planning, listing, the
   first decode tasks);
 - `steady_per_cpu`: images/s per Ray CPU over the last three quarters of the last (warm) pass:
@@ -215,7 +215,7 @@ def main() -> None:
 
                             kind += f"+decode_on_{args.device}"
                         # one core's rate measured right before its stream: this machine
-                        # kind's speed drifts by 20 % within minutes
+                        # kind's speed drifts, up to 1.7x in an hour
                         single = single_process_rate(path, size)
                         res = stream(ds, args.epochs, consume)
                         r = row(kind, size, cpus, single, res, args.step_rates)
