@@ -1,8 +1,10 @@
 """Ray Data: parquet shards -> decoded, resized, padded uint8 batches for training workers.
 
-`read_parquet` over a split's shards, then `map_batches(decode_batch)`: decode PNG/JPEG, resize the
-longest side to the model size and zero-pad (uint8; normalisation happens on the device). Train
-workers consume it through `ray.train.get_dataset_shard(...).iter_torch_batches()`.
+`read_parquet` over a split's shards, a streaming repartition into blocks of one decode batch (so
+every CPU decodes, not one task per shard), then `map_batches(decode_batch)`: decode PNG/JPEG,
+resize the longest side to the model size and zero-pad (uint8; normalisation happens on the
+device). With `decode_on="gpu"` the images stay encoded and `to_torch` decodes them on the
+worker's device. Train workers consume it through `ray.train.get_dataset_shard(...)`.
 """
 
 from __future__ import annotations
