@@ -163,8 +163,9 @@ def decode_batch(
     if keep_original_mask:
         out["mask_original"] = originals
     if "teacher_embedding" in batch and embedding_shape is not None:
-        # one per image, shared by its instances
-        out["teacher_embedding"] = _teacher_embeddings(batch, embedding_shape)[rows]
+        # one per image, shared by its instances (indexed only then: 2 MiB a row to copy)
+        emb = _teacher_embeddings(batch, embedding_shape)
+        out["teacher_embedding"] = emb if total == n else emb[rows]
     return out
 
 
