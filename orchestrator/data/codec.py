@@ -59,6 +59,11 @@ class IngestError(Exception):
     """The input as a whole is unusable (missing folder, CSV without required columns)."""
 
 
+class SampleDecodeError(RuntimeError):
+    """A stored sample no longer decodes (the shard changed after ingest); raised while
+    reading for training, where `Rejected` is what ingest records."""
+
+
 class Rejected(Exception):
     """One sample cannot be used; the message is the reason recorded in the manifest."""
 

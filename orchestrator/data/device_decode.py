@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestrator.data.codec import open_rgb
+from orchestrator.data.codec import SampleDecodeError, open_rgb
 
 __all__ = ["decode_images_on_device", "decode_on_device"]
 
@@ -91,8 +91,6 @@ def decode_images_on_device(
 
 def decode_on_device(batch: dict[str, Any], image_size: int, device: Any = None) -> torch.Tensor:
     """The `image` tensor of a numpy batch read with `decode_on="gpu"`, on `device`."""
-    from orchestrator.data.reader import SampleDecodeError
-
     orders = set(batch["channel_order"])
     if len(orders) != 1:
         raise ValueError(f"one batch mixes channel orders {sorted(orders)}")

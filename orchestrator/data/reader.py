@@ -18,7 +18,13 @@ from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from infosam.transforms import preprocess_shape, resize_longest_side
-from orchestrator.data.codec import binarise_mask, open_encoded, open_header, open_rgb
+from orchestrator.data.codec import (
+    SampleDecodeError,
+    binarise_mask,
+    open_encoded,
+    open_header,
+    open_rgb,
+)
 from orchestrator.data.manifest import INSTANCE_COLUMNS, load_manifest, shard_paths
 
 __all__ = [
@@ -40,10 +46,6 @@ COLUMNS = ["id", "dataset", "split", "image", "mask", "height", "width", "source
 def columns(manifest: dict) -> list[str]:
     """The parquet columns a reader needs: instance datasets add their instance lists."""
     return [*COLUMNS, *INSTANCE_COLUMNS] if manifest.get("kind") == "instances" else COLUMNS
-
-
-class SampleDecodeError(RuntimeError):
-    """A stored sample no longer decodes (the shard changed after ingest)."""
 
 
 def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
