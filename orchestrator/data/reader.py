@@ -106,11 +106,9 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
 
-    `decode_on="gpu"` leaves the images encoded: the batch carries `image_bytes` (the stored
-    PNG/JPEG, sizes read from the header and checked against the budget) and `channel_order`
-    instead of `image`, and the training worker decodes them on its device
-    (`orchestrator.data.device_decode`); masks are decoded here either way (cheap, and needed
-    at original resolution).
+    `decode_on="gpu"` ships `image_bytes` (sizes from the header, budget checked) and
+    `channel_order` instead of `image` for `to_torch` to decode on the worker's device; masks
+    are decoded here either way (cheap, and needed at original resolution).
 
     Rows of an instance dataset (one image, a list of instance masks) become one sample per
     instance, id `<image id>#<instance id>`, the image decoded and resized once; their batches
@@ -123,9 +121,7 @@ def decode_batch(
     per_row = [_samples(batch, i) for i in range(n)]
     total = sum(len(s) for s in per_row)
     on_device = decode_on == "gpu"
-    if on_device:
-        encoded = np.empty(total, dtype=object)
-    else:
+    if not on_device:
         images = np.zeros((total, 3, image_size, image_size), np.uint8)
     masks = np.zeros((total, image_size, image_size), np.uint8)
     input_size = np.zeros((total, 2), np.int64)
@@ -143,9 +139,7 @@ def decode_batch(
             _place_image(img, image_size, channel_order, images[first])
         h, w = preprocess_shape(img.height, img.width, image_size)
         for sid, m, category in decoded:
-            if on_device:
-                encoded[j] = batch["image"][i]
-            elif j != first:  # another instance of the same image
+            if not on_device and j != first:  # another instance of the same image
                 images[j] = images[first]
             masks[j, :h, :w] = resize_longest_side(m, image_size, is_mask=True)
             input_size[j] = (h, w)
@@ -154,20 +148,31 @@ def decode_batch(
             categories[j] = category
             j += 1
     out = {"id": ids, "image_id": image_ids}
-    if on_device:
-        out["image_bytes"] = encoded
+    if on_device:  # the stored bytes, one per sample
+        out["image_bytes"] = batch["image"][rows]
         out["channel_order"] = np.full(total, channel_order, dtype=object)
     else:
         out["image"] = images
     out.update(mask=masks, input_size=input_size, original_size=original_size)
-    if any(c is not None for c in categories):  # an instance dataset's batch
-        out["category"] = np.array(["" if c is None else c for c in categories], dtype=object)
     if keep_original_mask:
         out["mask_original"] = originals
+    return _add_row_columns(out, batch, categories, rows, embedding_shape)
+
+
+def _add_row_columns(
+    out: dict[str, np.ndarray],
+    batch: dict[str, np.ndarray],
+    categories: np.ndarray,
+    rows: np.ndarray,
+    embedding_shape: tuple[int, ...] | None,
+) -> dict[str, np.ndarray]:
+    """The per-instance category and the cached teacher embedding (one per image, shared by
+    its instances; indexed only then: 2 MiB a row to copy)."""
+    if any(c is not None for c in categories):  # an instance dataset's batch
+        out["category"] = np.array(["" if c is None else c for c in categories], dtype=object)
     if "teacher_embedding" in batch and embedding_shape is not None:
-        # one per image, shared by its instances (indexed only then: 2 MiB a row to copy)
         emb = _teacher_embeddings(batch, embedding_shape)
-        out["teacher_embedding"] = emb if total == n else emb[rows]
+        out["teacher_embedding"] = emb if len(rows) == len(batch["id"]) else emb[rows]
     return out
 
 
