@@ -113,9 +113,8 @@ def decode_batch(
     Rows of an instance dataset (one image, a list of instance masks) become one sample per
     instance, id `<image id>#<instance id>`, the image decoded and resized once; their batches
     carry each instance's `category`.
-    `keep_original_mask` adds `mask_original`, an object array of (H, W) uint8 masks, for
-    evaluation at original resolution. Rows of a teacher cache (`teacher_embedding` bf16 bytes)
-    also yield `teacher_embedding` (B, *embedding_shape) as uint16 bit patterns of bf16.
+    `keep_original_mask` adds `mask_original`, (H, W) uint8 masks for evaluation. Teacher-cache
+    rows also yield `teacher_embedding` (B, *embedding_shape), uint16 bit patterns of bf16.
     """
     n = len(batch["id"])
     per_row = [_samples(batch, i) for i in range(n)]
