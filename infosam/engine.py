@@ -34,6 +34,7 @@ __all__ = [
     "compute_losses",
     "eval_step",
     "predict_logits",
+    "predict_scored",
     "train_step",
 ]
 
@@ -226,22 +227,47 @@ def predict_logits(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Mask logits at each image's original resolution, (H, W) float32 each."""
+    return predict_scored(
+        model, prompts, input_sizes, original_sizes, images=images, autocast_dtype=autocast_dtype
+    )[0]
+
+
+def predict_scored(
+    model: nn.Module,
+    prompts: PromptBatch,
+    input_sizes: torch.Tensor,
+    original_sizes: torch.Tensor | Sequence[tuple[int, int]],
+    *,
+    images: torch.Tensor | None = None,
+    image_embeddings: torch.Tensor | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(mask logits at original resolution, SAM's predicted IoU per prompt (B,)).
+
+    Pass `image_embeddings` (one row per prompt) instead of `images` to prompt an image
+    encoded once several times: serving many objects of one image costs one encoder pass."""
     was_training = model.training
     model.eval()
+    device = (images if images is not None else image_embeddings).device
     try:
-        with _autocast(images.device, autocast_dtype):
-            out: SamOutput = model(images, input_sizes=input_sizes, **prompts.as_kwargs())
+        with _autocast(device, autocast_dtype):
+            out: SamOutput = model(
+                images,
+                input_sizes=input_sizes,
+                image_embeddings=image_embeddings,
+                **prompts.as_kwargs(),
+            )
     finally:
         model.train(was_training)
-    size = images.shape[-1]
+    size = images.shape[-1] if images is not None else model.image_size
     result = []
-    for i in range(images.shape[0]):
+    for i in range(out.low_res_logits.shape[0]):
         h, w = (int(v) for v in input_sizes[i])
         oh, ow = (int(v) for v in original_sizes[i])
         result.append(
             postprocess_logits(out.low_res_logits[i : i + 1], (h, w), (oh, ow), size)[0, 0]
         )
-    return result
+    return result, out.iou_predictions[:, 0].float()
 
 
 def eval_step(

@@ -252,6 +252,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     print(f"[infosam] finished: {json.dumps(shown)}")
     print(f"[infosam] checkpoint: {result.checkpoint_dir}")
+    if result.model_uri:
+        print(
+            f"[infosam] MLflow model: {result.model_uri} "
+            f"(mlflow.pyfunc.load_model('{result.model_uri}'); docs/using-a-model.md)"
+        )
     from orchestrator.tracking.runs import view_hint
 
     print(f"[infosam] MLflow: {view_hint(result.tracking_uri, result.run_id)}")

@@ -167,6 +167,9 @@ class TrackingSection:
     run_name: str | None = None
     overlays: int = 4  # validation images in the overlay PNG (0 disables)
     parent_run_id: str | None = None
+    # an MLflow model of the trained student: null = for a run of its own and a benchmark's or
+    # sweep's best; true = for every cell and trial too; false = never
+    log_model: bool | None = None
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,10 @@ import torch
 from PIL import Image
 
 from infosam.engine import predict_logits
-from infosam.prompts import PromptBatch
-from infosam.sam import PromptableSam, build_sam, load_exported, save_exported
-from infosam.transforms import prepare_pair, preprocess_shape
-from infosam.tuning import has_adapters, merge_for_export
+from infosam.predictor import Prompt, segment
+from infosam.sam import PromptableSam, build_sam, load_exported
 from orchestrator.data.codec import Rejected, decode_image, open_encoded
-from orchestrator.storage import atomic_file, atomic_write_json, local_copy, local_target
+from orchestrator.storage import atomic_write_json, local_copy
 
 __all__ = [
     "Prompt",
@@ -28,14 +25,6 @@ __all__ = [
     "predict_dataset",
     "predict_files",
 ]
-
-
-@dataclass
-class Prompt:
-    """A prompt in ORIGINAL image pixels: a box and/or points (x, y, label)."""
-
-    box: list[float] | None = None
-    points: list[list[float]] | None = None
 
 
 def load_model(
@@ -107,34 +96,6 @@ def parse_prompts(
     return {image: Prompt(b, pts) for image in images}
 
 
-def _prompt_batch(
-    prompts: list[Prompt], originals: list[tuple[int, int]], size: int
-) -> PromptBatch:
-    """Original-pixel prompts -> the padded model frame (scale by the resize factor)."""
-    scales = [preprocess_shape(h, w, size)[1] / w for h, w in originals]
-    has_box = [p.box is not None for p in prompts]
-    has_pts = [p.points is not None for p in prompts]
-    if len(set(has_box)) > 1 or len(set(has_pts)) > 1:
-        raise ValueError(
-            "all images in one call must have the same prompt kind (box and/or points)"
-        )
-    boxes = (
-        torch.tensor([[v * s for v in p.box] for p, s in zip(prompts, scales)])
-        if has_box[0]
-        else None
-    )
-    coords = labels = None
-    if has_pts[0]:
-        n = max(len(p.points) for p in prompts)
-        coords = torch.zeros(len(prompts), n, 2)
-        labels = torch.full((len(prompts), n), -1, dtype=torch.int64)
-        for i, (p, s) in enumerate(zip(prompts, scales)):
-            for j, (x, y, lab) in enumerate(p.points):
-                coords[i, j] = torch.tensor([x * s, y * s])
-                labels[i, j] = int(lab)
-    return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
-
-
 PALETTE = [(255, 60, 0), (0, 160, 255), (255, 200, 0), (200, 0, 255), (0, 220, 120)]
 
 
@@ -154,7 +115,6 @@ def predict_files(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = model.image_size
     jobs = [
         (path, k if isinstance(prompts[path], list) else None, p)
         for path in images
@@ -169,17 +129,10 @@ def predict_files(
         for path, _, _ in chunk:
             if path not in arrays:
                 arrays[path] = read_image_file(path)
-        prepared = [
-            prepare_pair(arrays[p], np.zeros(arrays[p].shape[:2], np.uint8), size)
-            for p, _, _ in chunk
-        ]
-        batch_images = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
-        input_sizes = torch.tensor([p[2] for p in prepared], device=device)
-        originals = [arrays[p].shape[:2] for p, _, _ in chunk]
-        pb = _prompt_batch([prompt for _, _, prompt in chunk], originals, size).to(device)
-        logits = predict_logits(model, batch_images, pb, input_sizes, originals)
-        for (path, k, _), lg in zip(chunk, logits):
-            mask = (lg > 0).cpu().numpy()
+        results = segment(
+            model, [arrays[p] for p, _, _ in chunk], [q for _, _, q in chunk], device=device
+        )
+        for (path, k, _), (mask, score) in zip(chunk, results):
             stem = Path(path).stem if k is None else f"{Path(path).stem}_{k}"
             Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{stem}_mask.png")
             colour = PALETTE[(k or 0) % len(PALETTE)]
@@ -190,6 +143,7 @@ def predict_files(
                     "object": k,
                     "mask": str(out / f"{stem}_mask.png"),
                     "foreground_fraction": float(mask.mean()),
+                    "score": round(score, 6),
                 }
             )
         for path in [p for p in arrays if last[p] < start + batch_size]:
@@ -316,25 +270,7 @@ def _write_sample(
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:
     """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
     adapters give a self-contained file for `infosam.sam.load_exported`."""
-    from orchestrator.train.checkpoints import load_trained
+    from orchestrator.train.checkpoints import export_student, load_trained
 
     model, cfg, _ = load_trained(checkpoint)
-    sam = model.sam
-    if has_adapters(sam):
-        with local_target(out) as path:
-            save_exported(sam, path, cfg.model.variant, cfg.tuning)
-        return "self-contained", (
-            f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
-            "self-contained export: load it with `infosam.sam.load_exported(path)`"
-        )
-    with local_target(out) as path, atomic_file(path) as f:
-        torch.save(merge_for_export(sam), f)
-    how = (
-        f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"
-        if cfg.model.variant != "tiny"
-        else f"infosam.sam.build_sam('tiny', '{out}')"
-    )
-    return "plain-sam", (
-        f"{cfg.tuning.method} folds into SAM's own tensors (LoRA merged into qkv), so {out} is a plain "
-        f"segment-anything state_dict: load it with {how} and use SamPredictor"
-    )
+    return export_student(model, cfg, out)

@@ -17,8 +17,14 @@ from typing import Any
 
 import torch
 
-from infosam.sam import PromptableSam, build_sam, checkpoint_sha256
-from infosam.tuning import apply_tuning, load_trainable_state_dict, trainable_state_dict
+from infosam.sam import PromptableSam, build_sam, checkpoint_sha256, save_exported
+from infosam.tuning import (
+    apply_tuning,
+    has_adapters,
+    load_trainable_state_dict,
+    merge_for_export,
+    trainable_state_dict,
+)
 from orchestrator.config import Config, ConfigError
 from orchestrator.storage import (
     atomic_file,
@@ -27,6 +33,7 @@ from orchestrator.storage import (
     is_remote,
     join,
     local_copy,
+    local_target,
 )
 from orchestrator.train.models import teacher_checkpoint, unwrap
 
@@ -167,3 +174,52 @@ def load_trained(
     apply_tuning(sam, cfg.tuning)
     load_trainable_state_dict(sam, state["student"])
     return PromptableSam(sam).to(device).eval(), cfg, state
+
+
+def export_student(model: PromptableSam, cfg: Config, out: str | os.PathLike) -> tuple[str, str]:
+    """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM
+    state_dict; adapters give a self-contained file for `infosam.sam.load_exported`."""
+    sam = model.sam
+    if has_adapters(sam):
+        with local_target(out) as path:
+            save_exported(sam, path, cfg.model.variant, cfg.tuning)
+        return "self-contained", (
+            f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
+            "self-contained export: load it with `infosam.sam.load_exported(path)`"
+        )
+    with local_target(out) as path, atomic_file(path) as f:
+        torch.save(merge_for_export(sam), f)
+    how = (
+        f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"
+        if cfg.model.variant != "tiny"
+        else f"infosam.sam.build_sam('tiny', '{out}')"
+    )
+    return "plain-sam", (
+        f"{cfg.tuning.method} folds into SAM's own tensors (LoRA merged into qkv), so {out} is a plain "
+        f"segment-anything state_dict: load it with {how} and use SamPredictor"
+    )
+
+
+def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = 0) -> str:
+    """The checkpoint's student exported and logged as the run's MLflow model (once: a resumed
+    run that logged it already gets the same `models:/<model_id>` back)."""
+    import tempfile
+
+    from orchestrator.tracking.logged_model import find_logged_model, log_sam_model
+
+    existing = find_logged_model(uri, run_id, checkpoint)
+    if existing is not None:
+        return existing
+    student, cfg, _ = load_trained(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="infosam-model-") as tmp:
+        weights = Path(tmp) / "student.pth"
+        kind, _ = export_student(student, cfg, weights)
+        del student
+        return log_sam_model(
+            uri,
+            run_id,
+            weights,
+            {"format": kind, "variant": cfg.model.variant, "method": cfg.tuning.method},
+            step=step,
+            tags={"infosam.checkpoint": checkpoint, "infosam.method": cfg.tuning.method},
+        )

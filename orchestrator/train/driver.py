@@ -47,6 +47,7 @@ from orchestrator.tracking.runs import open_run as tracking_open_run
 from orchestrator.train.checkpoints import (
     HISTORY_FILE,
     checkpoint_scores,
+    log_student_model,
 )
 from orchestrator.train.epoch_log import checkpoint_history, log_epochs
 from orchestrator.train.evaluation import (
@@ -73,6 +74,8 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     # the last epoch's test split, one row per model and image (see `evaluate_split`)
     test_scores: list[dict[str, Any]] = field(default_factory=list)
+    # the run's MLflow model (`models:/<model_id>`), when it logged one (`tracking.log_model`)
+    model_uri: str | None = None
 
 
 def _storage(cfg: Config, name: str | None, run_name: str | None) -> tuple[str, str]:
@@ -261,6 +264,11 @@ def fit(
         with watch("logging_s"):
             checkpoint = _lasting_checkpoint(result, plan, cfg)
             history, test_scores = _collect(result, logger, cfg, checkpoint)
+            model_uri = None
+            if checkpoint is not None and wants_model(cfg, plan.parent_run_id):
+                model_uri = log_student_model(
+                    logger.uri, logger.run_id, checkpoint, step=max(len(history) - 1, 0)
+                )
             if owns_logger:
                 logger.finish("FINISHED")
     return FitResult(
@@ -272,7 +280,16 @@ def fit(
         history=history,
         timings=_phase_timings(watch.seconds, history),
         test_scores=test_scores,
+        model_uri=model_uri,
     )
+
+
+def wants_model(cfg: Config, parent_run_id: str | None) -> bool:
+    """`tracking.log_model`: null logs a model for a run of its own, not for a benchmark's cell
+    or a sweep's trial (those log their best one at the end); true or false for every run."""
+    if cfg.tracking.log_model is None:
+        return parent_run_id is None
+    return bool(cfg.tracking.log_model)
 
 
 def _trainer_for(

@@ -1,0 +1,105 @@
+"""Prompted masks for whole images: what `infosam predict`, the MLflow model and serving share.
+
+One function, `segment`, turns decoded images and prompts in ORIGINAL image pixels into masks
+at original resolution plus SAM's predicted IoU, so every way of using a fine-tuned model gives
+the same masks. An image prompted several times (many objects) is encoded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from infosam.engine import predict_scored
+from infosam.prompts import PromptBatch
+from infosam.sam import PromptableSam
+from infosam.transforms import prepare_pair, preprocess_shape
+
+__all__ = ["Prompt", "prompt_batch", "segment"]
+
+
+@dataclass
+class Prompt:
+    """A prompt in ORIGINAL image pixels: a box and/or points (x, y, label)."""
+
+    box: Sequence[float] | None = None
+    points: Sequence[Sequence[float]] | None = None
+
+
+def prompt_batch(
+    prompts: Sequence[Prompt], originals: Sequence[tuple[int, int]], size: int
+) -> PromptBatch:
+    """Original-pixel prompts -> the padded model frame (scaled by each image's resize factor)."""
+    scales = [preprocess_shape(h, w, size)[1] / w for h, w in originals]
+    has_box = [p.box is not None for p in prompts]
+    has_pts = [p.points is not None and len(p.points) > 0 for p in prompts]
+    if len(set(has_box)) > 1 or len(set(has_pts)) > 1:
+        raise ValueError(
+            "all prompts in one call must be of the same kind (a box, points, or both); "
+            "split them into calls of one kind"
+        )
+    if not has_box[0] and not has_pts[0]:
+        raise ValueError("SAM needs a prompt: give a box [x0, y0, x1, y1] and/or points")
+    for p in prompts:
+        if p.box is not None and len(p.box) != 4:
+            raise ValueError(f"a box is 4 numbers x0, y0, x1, y1, got {list(p.box)!r}")
+        for pt in p.points if has_pts[0] else ():
+            if len(pt) not in (2, 3):
+                raise ValueError(f"a point is x, y or x, y, label, got {list(pt)!r}")
+    boxes = (
+        torch.tensor([[float(v) * s for v in p.box] for p, s in zip(prompts, scales)])
+        if has_box[0]
+        else None
+    )
+    coords = labels = None
+    if has_pts[0]:
+        n = max(len(p.points) for p in prompts)
+        coords = torch.zeros(len(prompts), n, 2)
+        labels = torch.full((len(prompts), n), -1, dtype=torch.int64)
+        for i, (p, s) in enumerate(zip(prompts, scales)):
+            for j, pt in enumerate(p.points):
+                coords[i, j] = torch.tensor([float(pt[0]) * s, float(pt[1]) * s])
+                labels[i, j] = int(pt[2]) if len(pt) == 3 else 1
+    return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
+
+
+@torch.inference_mode()
+def segment(
+    model: PromptableSam,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[Prompt],
+    *,
+    device: str | torch.device = "cpu",
+) -> list[tuple[np.ndarray, float]]:
+    """(bool mask at the image's original size, predicted IoU) per (image, prompt) pair.
+
+    `images` are (H, W, 3) uint8; the same array object given for several prompts is resized
+    and encoded once (one encoder pass per distinct image, then one decoder pass per prompt)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one each")
+    if not images:
+        return []
+    size = model.image_size
+    distinct: dict[int, int] = {}
+    which = [distinct.setdefault(id(a), len(distinct)) for a in images]
+    firsts = {k: a for a, k in zip(images, which)}
+    prepared = [
+        prepare_pair(firsts[k], np.zeros(firsts[k].shape[:2], np.uint8), size)
+        for k in range(len(distinct))
+    ]
+    pixels = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
+    sizes = torch.tensor([p[2] for p in prepared], device=device)
+    embeddings = model.encode(pixels, sizes)
+    index = torch.tensor(which, device=device)
+    originals = [tuple(a.shape[:2]) for a in images]
+    logits, scores = predict_scored(
+        model,
+        prompt_batch(prompts, originals, size).to(device),
+        sizes[index],
+        originals,
+        image_embeddings=embeddings[index],
+    )
+    return [((lg > 0).cpu().numpy(), float(s)) for lg, s in zip(logits, scores.cpu(), strict=True)]
