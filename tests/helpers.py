@@ -28,6 +28,7 @@ def train_config(tmp_path, data_root, *overrides: str):
         "tracking.experiment=test",
         "tracking.overlays=2",
         "optim.eval_batch_size=8",
+        "tracking.log_model=false",  # 3-5 s a run; tests/train/test_training.py checks it
     ]
     return load_config(smoke, [*base, *overrides])
 

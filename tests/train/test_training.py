@@ -31,7 +31,12 @@ def test_local_mode_beats_zero_shot_teacher_and_is_tracked(
     ray_local, tmp_path, synthetic_root, capsys
 ):
     cfg = train_config(
-        tmp_path, synthetic_root, "scaling.num_workers=0", "optim.epochs=2", "optim.lr=0.001"
+        tmp_path,
+        synthetic_root,
+        "scaling.num_workers=0",
+        "optim.epochs=2",
+        "optim.lr=0.001",
+        "tracking.log_model=null",  # the default: a run of its own logs its MLflow model
     )
     result = fit(cfg, quiet=True)
     m = result.metrics
@@ -60,6 +65,12 @@ def test_local_mode_beats_zero_shot_teacher_and_is_tracked(
         "overlays/val_teacher_student_gt.png",
     ):
         assert name in files, files
+    # its MLflow model: the runs table's Models column, with the last epoch's metrics
+    model = client.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert model.source_run_id == result.run_id and model.status == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert {(x.key, x.step) for x in model.metrics} >= {("val/iou", 1), ("test/iou", 1)}
+    assert model.tags["infosam.checkpoint"] == result.checkpoint_dir
     # The checkpoint evaluates to what the run logged, through the API and the CLI.
     data_dir = synthetic_root / "camouflage"
     again = evaluate_checkpoint(result.checkpoint_dir, data_dir, split="test")
