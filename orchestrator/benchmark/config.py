@@ -49,6 +49,10 @@ class BenchmarkConfig:
     # {adapter_infosam_wd5: {like: adapter_infosam, set: {loss.weight_distillation: 5.0},
     #  label: "Adapter + InfoSAM, w_d 5"}}; compared with what `like` is compared with.
     custom_methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Register each dataset's best cell as MLflow model `<name>-<dataset>` with alias
+    # `champion` (orchestrator.benchmark.champions); cells log models only with
+    # tracking.log_model=true.
+    register_models: bool = True
 
     def method_table(self) -> dict[str, dict[str, Any] | None]:
         """Every method this benchmark can run: the built-ins and its custom ones."""

@@ -129,6 +129,7 @@ class BenchmarkResult:
     timeline: list[dict[str, Any]]
     stats: dict[str, float]
     location: str = ""  # where the files last: the output folder, or its s3:// prefix
+    champions: list[Any] = field(default_factory=list)  # champions.Champion per dataset
 
 
 class CellStore:
@@ -238,6 +239,8 @@ def _run_benchmark(
             total=len(plan.cells),
         )
         result = _report(bench, store, plan, parent, recorder.timeline)
+        if bench.register_models:
+            result.champions = _register_champions(bench, store, plan, parent)
         _finish_parent(parent, store, result, time.perf_counter() - started, prep_s)
     return result
 
@@ -516,6 +519,22 @@ def _report(
         stats=timeline_stats(timeline),
         location=store.results.location,
     )
+
+
+def _register_champions(bench: BenchmarkConfig, store: CellStore, plan: Plan, parent: Any) -> list:
+    """Each dataset's best cell registered as `<benchmark>-<dataset>@champion`, shown."""
+    from orchestrator.benchmark.champions import register_champions
+
+    epochs = {k: cfg.optim.epochs for k, cfg in plan.configs.items()}
+    champions = register_champions(bench, store.cells, plan.uri, epochs)
+    for c in champions:
+        print(
+            f"[benchmark] champion {c.dataset}: {c.alias_uri} (version {c.version}) = "
+            f"{c.method} seed {c.seed}, test {c.metric} {c.score:.3f}",
+            flush=True,
+        )
+        parent.set_tags({f"infosam.champion.{c.dataset}": f"{c.alias_uri} = {c.cell}"})
+    return champions
 
 
 def _finish_parent(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -57,18 +58,25 @@ REQUIREMENTS = (
 @contextlib.contextmanager
 def _tracking(uri: str, experiment_id: str) -> Iterator[None]:
     """MLflow's fluent API (which `Model.log` uses) pointed at `uri` and the run's experiment
-    for one call; both are process-global, so they are put back afterwards."""
+    for one call. Both are process-global and `set_tracking_uri` also writes
+    $MLFLOW_TRACKING_URI (which `resolve_tracking_uri` reads), so all three are put back."""
     from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    before_uri = mlflow.get_tracking_uri()
-    before_experiment = fluent._active_experiment_id  # no public getter that does not resolve
+    before_uri = tracking_utils._tracking_uri  # the unresolved value: None when never set
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before_experiment = fluent._active_experiment_id
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(experiment_id=experiment_id)
         yield
     finally:
         fluent._active_experiment_id = before_experiment
-        mlflow.set_tracking_uri(before_uri)
+        tracking_utils._tracking_uri = before_uri
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def sam_signature() -> ModelSignature:
@@ -175,8 +183,18 @@ def _model_experiment(uri: str, model_uri: str) -> str:
 
 
 def register_model(uri: str, model_uri: str, name: str, alias: str = "champion") -> Any:
-    """A new version of registered model `name` from `model_uri`, with `alias` moved to it."""
+    """A version of registered model `name` from `model_uri` with `alias` pointing at it; when
+    the alias already points at this model, that version (a resumed caller adds none)."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None  # no such registered model or alias yet
+    if current is not None and current.source == model_uri:  # (model_id is unset in 3.17)
+        return current
     with _tracking(uri, _model_experiment(uri, model_uri)):
         version = mlflow.register_model(model_uri, name)
-    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, alias, version.version)
+    client.set_registered_model_alias(name, alias, version.version)
     return version

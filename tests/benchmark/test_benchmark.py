@@ -105,9 +105,19 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     assert trained["retention"]["general"]["metrics"]["retention/general/iou"] == pytest.approx(
         kept["adapter_infosam/camouflage/seed0"]
     )
-    # Same name: nothing is redone. A new name: a fresh benchmark.
+    # The dataset's best trained cell, registered with the `champion` alias and announced.
+    champion = client.get_model_version_by_alias("reduced-camouflage", "champion")
+    run_of = {r.data.tags[CELL_TAG]: r.info.run_id for r in children}
+    logged_model = client.get_logged_model(champion.source.removeprefix("models:/"))
+    assert logged_model.source_run_id == run_of["adapter_infosam/camouflage/seed0"]
+    assert (
+        "[benchmark] champion camouflage: models:/reduced-camouflage@champion (version 1) = "
+        "adapter_infosam seed 0, test s_measure " in out
+    )
+    # Same name: nothing is redone, and the champion is the same version. A new name: fresh.
     assert benchmark_all.main(args) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
+    assert [v.version for v in client.search_model_versions("name='reduced-camouflage'")] == [1]
     assert len(client.search_runs([exp.experiment_id])) == 3
     # Same name, changed configuration: refused before Ray starts, naming cell and key...
     changed = [*args, "--set", "optim.lr=3e-3"]

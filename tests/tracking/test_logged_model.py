@@ -59,7 +59,9 @@ def test_registered_model_predicts_like_infosam_predict_in_a_fresh_process(
     run = client.create_run(client.create_experiment("models", str(tmp_path / "artifacts")))
     model_uri = log_student_model(uri, run.info.run_id, str(ckpt), step=0)
     assert log_student_model(uri, run.info.run_id, str(ckpt)) == model_uri  # once per run
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     version = register_model(uri, model_uri, f"sam-{method}")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # MLflow's globals put back
     assert int(version.version) == 1
     logged = client.get_logged_model(model_uri.split("/")[-1])
     assert logged.source_run_id == run.info.run_id
@@ -111,11 +113,8 @@ def test_bad_rows_are_refused_with_the_row_and_the_fix(tmp_path, synthetic_root)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("models", str(tmp_path / "artifacts")))
     model_uri = log_student_model(uri, run.info.run_id, str(ckpt))
-    mlflow.set_tracking_uri(uri)
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(None)
+    where = client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    model = mlflow.pyfunc.load_model(where)  # a local store: its folder, no fluent URI
     good = _images(tmp_path)[0].read_bytes()
     with pytest.raises(Exception, match=r"row 1: image: .*(cannot|not|unidentified)"):
         model.predict(pd.DataFrame({"image": [good, b"not an image"], "box": [BOX, BOX]}))
