@@ -27,7 +27,7 @@ from orchestrator.config import (
 )
 from orchestrator.objective import OBJECTIVE_KEY, Objective, pareto_front
 from orchestrator.plots import front_plot, sweep_scatter
-from orchestrator.storage import ResultsDir, atomic_write, join, resolve_location
+from orchestrator.storage import ResultsDir, atomic_write, is_remote, join, resolve_location
 from orchestrator.tracking.runs import artifact_root as tracking_artifact_root
 from orchestrator.tracking.runs import (
     check_tracking_server,
@@ -65,6 +65,9 @@ class SweepConfig:
     # floors: {metric: minimum}}; when set, trials are ranked (and ASHA/Optuna steered) by
     # the reported `objective`, and the non-dominated trials are listed (front.csv).
     objective: dict[str, Any] = field(default_factory=dict)
+    # Register the best trial's student as MLflow model `<name>-<dataset>` with alias
+    # `champion` (trials log models only with tracking.log_model=true)
+    register_model: bool = True
 
     def ranking(self) -> Objective | None:
         return Objective.from_spec(self.objective) if self.objective else None
@@ -306,6 +309,7 @@ class SweepResult:
     best: dict[str, Any]
     parent_run_id: str
     tracking_uri: str
+    model_uri: str | None = None  # models:/<name>-<dataset>@champion, when registered
 
 
 def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
@@ -346,13 +350,14 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
     context = SweepContext(base, tcfg.name, parent.run_id, uri, artifact_root, objective)
     started = time.perf_counter()
     tuner = make_tuner(tcfg, context, storage, _max_concurrent(tcfg, base, laptop))
-    # SIGTERM, Ctrl-C: the parent and its open trial runs KILLED; an error: FAILED. Tune's own
-    # Ctrl-C handler would stop the loop and return a partial grid that looks complete (and
-    # its best config would be written as the sweep's): off, so Ctrl-C raises like SIGTERM.
+    # SIGTERM, Ctrl-C: the parent and its open trials KILLED; an error: FAILED. Tune's Ctrl-C
+    # handler would return a partial grid that looks complete: off, Ctrl-C raises as SIGTERM.
     with closing_on_exit(parent, label=f"[tune] {tcfg.name}"), _tune_sigint_handler_off():
         components = objective.metrics if objective else []
-        table = trials_table(tuner.fit(), tcfg.metric, components)
+        grid = tuner.fit()
+        table = trials_table(grid, tcfg.metric, components)
         best_row, best_sampled, best_yaml = _write_best(table, tcfg, base, out_dir, storage)
+        model_uri = _register_best(tcfg, base, context, best_row, grid)
         _log_outputs(parent, results, table, objective, tcfg, out_dir)
         parent.log_params({f"best.{k}": _py(v) for k, v in best_sampled.items()})
         parent.log_metrics(
@@ -366,7 +371,62 @@ def run_sweep(tcfg: SweepConfig, base: Config) -> SweepResult:
         )
         parent.finish("FINISHED")
     print(table.to_markdown(index=False), flush=True)
-    return SweepResult(table, results.where(best_yaml), best_sampled, parent.run_id, uri)
+    return SweepResult(table, results.where(best_yaml), best_sampled, parent.run_id, uri, model_uri)
+
+
+def _trial_checkpoint(grid: Any, trial_id: str, storage: str) -> str | None:
+    """The last checkpoint a trial reported (Ray's TuneReportCallback puts its path in the
+    metrics), as a URI on object storage; None when it reported none."""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    for result in grid:
+        metrics = result.metrics or {}
+        if metrics.get("trial_id") == trial_id and metrics.get(CHECKPOINT_PATH_KEY):
+            path = str(metrics[CHECKPOINT_PATH_KEY])
+            if is_remote(storage) and not is_remote(path):  # inside Ray's pyarrow filesystem
+                return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+            return path
+    return None
+
+
+def _register_best(
+    tcfg: SweepConfig, base: Config, context: SweepContext, best_row: Any, grid: Any
+) -> str | None:
+    """The best trial's student logged as its run's MLflow model and registered as
+    `<sweep>-<dataset>@champion` (tagged on the parent run); None (said) when the trial left
+    no checkpoint this driver can read."""
+    from orchestrator.tracking.logged_model import register_model
+    from orchestrator.tracking.runs import RunLogger
+    from orchestrator.train.checkpoints import log_student_model
+
+    if not tcfg.register_model:
+        return None
+    checkpoint = _trial_checkpoint(
+        grid, str(best_row["trial"]), resolve_location(context.base.storage.path)
+    )
+    run_id = _trial_run_id(context, str(best_row["trial"]))
+    if (
+        run_id is None
+        or checkpoint is None
+        or not (is_remote(checkpoint) or Path(checkpoint).is_dir())
+    ):
+        print(
+            f"[tune] best model not registered: trial {best_row['trial']} left no checkpoint "
+            f"this driver can read ({checkpoint}); `infosam train --config` its best.yaml",
+            flush=True,
+        )
+        return None
+    model = log_student_model(context.uri, run_id, checkpoint)
+    name = f"{tcfg.name}-{base.data.dataset}"
+    version = register_model(context.uri, model, name)
+    uri = f"models:/{name}@champion"
+    print(
+        f"[tune] best model: {uri} (version {version.version}) = trial {best_row['trial']}, "
+        f"{tcfg.metric} {float(best_row[tcfg.metric]):.4f}",
+        flush=True,
+    )
+    RunLogger(context.uri, context.parent_run_id).set_tags({"infosam.champion": uri})
+    return uri
 
 
 def _log_outputs(

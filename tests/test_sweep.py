@@ -72,6 +72,12 @@ def test_sweep_with_a_crashing_trial(ray_local, tmp_path, synthetic_root):
     finished = next(r for r in children if r.info.status == "FINISHED")
     assert finished.data.metrics["val/retention/general/iou"] == pytest.approx(kept)
     assert finished.data.metrics["val/zero_shot_retention/general/iou"] > 0.5  # the teacher
+    # The best trial's student is registered (trials log no model of their own).
+    assert result.model_uri == f"models:/{tcfg.name}-camouflage@champion"
+    version = client.get_model_version_by_alias(f"{tcfg.name}-camouflage", "champion")
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.source_run_id == finished.info.run_id
+    assert len(client.search_logged_models([exp.experiment_id])) == 1
     # The best config is a ready-to-run training config.
     best = load_config(
         result.best_yaml, ["scaling.num_workers=0", f"storage.path={tmp_path / 'best'}"]

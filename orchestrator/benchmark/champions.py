@@ -82,20 +82,18 @@ def pick_champions(bench: BenchmarkConfig, cells: dict[str, dict[str, Any]]) -> 
 
 
 def register_champions(
-    bench: BenchmarkConfig, cells: dict[str, dict[str, Any]], uri: str, epochs: dict[str, int]
+    bench: BenchmarkConfig, cells: dict[str, dict[str, Any]], uri: str
 ) -> list[Champion]:
     """Log each champion cell's student as its run's MLflow model (once) and point the
     registered model's `champion` alias at it (a re-run with the same champion adds no
-    version). `epochs` maps a cell to its epoch count (the model's metrics step)."""
+    version)."""
     client = MlflowClient(uri)
     champions = pick_champions(bench, cells)
     for champ in champions:
         checkpoint = client.get_run(champ.run_id).data.tags.get("infosam.checkpoint")
         if not checkpoint:
             continue  # a run that ended before its first checkpoint
-        champ.model_uri = log_student_model(
-            uri, champ.run_id, checkpoint, step=max(epochs.get(champ.cell, 1) - 1, 0)
-        )
+        champ.model_uri = log_student_model(uri, champ.run_id, checkpoint)
         champ.version = str(register_model(uri, champ.model_uri, champ.registered_name).version)
         client.set_registered_model_tag(
             champ.registered_name,

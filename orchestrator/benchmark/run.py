@@ -525,8 +525,7 @@ def _register_champions(bench: BenchmarkConfig, store: CellStore, plan: Plan, pa
     """Each dataset's best cell registered as `<benchmark>-<dataset>@champion`, shown."""
     from orchestrator.benchmark.champions import register_champions
 
-    epochs = {k: cfg.optim.epochs for k, cfg in plan.configs.items()}
-    champions = register_champions(bench, store.cells, plan.uri, epochs)
+    champions = register_champions(bench, store.cells, plan.uri)
     for c in champions:
         print(
             f"[benchmark] champion {c.dataset}: {c.alias_uri} (version {c.version}) = "

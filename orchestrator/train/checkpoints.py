@@ -200,9 +200,10 @@ def export_student(model: PromptableSam, cfg: Config, out: str | os.PathLike) ->
     )
 
 
-def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = 0) -> str:
+def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = -1) -> str:
     """The checkpoint's student exported and logged as the run's MLflow model (once: a resumed
-    run that logged it already gets the same `models:/<model_id>` back)."""
+    run that logged it already gets the same `models:/<model_id>` back). The model's metrics
+    are the run's at `step`; -1: the checkpoint's last epoch."""
     import tempfile
 
     from orchestrator.tracking.logged_model import find_logged_model, log_sam_model
@@ -210,7 +211,9 @@ def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = 0) 
     existing = find_logged_model(uri, run_id, checkpoint)
     if existing is not None:
         return existing
-    student, cfg, _ = load_trained(checkpoint)
+    student, cfg, state = load_trained(checkpoint)
+    if step < 0:
+        step = int(state.get("epoch", 0))
     with tempfile.TemporaryDirectory(prefix="infosam-model-") as tmp:
         weights = Path(tmp) / "student.pth"
         kind, _ = export_student(student, cfg, weights)

@@ -230,15 +230,13 @@ def fit(
     train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
     allow_config_change: bool = False,
 ) -> FitResult:
-    """Train one configuration on Ray Train; returns final metrics and the last checkpoint.
+    """Train one configuration on Ray Train; returns final metrics, the last checkpoint and,
+    for a run of its own, its MLflow model (`tracking.log_model`).
 
     Run state stays out of `cfg`: `run_name` (MLflow), `storage_name` (Ray Train's run
     directory; re-using one resumes it), `parent_run_id` and `tags` are arguments, defaulting to
-    the user-facing `tracking.run_name`, `storage.name` and `tracking.parent_run_id`. `shared`
-    skips data preparation (a benchmark prepares each dataset once for all its cells). A run
-    resumed under its storage name must have the configuration it started with
-    (`record_run_config`) unless `allow_config_change`.
-    """
+    `tracking.run_name`, `storage.name`, `tracking.parent_run_id`. `shared` skips data prep;
+    a resumed run keeps its first config (`record_run_config`) unless `allow_config_change`."""
     watch = Stopwatch()
     with watch("startup_s"):
         plan = _resolve_run(cfg, quiet, shared, logger, run_name, storage_name, parent_run_id)
@@ -263,12 +261,8 @@ def fit(
             result = trainer.fit()
         with watch("logging_s"):
             checkpoint = _lasting_checkpoint(result, plan, cfg)
-            history, test_scores = _collect(result, logger, cfg, checkpoint)
-            model_uri = None
-            if checkpoint is not None and wants_model(cfg, plan.parent_run_id):
-                model_uri = log_student_model(
-                    logger.uri, logger.run_id, checkpoint, step=max(len(history) - 1, 0)
-                )
+            want_model = wants_model(cfg, plan.parent_run_id, owns_logger)
+            history, test_scores, model_uri = _collect(result, logger, cfg, checkpoint, want_model)
             if owns_logger:
                 logger.finish("FINISHED")
     return FitResult(
@@ -284,11 +278,12 @@ def fit(
     )
 
 
-def wants_model(cfg: Config, parent_run_id: str | None) -> bool:
+def wants_model(cfg: Config, parent_run_id: str | None, own_run: bool = True) -> bool:
     """`tracking.log_model`: null logs a model for a run of its own, not for a benchmark's cell
-    or a sweep's trial (those log their best one at the end); true or false for every run."""
+    or a sweep's trial (a child run, or a run its caller opened: those log their best one at
+    the end); true or false for every run."""
     if cfg.tracking.log_model is None:
-        return parent_run_id is None
+        return parent_run_id is None and own_run
     return bool(cfg.tracking.log_model)
 
 
@@ -397,10 +392,11 @@ def _lasting_checkpoint(result: Any, plan: RunPlan, cfg: Config) -> str | None:
 
 
 def _collect(
-    result: Any, logger: RunLogger, cfg: Config, checkpoint: str | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(history, test scores) from the last checkpoint; fills any epoch a driver crash left
-    unlogged (idempotent), logs the scores, curves and the checkpoint's path."""
+    result: Any, logger: RunLogger, cfg: Config, checkpoint: str | None, want_model: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """(history, test scores, MLflow model URI) from the last checkpoint; fills any epoch a
+    driver crash left unlogged (idempotent), logs the scores, curves, the checkpoint's path
+    and, when wanted, the student as the run's MLflow model."""
     history: list[dict[str, Any]] = []
     test_scores: list[dict[str, Any]] = []
     if result.checkpoint is not None:
@@ -412,9 +408,12 @@ def _collect(
             log_category_results(logger, test_scores)
     with contextlib.suppress(Exception):
         _log_curves(logger, cfg)
-    if checkpoint is not None:
-        logger.set_tags({"infosam.checkpoint": checkpoint})
-    return history, test_scores
+    if checkpoint is None:
+        return history, test_scores, None
+    logger.set_tags({"infosam.checkpoint": checkpoint})
+    if not want_model:
+        return history, test_scores, None
+    return history, test_scores, log_student_model(logger.uri, logger.run_id, checkpoint)
 
 
 def _phase_timings(seconds: dict[str, float], history: list[dict[str, Any]]) -> dict[str, float]:
