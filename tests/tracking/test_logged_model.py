@@ -120,3 +120,29 @@ def test_bad_rows_are_refused_with_the_row_and_the_fix(tmp_path, synthetic_root)
         model.predict(pd.DataFrame({"image": [good, b"not an image"], "box": [BOX, BOX]}))
     with pytest.raises(Exception, match=r"row 0: give a `box`"):
         model.predict(pd.DataFrame({"image": [good], "box": [None]}))
+
+
+def test_served_model_answers_a_request_with_infosam_predicts_masks(tmp_path, synthetic_root):
+    """`mlflow models serve` of the registered alias on loopback, a real HTTP request."""
+    from orchestrator.tracking.serving import ModelServer, invocation_body
+
+    ckpt, _ = _checkpoint(tmp_path, synthetic_root, "lora")
+    paths = _images(tmp_path)
+    _predict_with_box(ckpt, paths, tmp_path / "pred")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("served", str(tmp_path / "artifacts")))
+    register_model(uri, log_student_model(uri, run.info.run_id, str(ckpt)), "served")
+    shutil.rmtree(ckpt)
+    body = invocation_body([p.read_bytes() for p in paths], boxes=[BOX] * len(paths))
+    with ModelServer("models:/served@champion", uri, log=tmp_path / "serve.log") as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        rows = server.predict(body)
+        pid = server.proc.pid
+    assert server.proc.poll() is not None  # stopped with its process group
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert len(rows) == len(paths)
+    for p, row in zip(paths, rows):
+        expected = np.asarray(Image.open(tmp_path / "pred" / f"{p.stem}_mask.png")) > 0
+        assert np.array_equal(_rle_mask(row), expected), p.name
