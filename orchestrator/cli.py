@@ -255,7 +255,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.model_uri:
         print(
             f"[infosam] MLflow model: {result.model_uri} "
-            f"(mlflow.pyfunc.load_model('{result.model_uri}'); docs/using-a-model.md)"
+            f"(mlflow.pyfunc.load_model('{result.model_uri}'); docs/using-the-model.md)"
         )
     from orchestrator.tracking.runs import view_hint
 
