@@ -36,6 +36,7 @@ from orchestrator.storage import (
     join,
     resolve_location,
 )
+from orchestrator.tracking.datasets import log_split_inputs
 from orchestrator.tracking.runs import (
     RunLogger,
     check_tracking_server,
@@ -182,6 +183,8 @@ def open_training_run(
         }
     )
     logger.log_text(cfg.to_yaml(), "config.yaml")
+    roles = {r: getattr(cfg.data, f"{r}_split") for r in ("train", "val", "test")}
+    log_split_inputs(uri, logger.run_id, shared.data_dir, shared.manifest, roles)
     manifest = {k: v for k, v in shared.manifest.items() if k != "shards"}
     logger.log_text(json.dumps(manifest, indent=2, default=str), "data_manifest.json")
     return logger

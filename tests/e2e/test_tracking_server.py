@@ -232,6 +232,17 @@ def test_benchmark_through_the_server_is_complete_in_postgresql_and_shown_in_the
     trained = next(c for c in children if "adapter_infosam" in c.info.run_name)
     assert [m.step for m in db.get_metric_history(trained.info.run_id, "train/loss")] == [0]
     assert parent.data.metrics["cells"] == 2
+    # the champion is registered through the server, by the jobs account, in PostgreSQL
+    champion = db.get_model_version_by_alias("pg-camouflage", "champion")
+    assert db.get_logged_model(champion.source.split("/")[-1]).source_run_id == (
+        trained.info.run_id
+    )
+    assert "[benchmark] champion camouflage: models:/pg-camouflage@champion" in job.stdout
+    assert {i.dataset.name for i in trained.inputs.dataset_inputs} == {
+        "camouflage/train",
+        "camouflage/val",
+        "camouflage/test",
+    }
     artifacts = MlflowClient(auth_server.url)  # artifacts go through the server
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = (
         "infosam-jobs",
@@ -298,6 +309,8 @@ def test_benchmark_through_the_server_is_complete_in_postgresql_and_shown_in_the
     assert shot.stat().st_size > 20_000
     assert "Token Usage" not in body and "No data available" not in body
     assert "3 matching runs" in body, body[:2000]
+    # the Dataset column names what the trained cell was trained on (the first of its 3 inputs)
+    assert "camouflage/train" in body and "+2" in body, body[:2000]
 
 
 def test_16_writers_x_200_steps_lose_and_duplicate_nothing(auth_server, admin_env):

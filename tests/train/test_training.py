@@ -65,6 +65,17 @@ def test_local_mode_beats_zero_shot_teacher_and_is_tracked(
         "overlays/val_teacher_student_gt.png",
     ):
         assert name in files, files
+    # what it was trained on: the runs table's Dataset column, one input per split
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "val"]
+    assert inputs["train"].name == "camouflage/train" and inputs["train"].source_type == "local"
+    assert json.loads(inputs["train"].profile)["samples"] == 32
+    assert json.loads(inputs["test"].profile) == {
+        "unit": "image",
+        "samples": 8,
+        "source_format": "synthetic",
+    }
+    assert len({i.digest for i in inputs.values()}) == 3
     # its MLflow model: the runs table's Models column, with the last epoch's metrics
     model = client.get_logged_model(result.model_uri.removeprefix("models:/"))
     assert model.source_run_id == result.run_id and model.status == "READY"
