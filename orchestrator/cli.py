@@ -339,10 +339,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.predict import export_checkpoint
+    from orchestrator.predict import export_checkpoint, export_onnx
 
-    kind, why = export_checkpoint(args.checkpoint, args.out)
-    print(f"[infosam] exported {kind}: {why}")
+    if not args.out and not args.onnx:
+        print("error: give --out FILE (weights) and/or --onnx FILE (decoder)", file=sys.stderr)
+        return 2
+    if args.out:
+        kind, why = export_checkpoint(args.checkpoint, args.out)
+        print(f"[infosam] exported {kind}: {why}")
+    if args.onnx:
+        print(f"[infosam] exported ONNX decoder: {export_onnx(args.checkpoint, args.onnx)}")
     return 0
 
 
@@ -457,7 +463,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="weights plain segment-anything loads (LoRA merged), or a self-contained file",
     )
     ex.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_* directory of a run")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", help="the weights file")
+    ex.add_argument(
+        "--onnx",
+        help="also/only: the prompt encoder + mask decoder as ONNX (interactive tools; the "
+        "image encoder stays in PyTorch)",
+    )
     ex.set_defaults(func=_cmd_export)
 
 

@@ -15,11 +15,12 @@ from infosam.engine import predict_logits
 from infosam.predictor import Prompt, segment
 from infosam.sam import PromptableSam, build_sam, load_exported
 from orchestrator.data.codec import Rejected, decode_image, open_encoded
-from orchestrator.storage import atomic_write_json, local_copy
+from orchestrator.storage import atomic_write_json, local_copy, local_target
 
 __all__ = [
     "Prompt",
     "export_checkpoint",
+    "export_onnx",
     "load_model",
     "parse_prompts",
     "predict_dataset",
@@ -274,3 +275,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
 
     model, cfg, _ = load_trained(checkpoint)
     return export_student(model, cfg, out)
+
+
+def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike) -> str:
+    """The student's prompt encoder + mask decoder as ONNX (`infosam.deploy`); returns how to
+    use it."""
+    from infosam.deploy import export_decoder_onnx
+    from orchestrator.train.checkpoints import load_trained
+
+    model, _, _ = load_trained(checkpoint)
+    with local_target(out) as path:
+        export_decoder_onnx(model.sam, path)
+    return (
+        f"{out}: run it with onnxruntime on an image embedding from PyTorch "
+        "(`PromptableSam.encode`); inputs as `infosam.deploy.onnx_prompt_inputs` builds them, "
+        "masks at the original size (logits: > 0 is the mask)"
+    )
