@@ -96,6 +96,7 @@ NO_RANGE = {
     "tracking.experiment",
     "tracking.run_name",
     "tracking.parent_run_id",
+    "tracking.log_model",  # bool | None: the type check refuses anything else
     "storage.path",
     "storage.name",
 }

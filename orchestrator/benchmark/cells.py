@@ -189,6 +189,7 @@ def _zero_shot_cell(
     job: CellJob, retention: dict[str, dict[str, Any]]
 ) -> tuple[dict[str, float], str, dict[str, float], list[dict[str, Any]]]:
     """The teacher's row: its test metrics (and its retention reference) on a child run."""
+    from orchestrator.tracking.datasets import log_split_inputs
     from orchestrator.tracking.runs import open_run
     from orchestrator.train.evaluation import log_category_results, zero_shot
 
@@ -210,6 +211,14 @@ def _zero_shot_cell(
                 "seed": job.cell.seed,
                 "optim.eval_protocol": cfg.optim.eval_protocol,
             }
+        )
+        # the teacher is only scored: its one input is the test split
+        log_split_inputs(
+            job.tracking_uri,
+            child.run_id,
+            job.shared.data_dir,
+            job.shared.manifest,
+            {"test": cfg.data.test_split},
         )
         t_eval = time.perf_counter()
         scores: list[dict[str, Any]] = []

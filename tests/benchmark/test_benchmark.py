@@ -105,6 +105,19 @@ def test_reduced_matrix_end_to_end_and_resume(ray_local, tmp_path, synthetic_roo
     assert trained["retention"]["general"]["metrics"]["retention/general/iou"] == pytest.approx(
         kept["adapter_infosam/camouflage/seed0"]
     )
+    # What each cell ran on, as MLflow dataset inputs (the runs table's Dataset column)
+    inputs = {
+        r.data.tags[CELL_TAG]: sorted(i.dataset.name for i in r.inputs.dataset_inputs)
+        for r in children
+    }
+    assert inputs == {
+        "zero_shot/camouflage/seed0": ["camouflage/test"],
+        "adapter_infosam/camouflage/seed0": [
+            "camouflage/test",
+            "camouflage/train",
+            "camouflage/val",
+        ],
+    }
     # The dataset's best trained cell, registered with the `champion` alias and announced.
     champion = client.get_model_version_by_alias("reduced-camouflage", "champion")
     run_of = {r.data.tags[CELL_TAG]: r.info.run_id for r in children}

@@ -122,6 +122,7 @@ def test_bad_rows_are_refused_with_the_row_and_the_fix(tmp_path, synthetic_root)
         model.predict(pd.DataFrame({"image": [good], "box": [None]}))
 
 
+@pytest.mark.slow  # a server process, about 25 s
 def test_served_model_answers_a_request_with_infosam_predicts_masks(tmp_path, synthetic_root):
     """`mlflow models serve` of the registered alias on loopback, a real HTTP request."""
     from orchestrator.tracking.serving import ModelServer, invocation_body
