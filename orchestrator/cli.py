@@ -301,6 +301,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         if bool(args.images) == bool(args.data):
             raise ValueError("give --images FILE... (with prompts) or --data DATASET_DIR")
+        if args.data and args.ray:
+            return _predict_data_on_ray(args)
         if args.data:  # prompts from each sample's (instance's) own mask
             cfg, checkpoint = None, local_copy(args.checkpoint)  # s3://...: copied once
             if checkpoint.is_dir():
@@ -335,6 +337,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 2
     for w in written:
         print(f"{w['image']} -> {w['mask']} (foreground {w['foreground_fraction']:.1%})")
+    return 0
+
+
+def _predict_data_on_ray(args: argparse.Namespace) -> int:
+    """`predict --data --ray`: the split on Ray Data, a results parquet per shard, resumable."""
+    from orchestrator.batch_predict import predict_split
+    from orchestrator.cluster.ray_env import init_ray
+    from orchestrator.config import Config
+    from orchestrator.storage import local_copy
+
+    checkpoint = local_copy(args.checkpoint)  # s3://...: copied once, then shared by the actors
+    cfg = Config()
+    if checkpoint.is_dir():
+        from orchestrator.train.checkpoints import load_state
+
+        cfg = Config.from_dict(json.loads(load_state(checkpoint)["config"]))
+    elif args.variant:
+        cfg = cfg.with_values({"model.variant": args.variant})
+    init_ray()
+    summary = predict_split(
+        str(checkpoint),
+        args.data,
+        args.split,
+        args.out,
+        cfg=cfg,
+        variant=args.variant,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+    )
+    print(
+        f"{summary['samples']} samples of split {args.split!r} in {summary['shards']} shards: "
+        f"mean IoU {summary['mean_iou']:.4f}; <shard>.predictions.parquet and summary.json "
+        f"in {args.out}"
+    )
     return 0
 
 
@@ -457,6 +494,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
     pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument(
+        "--ray",
+        action="store_true",
+        help="with --data: on Ray Data, a pool of model actors, one results parquet per shard "
+        "(resumable: finished shards are skipped)",
+    )
+    pr.add_argument("--actors", type=int, help="with --ray: at most this many (default: all)")
+    pr.add_argument("--cpus-per-actor", type=float, default=1.0)
+    pr.add_argument("--gpus-per-actor", type=float, default=0.0)
     pr.set_defaults(func=_cmd_predict)
     ex = sub.add_parser(
         "export",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infosam.engine import predict_logits
+from infosam.engine import predict_scored
 from infosam.predictor import Prompt, segment
 from infosam.sam import PromptableSam, build_sam, load_exported
 from orchestrator.data.codec import Rejected, decode_image, open_encoded
@@ -25,6 +26,8 @@ __all__ = [
     "parse_prompts",
     "predict_dataset",
     "predict_files",
+    "row_generator",
+    "segment_row",
 ]
 
 
@@ -189,27 +192,28 @@ def predict_dataset(
     cfg = cfg or Config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
     written: list[dict] = []
     for row in iter_rows(data_dir, split):
-        written += _predict_row(model, row, cfg, gen, out, batch_size, device)
+        written += _predict_row(model, row, cfg, out, batch_size, device)
     atomic_write_json(out / "predictions.json", written, indent=2)
     return written
 
 
-def _predict_row(
-    model: PromptableSam,
-    row: dict,
-    cfg: Any,
-    gen: torch.Generator,
-    out: Path,
-    batch_size: int,
-    device: str,
-) -> list[dict]:
-    """One stored image: each of its samples predicted, written, and overlaid in its colour."""
+def row_generator(seed: int, image_id: str) -> torch.Generator:
+    """The prompt RNG of one stored image: from the seed and the image alone, not the order
+    images are visited in, so a sharded parallel prediction draws the same prompts."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def segment_row(
+    model: PromptableSam, row: dict, cfg: Any, batch_size: int = 8, device: str = "cpu"
+) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, float, str]]]:
+    """One stored row decoded into its samples (one, or one per instance) and each predicted
+    with an evaluation prompt drawn from its own mask: (decoded batch, [(mask at original
+    resolution, SAM's predicted IoU, prompt text)] in sample order)."""
     from orchestrator.data.manifest import INSTANCE_COLUMNS
     from orchestrator.data.reader import decode_batch
-    from orchestrator.plots import overlay
     from orchestrator.train.evaluation import draw_prompts
 
     cols = {}
@@ -218,28 +222,42 @@ def _predict_row(
             cols[k] = np.empty(1, dtype=object)
             cols[k][0] = row[k]
     batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
+    gen = row_generator(cfg.seed, str(row["id"]))
+    results = []
+    for start in range(0, len(batch["id"]), batch_size):
+        part = slice(start, start + batch_size)
+        prompts = draw_prompts(cfg, torch.from_numpy(batch["mask"][part]), gen, device, train=False)
+        logits, scores = predict_scored(
+            model,
+            prompts,
+            torch.from_numpy(batch["input_size"][part]).to(device),
+            [m.shape for m in batch["mask_original"][part]],
+            images=torch.from_numpy(batch["image"][part]).to(device),
+        )
+        for j, (lg, score) in enumerate(zip(logits, scores.tolist())):
+            results.append(((lg > 0).cpu().numpy(), float(score), prompts.describe(j)))
+    return batch, results
+
+
+def _predict_row(
+    model: PromptableSam, row: dict, cfg: Any, out: Path, batch_size: int, device: str
+) -> list[dict]:
+    """One stored image: each of its samples predicted, written, and overlaid in its colour."""
+    from orchestrator.plots import overlay
+
+    with torch.inference_mode():
+        batch, results = segment_row(model, row, cfg, batch_size, device)
     shown = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
     labels = np.zeros(shown.shape[:2], np.uint16)
     name = _safe(str(row["id"]))
     (out / name).mkdir(exist_ok=True)
     written = []
-    for start in range(0, len(batch["id"]), batch_size):
-        part = slice(start, start + batch_size)
-        prompts = draw_prompts(cfg, torch.from_numpy(batch["mask"][part]), gen, device, train=False)
-        logits = predict_logits(
-            model,
-            torch.from_numpy(batch["image"][part]).to(device),
-            prompts,
-            torch.from_numpy(batch["input_size"][part]).to(device),
-            [m.shape for m in batch["mask_original"][part]],
-        )
-        for j, lg in enumerate(logits):
-            k = start + j
-            pred = (lg > 0).cpu().numpy()
-            entry = _write_sample(batch, k, pred, out / name, str(row["id"]), prompts.describe(j))
-            labels[pred] = k + 1
-            shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
-            written.append(entry)
+    for k, (pred, score, prompt) in enumerate(results):
+        entry = _write_sample(batch, k, pred, out / name, str(row["id"]), prompt)
+        entry["score"] = round(score, 6)
+        labels[pred] = k + 1
+        shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
+        written.append(entry)
     Image.fromarray(shown).save(out / f"{name}_overlay.png")
     Image.fromarray(labels).save(out / f"{name}_instances.png")
     return written

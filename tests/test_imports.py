@@ -102,7 +102,13 @@ LAYERS = [
     ),
     ("orchestrator.data",),
     ("orchestrator.train",),
-    ("orchestrator.benchmark", "orchestrator.sweep", "orchestrator.predict", "orchestrator.errors"),
+    (
+        "orchestrator.benchmark",
+        "orchestrator.sweep",
+        "orchestrator.predict",
+        "orchestrator.batch_predict",
+        "orchestrator.errors",
+    ),
     ("orchestrator.cli", "orchestrator"),
 ]
 

@@ -338,11 +338,12 @@ def synthesize(
     scale: float = 1.0,
     counts: dict[str, int] | None = None,
     sheets: bool = True,
+    shard_bytes: int | None = None,
 ) -> dict[str, dict]:
     """Write each domain as a dataset (parquet shards + manifest [+ contact_sheet.png]) under `out`.
 
     `scale` multiplies the default split sizes; `counts` sets some or all of them explicitly
-    (the same for every domain).
+    (the same for every domain); `shard_bytes` the shard size (default the writer's).
     """
     manifests = {}
     for domain in domains or list(DOMAINS):
@@ -358,6 +359,7 @@ def synthesize(
             extra={
                 "generator": {"domain": domain, "seed": seed, "splits": sizes, "about": spec.about}
             },
+            **({"shard_bytes": shard_bytes} if shard_bytes else {}),
         )
         with writer:
             manifests[domain] = _fill_domain(writer, domain, seed, sizes, sheets)
