@@ -118,12 +118,21 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [buf.getvalue()], "box": [[36.0, 20.0, 100.0, 76.0]]})
 
 
+def _staged(source: str | Path, tmp: Path) -> str:
+    """A copy of `source` in the staging folder (MLflow copies artifacts from there)."""
+    target = tmp / "artifacts" / Path(source).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return str(target)
+
+
 def _stage_code(tmp: Path) -> Path:
-    """`infosam/` without its assets (the student's weights travel as an artifact)."""
+    """`infosam/` (the package in use) without its assets (the weights travel as an artifact)."""
+    import infosam
+
     target = tmp / "infosam"
-    shutil.copytree(
-        PACKAGE_ROOT / "infosam", target, ignore=shutil.ignore_patterns("assets", "__pycache__")
-    )
+    source = Path(infosam.__file__).parent
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("assets", "__pycache__"))
     return target
 
 
@@ -149,8 +158,13 @@ def log_sam_model(
     *,
     step: int = 0,
     tags: dict[str, str] | None = None,
+    codec: str | Path | None = None,
 ) -> str:
     """Log exported student weights as run `run_id`'s MLflow model; returns `models:/<id>`.
+
+    `codec` is the image codec's source file (default: the one beside this package); callers
+    that imported it pass `orchestrator.data.codec.__file__`, the file actually in use (in a
+    `ray job submit` working dir the default path was not there).
 
     `config` is the model's: `format` (`plain-sam` or `self-contained`), `variant`, and
     optionally `device` (`auto` uses a GPU where the model is loaded, `cpu` never does). The
@@ -167,7 +181,7 @@ def log_sam_model(
             run_id=run_id,
             step=step,
             python_model=str(HERE / "sam_pyfunc.py"),
-            artifacts={"weights": str(weights), "codec": str(CODEC)},
+            artifacts={"weights": str(weights), "codec": _staged(codec or CODEC, Path(tmp))},
             code_paths=[str(_stage_code(Path(tmp)))],
             model_config={"device": "auto", **config},
             signature=sam_signature(),

@@ -206,6 +206,7 @@ def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = -1)
     are the run's at `step`; -1: the checkpoint's last epoch."""
     import tempfile
 
+    from orchestrator.data import codec
     from orchestrator.tracking.logged_model import find_logged_model, log_sam_model
 
     existing = find_logged_model(uri, run_id, checkpoint)
@@ -225,4 +226,5 @@ def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = -1)
             {"format": kind, "variant": cfg.model.variant, "method": cfg.tuning.method},
             step=step,
             tags={"infosam.checkpoint": checkpoint, "infosam.method": cfg.tuning.method},
+            codec=codec.__file__,
         )
