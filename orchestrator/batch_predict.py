@@ -26,7 +26,6 @@ import numpy as np
 __all__ = ["RESULT_SUFFIX", "RowSegmenter", "predict_split"]
 
 RESULT_SUFFIX = ".predictions.parquet"
-COLUMNS = ("id", "image_id", "shard", "prompt", "iou", "score", "mask", "height", "width", "area")
 
 
 class RowSegmenter:
