@@ -1,11 +1,14 @@
 """Latency of a served student: `mlflow models serve` on loopback, one image and one box a request.
 
     python experiments/bench_serving.py                      # the embedded tiny SAM, 1024 px
+    python experiments/bench_serving.py --architecture vit_b # ViT-B's size, random weights
     python experiments/bench_serving.py --model models:/demo-camouflage@champion \\
         --tracking-uri sqlite:///$PWD/runs/mlflow.db --size 1024 --requests 20
 
 Without --model it logs and registers the embedded tiny teacher (plain SAM weights) in a
-throwaway SQLite store, so it needs no training run. It prints one JSON line: the median, p90
+throwaway SQLite store, so it needs no training run. `--architecture vit_b` (or vit_l, vit_h) logs that SAM variant with
+random-initialised weights instead: no weights are downloaded, and the latency of a dense
+network depends on its shapes, not on its values (the masks are meaningless). It prints one JSON line: the median, p90
 and max of `--requests` timed requests after one warm-up (client-side wall time: base64 +
 JSON + HTTP + decode + model + RLE), the same rows through the pyfunc in this process, and the
 machine.
@@ -41,21 +44,28 @@ def test_image(size: int) -> bytes:
     return buf.getvalue()
 
 
-def tiny_teacher_model(store: Path) -> tuple[str, str]:
-    """(tracking URI, models:/tiny@champion): the embedded tiny SAM as a registered model."""
+def registered_model(store: Path, variant: str = "tiny") -> tuple[str, str]:
+    """(tracking URI, models:/<variant>@champion): the embedded tiny SAM, or a random-initialised
+    `variant`, as a registered model in a throwaway store."""
+    import torch
     from mlflow import MlflowClient
 
-    from infosam.sam import resolve_checkpoint
+    from infosam.sam import build_sam, resolve_checkpoint
     from orchestrator.tracking.logged_model import log_sam_model, register_model
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("serving", str(store / "artifacts")))
-    weights = resolve_checkpoint("builtin:tiny_teacher")
-    model = log_sam_model(uri, run.info.run_id, weights, {"format": "plain-sam", "variant": "tiny"})
+    if variant == "tiny":
+        weights = resolve_checkpoint("builtin:tiny_teacher")
+    else:
+        weights = store / f"sam_{variant}_random.pth"
+        torch.save(build_sam(variant).state_dict(), weights)
+    config = {"format": "plain-sam", "variant": variant}
+    model = log_sam_model(uri, run.info.run_id, str(weights), config)
     client.set_terminated(run.info.run_id)
-    register_model(uri, model, "tiny")
-    return uri, "models:/tiny@champion"
+    register_model(uri, model, variant.replace("_", "-"))
+    return uri, f"models:/{variant.replace('_', '-')}@champion"
 
 
 def cpu_model() -> str:
@@ -90,6 +100,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="a models:/ URI (default: the embedded tiny SAM)")
     ap.add_argument("--tracking-uri", help="where --model is registered")
+    ap.add_argument(
+        "--architecture",
+        default="tiny",
+        choices=["tiny", "vit_b", "vit_l", "vit_h"],
+        help="without --model: the embedded tiny SAM, or this variant with random weights",
+    )
     ap.add_argument("--size", type=int, default=1024, help="the image's long side, pixels")
     ap.add_argument("--requests", type=int, default=20)
     args = ap.parse_args()
@@ -98,7 +114,9 @@ def main() -> None:
     box = [s / 3 - 10, s * 3 / 16 - 10, 2 * s / 3 + 10, s * 9 / 16 + 10]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         uri, model_uri = (
-            (args.tracking_uri, args.model) if args.model else tiny_teacher_model(Path(tmp))
+            (args.tracking_uri, args.model)
+            if args.model
+            else registered_model(Path(tmp), args.architecture)
         )
         body = invocation_body([image], boxes=[box])
         with ModelServer(model_uri, uri, log=Path(tmp) / "serve.log") as server:
@@ -120,7 +138,7 @@ def main() -> None:
                 "served": summary(served),
                 "in_process_pyfunc": summary(local),
                 "mask_area": area,
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
             }
         )
     )

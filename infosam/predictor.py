@@ -18,7 +18,7 @@ from infosam.prompts import PromptBatch
 from infosam.sam import PromptableSam
 from infosam.transforms import prepare_pair, preprocess_shape
 
-__all__ = ["Prompt", "prompt_batch", "segment"]
+__all__ = ["Prompt", "prompt_batch", "segment", "segment_image"]
 
 
 @dataclass
@@ -66,6 +66,35 @@ def prompt_batch(
     return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
 
 
+def _encode(
+    model: PromptableSam, images: Sequence[np.ndarray], device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image resized, padded and encoded: (embeddings, input sizes), one per image."""
+    size = model.image_size
+    prepared = [prepare_pair(a, np.zeros(a.shape[:2], np.uint8), size) for a in images]
+    pixels = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
+    sizes = torch.tensor([p[2] for p in prepared], device=device)
+    return model.encode(pixels, sizes), sizes
+
+
+def _decode(
+    model: PromptableSam,
+    embeddings: torch.Tensor,
+    sizes: torch.Tensor,
+    originals: list[tuple[int, int]],
+    prompts: Sequence[Prompt],
+    device: str | torch.device,
+) -> list[tuple[np.ndarray, float]]:
+    logits, scores = predict_scored(
+        model,
+        prompt_batch(prompts, originals, model.image_size).to(device),
+        sizes,
+        originals,
+        image_embeddings=embeddings,
+    )
+    return [((lg > 0).cpu().numpy(), float(s)) for lg, s in zip(logits, scores.cpu(), strict=True)]
+
+
 @torch.inference_mode()
 def segment(
     model: PromptableSam,
@@ -82,24 +111,48 @@ def segment(
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one each")
     if not images:
         return []
-    size = model.image_size
     distinct: dict[int, int] = {}
     which = [distinct.setdefault(id(a), len(distinct)) for a in images]
     firsts = {k: a for a, k in zip(images, which)}
-    prepared = [
-        prepare_pair(firsts[k], np.zeros(firsts[k].shape[:2], np.uint8), size)
-        for k in range(len(distinct))
-    ]
-    pixels = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
-    sizes = torch.tensor([p[2] for p in prepared], device=device)
-    embeddings = model.encode(pixels, sizes)
+    embeddings, sizes = _encode(model, [firsts[k] for k in range(len(distinct))], device)
     index = torch.tensor(which, device=device)
     originals = [tuple(a.shape[:2]) for a in images]
-    logits, scores = predict_scored(
-        model,
-        prompt_batch(prompts, originals, size).to(device),
-        sizes[index],
-        originals,
-        image_embeddings=embeddings[index],
-    )
-    return [((lg > 0).cpu().numpy(), float(s)) for lg, s in zip(logits, scores.cpu(), strict=True)]
+    return _decode(model, embeddings[index], sizes[index], originals, prompts, device)
+
+
+@torch.inference_mode()
+def segment_image(
+    model: PromptableSam,
+    image: np.ndarray,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> list[tuple[np.ndarray, float]]:
+    """Every prompt of one image, in order: the image encoded once, then prompts of one kind
+    (box, points, both) through the decoder `batch_size` at a time. The unit every path
+    predicts in (files one by one, a folder on Ray's actors), so the batch an image lands in
+    never changes its masks."""
+    if not prompts:
+        return []
+    embeddings, sizes = _encode(model, [image], device)
+    kinds: dict[tuple[bool, bool], list[int]] = {}
+    for i, p in enumerate(prompts):
+        kinds.setdefault((p.box is not None, bool(p.points)), []).append(i)
+    results: list = [None] * len(prompts)
+    step = max(1, batch_size)
+    for members in kinds.values():
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            index = torch.zeros(len(chunk), dtype=torch.long, device=embeddings.device)
+            done = _decode(
+                model,
+                embeddings[index],
+                sizes[index],
+                [tuple(image.shape[:2])] * len(chunk),
+                [prompts[i] for i in chunk],
+                device,
+            )
+            for i, result in zip(chunk, done, strict=True):
+                results[i] = result
+    return results

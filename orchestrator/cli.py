@@ -295,48 +295,71 @@ def _cuda() -> bool:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from orchestrator.data.codec import IngestError
-    from orchestrator.predict import load_model, parse_prompts, predict_dataset, predict_files
-    from orchestrator.storage import local_copy
+    from orchestrator.predict import list_images, load_model, parse_prompts, predict_files
 
     try:
         if bool(args.images) == bool(args.data):
-            raise ValueError("give --images FILE... (with prompts) or --data DATASET_DIR")
-        if args.data and args.ray:
-            return _predict_data_on_ray(args)
-        if args.data:  # prompts from each sample's (instance's) own mask
-            cfg, checkpoint = None, local_copy(args.checkpoint)  # s3://...: copied once
-            if checkpoint.is_dir():
-                from orchestrator.train.checkpoints import load_trained
-
-                model, cfg, _ = load_trained(checkpoint, args.device)
-            else:
-                model, _ = load_model(checkpoint, args.variant, args.device)
-            done = predict_dataset(
-                model,
-                args.data,
-                args.split,
-                args.out,
-                cfg=cfg,
-                batch_size=args.batch_size,
-                device=args.device,
+            raise ValueError(
+                "give --images FILE... or --data DATASET_OR_FOLDER (with prompts for image files)"
             )
-            images = len({d["image_id"] for d in done})
-            iou = sum(d["iou"] for d in done) / max(len(done), 1)
-            print(
-                f"{len(done)} samples in {images} images of split {args.split!r}: mean IoU "
-                f"{iou:.4f} over samples; overlays, masks and predictions.json in {args.out}"
-            )
-            return 0
-        prompts = parse_prompts(args.box, args.point, args.prompts, args.images)
+        if args.data and _is_dataset(args.data):
+            return _predict_dataset(args)
+        images = args.images or list_images(args.data)
+        prompts = parse_prompts(args.box, args.point, args.prompts, images)
+        if args.ray:
+            return _predict_folder_on_ray(args, images, prompts)
         model, _ = load_model(args.checkpoint, args.variant, args.device)
         written = predict_files(
-            model, args.images, prompts, args.out, batch_size=args.batch_size, device=args.device
+            model, images, prompts, args.out, batch_size=args.batch_size, device=args.device
         )
     except (ValueError, FileNotFoundError, IngestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for w in written:
         print(f"{w['image']} -> {w['mask']} (foreground {w['foreground_fraction']:.1%})")
+    return 0
+
+
+def _is_dataset(location: str) -> bool:
+    """An ingested dataset (it has a manifest.json), not a folder of image files."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.storage import filesystem, join
+
+    fs, path = filesystem(join(location, "manifest.json"))
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _predict_dataset(args: argparse.Namespace) -> int:
+    """`predict --data DATASET`: every sample prompted from its own mask (the run's evaluation
+    prompts), in this process or with --ray on a pool of actors."""
+    from orchestrator.predict import load_model, predict_dataset
+    from orchestrator.storage import local_copy
+
+    if args.ray:
+        return _predict_data_on_ray(args)
+    cfg, checkpoint = None, local_copy(args.checkpoint)  # s3://...: copied once
+    if checkpoint.is_dir():
+        from orchestrator.train.checkpoints import load_trained
+
+        model, cfg, _ = load_trained(checkpoint, args.device)
+    else:
+        model, _ = load_model(checkpoint, args.variant, args.device)
+    done = predict_dataset(
+        model,
+        args.data,
+        args.split,
+        args.out,
+        cfg=cfg,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    images = len({d["image_id"] for d in done})
+    iou = sum(d["iou"] for d in done) / max(len(done), 1)
+    print(
+        f"{len(done)} samples in {images} images of split {args.split!r}: mean IoU "
+        f"{iou:.4f} over samples; overlays, masks and predictions.json in {args.out}"
+    )
     return 0
 
 
@@ -366,11 +389,42 @@ def _predict_data_on_ray(args: argparse.Namespace) -> int:
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
+        png=args.png,
     )
     print(
         f"{summary['samples']} samples of split {args.split!r} in {summary['shards']} shards: "
         f"mean IoU {summary['mean_iou']:.4f}; <shard>.predictions.parquet and summary.json "
         f"in {args.out}"
+    )
+    return 0
+
+
+def _predict_folder_on_ray(args: argparse.Namespace, images: list[str], prompts: dict) -> int:
+    """`predict --data FOLDER --ray` (or --images ... --ray): parts of files on a pool of model
+    actors, a results parquet per part, resumable."""
+    from orchestrator.batch_predict import predict_folder
+    from orchestrator.cluster.ray_env import init_ray
+    from orchestrator.storage import local_copy
+
+    checkpoint = local_copy(args.checkpoint)
+    init_ray()
+    summary = predict_folder(
+        str(checkpoint),
+        images,
+        prompts,
+        args.out,
+        variant=args.variant,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        batch_size=args.batch_size,
+        images_per_part=args.images_per_part,
+        png=args.png,
+    )
+    print(
+        f"{summary['masks']} masks of {summary['images']} images in {summary['parts']} part{'s' * (summary['parts'] != 1)}: "
+        f"mean predicted IoU {summary['mean_score']:.4f}; part-*.predictions.parquet"
+        f"{', mask and overlay PNGs' if args.png else ''} and summary.json in {args.out}"
     )
     return 0
 
@@ -483,7 +537,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--variant", help="needed for plain SAM weights")
     pr.add_argument("--images", nargs="+", help="image files (give a prompt for them)")
     pr.add_argument(
-        "--data", help="a dataset folder: every sample (instance) prompted from its own mask"
+        "--data",
+        help="a dataset (manifest.json): every sample (instance) prompted from its own mask; or "
+        "a folder of image files, local or s3:// (give a prompt for them)",
     )
     pr.add_argument("--split", default="test", help="with --data (default test)")
     pr.add_argument("--box", help="x0,y0,x1,y1 in original image pixels")
@@ -497,9 +553,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument(
         "--ray",
         action="store_true",
-        help="with --data: on Ray Data, a pool of model actors, one results parquet per shard "
-        "(resumable: finished shards are skipped)",
+        help="on Ray Data, a pool of model actors, one results parquet per dataset shard or "
+        "part of --images-per-part files (resumable: finished ones are skipped)",
     )
+    pr.add_argument(
+        "--png",
+        action="store_true",
+        help="with --ray: also the mask, overlay (and instance) PNGs the local path writes",
+    )
+    pr.add_argument("--images-per-part", type=int, default=16, help="with --ray on image files")
     pr.add_argument("--actors", type=int, help="with --ray: at most this many (default: all)")
     pr.add_argument("--cpus-per-actor", type=float, default=1.0)
     pr.add_argument("--gpus-per-actor", type=float, default=0.0)

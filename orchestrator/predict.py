@@ -10,23 +10,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from infosam.engine import predict_scored
-from infosam.predictor import Prompt, segment
+from infosam.predictor import Prompt, segment_image
 from infosam.sam import PromptableSam, build_sam, load_exported
-from orchestrator.data.codec import Rejected, decode_image, open_encoded
+from orchestrator.data.codec import Rejected, decode_image, encode_png, open_encoded
 from orchestrator.storage import atomic_write_json, local_copy, local_target
 
 __all__ = [
     "Prompt",
     "export_checkpoint",
     "export_onnx",
+    "image_outputs",
+    "list_images",
     "load_model",
     "parse_prompts",
     "predict_dataset",
     "predict_files",
     "row_generator",
+    "row_outputs",
     "segment_row",
 ]
 
@@ -103,6 +105,33 @@ def parse_prompts(
 PALETTE = [(255, 60, 0), (0, 160, 255), (255, 200, 0), (200, 0, 255), (0, 220, 120)]
 
 
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """The image files directly in a folder (local or s3://...), sorted by name: what
+    `predict --data FOLDER` predicts. A folder without any is a ValueError naming it."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.data.codec import IMAGE_EXTENSIONS
+    from orchestrator.storage import filesystem, is_remote, join, resolve_location
+
+    location = resolve_location(folder)
+    fs, root = filesystem(location)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise ValueError(f"{location} is not a folder (give a folder of images or a dataset)")
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+        if info.type == pafs.FileType.File
+        and Path(info.base_name).suffix.lower() in IMAGE_EXTENSIONS
+        and not info.base_name.startswith(".")
+    )
+    if not names:
+        raise ValueError(
+            f"{location} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "an ingested dataset has a manifest.json"
+        )
+    return [join(location, n) if is_remote(location) else str(Path(location) / n) for n in names]
+
+
 def predict_files(
     model: PromptableSam,
     images: list[str],
@@ -114,53 +143,64 @@ def predict_files(
 ) -> list[dict]:
     """Masks at original resolution: `<stem>_mask.png` (0/255) per image with one prompt,
     `<stem>_<k>_mask.png` per object when an image has a list of prompts, and one
-    `<stem>_overlay.png` per image (each object in its own colour)."""
-    from orchestrator.plots import overlay
-
+    `<stem>_overlay.png` per image (each object in its own colour). One image at a time
+    (encoded once, `batch_size` prompts per decoder pass), as the Ray path does."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (path, k if isinstance(prompts[path], list) else None, p)
-        for path in images
-        for k, p in enumerate(prompts[path] if isinstance(prompts[path], list) else [prompts[path]])
-    ]
-    last = {path: i for i, (path, _, _) in enumerate(jobs)}  # an image's last object
     written = []
-    arrays: dict[str, np.ndarray] = {}
-    shown: dict[str, np.ndarray] = {}
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        for path, _, _ in chunk:
-            if path not in arrays:
-                arrays[path] = read_image_file(path)
-        results = segment(
-            model, [arrays[p] for p, _, _ in chunk], [q for _, _, q in chunk], device=device
-        )
-        for (path, k, _), (mask, score) in zip(chunk, results):
-            stem = Path(path).stem if k is None else f"{Path(path).stem}_{k}"
-            Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{stem}_mask.png")
-            colour = PALETTE[(k or 0) % len(PALETTE)]
-            shown[path] = overlay(shown.get(path, arrays[path]), mask, colour)
-            written.append(
-                {
-                    "image": str(path),
-                    "object": k,
-                    "mask": str(out / f"{stem}_mask.png"),
-                    "foreground_fraction": float(mask.mean()),
-                    "score": round(score, 6),
-                }
-            )
-        for path in [p for p in arrays if last[p] < start + batch_size]:
-            Image.fromarray(shown.pop(path)).save(out / f"{Path(path).stem}_overlay.png")
-            del arrays[path]  # every object of this image is done
+    for path in images:
+        array = read_image_file(path)
+        asked = prompts[path]
+        listed = asked if isinstance(asked, list) else [asked]
+        results = segment_image(model, array, listed, batch_size=batch_size, device=device)
+        entries, files = image_outputs(path, array, results, isinstance(asked, list))
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        written += [{**e, "mask": str(out / e["mask"])} for e in entries]
     return written
 
 
+def image_outputs(
+    path: str, array: np.ndarray, results: list[tuple[np.ndarray, float]], several: bool
+) -> tuple[list[dict], dict[str, bytes]]:
+    """One image's entries (image, object, mask file name, foreground, score) and files (mask
+    PNGs, the overlay) by relative name: written by `predict_files` and by the Ray path's
+    driver alike, so both give the same files."""
+    from orchestrator.plots import overlay
+
+    stem = Path(str(path)).stem
+    entries, files, shown = [], {}, array
+    for k, (mask, score) in enumerate(results):
+        name = f"{stem}_{k}_mask.png" if several else f"{stem}_mask.png"
+        files[name] = encode_png(mask.astype(np.uint8) * 255)
+        shown = overlay(shown, mask, PALETTE[k % len(PALETTE)])
+        entries.append(
+            {
+                "image": str(path),
+                "object": k if several else None,
+                "mask": name,
+                "foreground_fraction": float(mask.mean()),
+                "score": round(score, 6),
+            }
+        )
+    files[f"{stem}_overlay.png"] = encode_png(shown)
+    return entries, files
+
+
 def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """An image file to prompt -> (H, W, 3) uint8, decoded as ingest decodes (formats, pixel
-    budget, TIFF and 16-bit images); a ValueError names the file and why."""
+    """An image file to prompt (a local path or s3://...) -> (H, W, 3) uint8, decoded as ingest
+    decodes (formats, pixel budget, TIFF and 16-bit images); a ValueError names the file and
+    why."""
+    from orchestrator.storage import filesystem, is_remote
+
     try:
-        return decode_image(Path(path).read_bytes())[0]
+        if is_remote(path):
+            fs, where = filesystem(path)
+            with fs.open_input_stream(where) as f:
+                data = f.read()
+        else:
+            data = Path(path).read_bytes()
+        return decode_image(data)[0]
     except Rejected as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -242,43 +282,61 @@ def segment_row(
 def _predict_row(
     model: PromptableSam, row: dict, cfg: Any, out: Path, batch_size: int, device: str
 ) -> list[dict]:
-    """One stored image: each of its samples predicted, written, and overlaid in its colour."""
-    from orchestrator.plots import overlay
-
+    """One stored image: each of its samples predicted, its files written."""
     with torch.inference_mode():
         batch, results = segment_row(model, row, cfg, batch_size, device)
-    shown = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
-    labels = np.zeros(shown.shape[:2], np.uint16)
+    entries, files = row_outputs(row, batch, results)
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return [{**e, "mask": str(out / e["mask"])} for e in entries]
+
+
+def row_outputs(
+    row: dict, batch: dict, results: list[tuple[np.ndarray, float, str]], files: bool = True
+) -> tuple[list[dict], dict[str, bytes]]:
+    """A stored image's entries (id, prompt, IoU against its mask, mask file, label, score,
+    category) and, with `files`, its files by relative name: `<image>/<instance>_mask.png` per
+    sample, `<image>_overlay.png` (each instance in its colour) and `<image>_instances.png`
+    (16-bit: k + 1 for the k-th sample, 0 background). Written by `predict_dataset` and by the
+    Ray path's driver alike."""
+    from orchestrator.plots import overlay
+
     name = _safe(str(row["id"]))
-    (out / name).mkdir(exist_ok=True)
-    written = []
+    written: dict[str, bytes] = {}
+    entries = []
+    shown = labels = None
+    if files:
+        shown = np.asarray(open_encoded(row["image"], "stored image").convert("RGB"))
+        labels = np.zeros(shown.shape[:2], np.uint16)
     for k, (pred, score, prompt) in enumerate(results):
-        entry = _write_sample(batch, k, pred, out / name, str(row["id"]), prompt)
+        entry = _sample_entry(batch, k, pred, name, str(row["id"]), prompt)
         entry["score"] = round(score, 6)
-        labels[pred] = k + 1
-        shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
-        written.append(entry)
-    Image.fromarray(shown).save(out / f"{name}_overlay.png")
-    Image.fromarray(labels).save(out / f"{name}_instances.png")
-    return written
+        entries.append(entry)
+        if files:
+            written[entry["mask"]] = encode_png(pred.astype(np.uint8) * 255)
+            labels[pred] = k + 1
+            shown = overlay(shown, pred, PALETTE[k % len(PALETTE)])
+    if files:
+        written[f"{name}_overlay.png"] = encode_png(shown)
+        written[f"{name}_instances.png"] = encode_png(labels)
+    return entries, written
 
 
-def _write_sample(
-    batch: dict, k: int, pred: np.ndarray, folder: Path, image_id: str, prompt: str
+def _sample_entry(
+    batch: dict, k: int, pred: np.ndarray, folder: str, image_id: str, prompt: str
 ) -> dict:
-    """The k-th sample's mask PNG and its predictions.json entry (IoU against its mask)."""
+    """The k-th sample's predictions entry: IoU against its mask, its mask's file name."""
     gt = batch["mask_original"][k].astype(bool)
     union = (pred | gt).sum()
     sample = str(batch["id"][k])
     instance = sample.split("#", 1)[1] if "#" in sample else "mask"
-    path = folder / f"{_safe(instance)}_mask.png"
-    Image.fromarray((pred * 255).astype(np.uint8)).save(path)
     entry = {
         "id": sample,
         "image_id": image_id,
         "prompt": prompt,
         "iou": float((pred & gt).sum() / union) if union else 1.0,
-        "mask": str(path),
+        "mask": f"{folder}/{_safe(instance)}_mask.png",
         "label": k + 1,
     }
     if "category" in batch:
