@@ -124,13 +124,25 @@ def _enable(params: Iterable[nn.Parameter]) -> None:
         p.requires_grad_(True)
 
 
+def mask_decoder(sam: nn.Module) -> nn.Module:
+    """The mask decoder of SAM (`mask_decoder`) or SAM 2.1 (`sam_mask_decoder`, its high-res
+    feature projections included)."""
+    return sam.mask_decoder if hasattr(sam, "mask_decoder") else sam.sam_mask_decoder
+
+
+def encoder_blocks(sam: nn.Module) -> nn.ModuleList:
+    """The image encoder's transformer blocks: SAM's ViT blocks or SAM 2.1's Hiera blocks."""
+    encoder = sam.image_encoder
+    return encoder.blocks if hasattr(encoder, "blocks") else encoder.trunk.blocks
+
+
 def _tune_decoder(sam: Sam, cfg: TuningConfig) -> None:
-    _enable(sam.mask_decoder.parameters())
+    _enable(mask_decoder(sam).parameters())
 
 
 def _tune_full(sam: Sam, cfg: TuningConfig) -> None:
     _enable(sam.image_encoder.parameters())
-    _enable(sam.mask_decoder.parameters())
+    _enable(mask_decoder(sam).parameters())
 
 
 def _tune_bitfit(sam: Sam, cfg: TuningConfig) -> None:
@@ -159,7 +171,12 @@ def _tune_lora(sam: Sam, cfg: TuningConfig) -> None:
 
 
 def _tune_adapter(sam: Sam, cfg: TuningConfig) -> None:
-    blocks = sam.image_encoder.blocks
+    blocks = encoder_blocks(sam)
+    if not all(isinstance(b, Block) for b in blocks):
+        raise ValueError(
+            "series adapters are defined on SAM's ViT blocks; SAM 2.1's Hiera blocks pool and "
+            "change width between stages: tune it with lora, bitfit, decoder or full"
+        )
     chosen = cfg.adapter_blocks if cfg.adapter_blocks is not None else range(2, len(blocks))
     for i in chosen:
         if not 0 <= i < len(blocks):
@@ -193,7 +210,7 @@ def apply_tuning(sam: Sam, cfg: TuningConfig | None = None, **overrides: object)
         )
     checkpointed = [
         i
-        for i, b in enumerate(sam.image_encoder.blocks)
+        for i, b in enumerate(encoder_blocks(sam))
         if getattr(type(b), "_infosam_checkpointed", False)
     ]
     if checkpointed:  # adapters swap the block class, which would silently drop checkpointing
