@@ -260,13 +260,16 @@ def predict_scored(
     finally:
         model.train(was_training)
     size = images.shape[-1] if images is not None else model.image_size
+    own = getattr(model, "postprocess", None)  # SAM 2.1: straight to the original size
     result = []
     for i in range(out.low_res_logits.shape[0]):
         h, w = (int(v) for v in input_sizes[i])
         oh, ow = (int(v) for v in original_sizes[i])
-        result.append(
-            postprocess_logits(out.low_res_logits[i : i + 1], (h, w), (oh, ow), size)[0, 0]
+        low = out.low_res_logits[i : i + 1]
+        full = (
+            own(low, (h, w), (oh, ow)) if own else postprocess_logits(low, (h, w), (oh, ow), size)
         )
+        result.append(full[0, 0])
     return result, out.iou_predictions[:, 0].float()
 
 

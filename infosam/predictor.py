@@ -30,10 +30,18 @@ class Prompt:
 
 
 def prompt_batch(
-    prompts: Sequence[Prompt], originals: Sequence[tuple[int, int]], size: int
+    prompts: Sequence[Prompt],
+    originals: Sequence[tuple[int, int]],
+    size: int,
+    *,
+    square: bool = False,
 ) -> PromptBatch:
-    """Original-pixel prompts -> the padded model frame (scaled by each image's resize factor)."""
-    scales = [preprocess_shape(h, w, size)[1] / w for h, w in originals]
+    """Original-pixel prompts -> the model frame: scaled by each image's resize factor (SAM's
+    longest side to `size`), or per axis with `square` (SAM 2.1 resizes to size x size)."""
+    scales = [
+        (size / w, size / h) if square else (preprocess_shape(h, w, size)[1] / w,) * 2
+        for h, w in originals
+    ]
     has_box = [p.box is not None for p in prompts]
     has_pts = [p.points is not None and len(p.points) > 0 for p in prompts]
     if len(set(has_box)) > 1 or len(set(has_pts)) > 1:
@@ -50,7 +58,9 @@ def prompt_batch(
             if len(pt) not in (2, 3):
                 raise ValueError(f"a point is x, y or x, y, label, got {list(pt)!r}")
     boxes = (
-        torch.tensor([[float(v) * s for v in p.box] for p, s in zip(prompts, scales)])
+        torch.tensor(
+            [[float(v) * s[i % 2] for i, v in enumerate(p.box)] for p, s in zip(prompts, scales)]
+        )
         if has_box[0]
         else None
     )
@@ -61,7 +71,7 @@ def prompt_batch(
         labels = torch.full((len(prompts), n), -1, dtype=torch.int64)
         for i, (p, s) in enumerate(zip(prompts, scales)):
             for j, pt in enumerate(p.points):
-                coords[i, j] = torch.tensor([float(pt[0]) * s, float(pt[1]) * s])
+                coords[i, j] = torch.tensor([float(pt[0]) * s[0], float(pt[1]) * s[1]])
                 labels[i, j] = int(pt[2]) if len(pt) == 3 else 1
     return PromptBatch(boxes, coords, labels, torch.zeros(len(prompts), dtype=torch.bool))
 
@@ -69,8 +79,15 @@ def prompt_batch(
 def _encode(
     model: PromptableSam, images: Sequence[np.ndarray], device: str | torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image resized, padded and encoded: (embeddings, input sizes), one per image."""
+    """Each image resized (and padded) as the model family takes it, then encoded:
+    (embeddings, input sizes), one per image."""
     size = model.image_size
+    if getattr(model, "square_inputs", False):
+        from infosam.sam2 import square_image
+
+        pixels = torch.stack([square_image(a, size) for a in images]).to(device)
+        sizes = torch.tensor([[size, size]] * len(images), device=device)
+        return model.encode(pixels, sizes), sizes
     prepared = [prepare_pair(a, np.zeros(a.shape[:2], np.uint8), size) for a in images]
     pixels = torch.from_numpy(np.stack([p[0] for p in prepared])).to(device)
     sizes = torch.tensor([p[2] for p in prepared], device=device)
@@ -87,7 +104,9 @@ def _decode(
 ) -> list[tuple[np.ndarray, float]]:
     logits, scores = predict_scored(
         model,
-        prompt_batch(prompts, originals, model.image_size).to(device),
+        prompt_batch(
+            prompts, originals, model.image_size, square=getattr(model, "square_inputs", False)
+        ).to(device),
         sizes,
         originals,
         image_embeddings=embeddings,

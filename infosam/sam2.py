@@ -17,19 +17,24 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from infosam.sam import CheckpointMismatchError
+from infosam.sam import CheckpointMismatchError, SamOutput
 
 __all__ = [
     "SAM2_CONFIGS",
     "SAM2_OFFICIAL_FILES",
+    "PromptableSam2",
     "build_sam2_model",
+    "infer_sam2_variant",
     "load_sam2_checkpoint",
     "read_sam2_state_dict",
     "sam2_overrides",
     "save_sam2_checkpoint",
+    "square_image",
 ]
 
 SAM2_CONFIGS = {
@@ -65,6 +70,29 @@ TINY_OVERRIDES = (
 )
 
 
+# (Hiera's first width, its number of blocks) per variant: how a state_dict names its variant
+_SIGNATURES = {
+    (96, 12): "hiera_t",
+    (96, 16): "hiera_s",
+    (112, 24): "hiera_b+",
+    (144, 48): "hiera_l",
+    (32, 5): "tiny",
+}
+
+
+def infer_sam2_variant(state: Mapping[str, torch.Tensor], where: str = "the checkpoint") -> str:
+    """The variant a SAM 2.1 state_dict belongs to, from its Hiera trunk's width and depth."""
+    width = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    signature = (int(width.shape[0]) if width is not None else -1, len(blocks))
+    if signature not in _SIGNATURES:
+        raise CheckpointMismatchError(
+            f"{where} is no SAM 2.1 variant this project knows (Hiera width {signature[0]}, "
+            f"{signature[1]} blocks); name it with --variant ({', '.join(sorted(SAM2_CONFIGS))})"
+        )
+    return _SIGNATURES[signature]
+
+
 def sam2_overrides(variant: str) -> list[str]:
     """The Hydra overrides that make `variant` from its config: what Meta's `build_sam2` needs
     (`hydra_overrides_extra=`) to rebuild an exported tiny student."""
@@ -80,7 +108,10 @@ def _check_variant(variant: str) -> None:
 
 
 def build_sam2_model(
-    variant: str = "tiny", checkpoint: str | os.PathLike | None = None
+    variant: str = "tiny",
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """A SAM 2.1 `SAM2Base` on the CPU in eval mode, random-initialised or loaded strictly from
     a checkpoint in Meta's format. Built as Meta's `build_sam2` builds it for the image
@@ -100,7 +131,7 @@ def build_sam2_model(
         hydra_overrides_extra=sam2_overrides(variant),
     )
     if checkpoint is not None:
-        load_sam2_checkpoint(model, checkpoint, variant)
+        load_sam2_checkpoint(model, checkpoint, variant, state=state)
     return model
 
 
@@ -126,11 +157,18 @@ def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj["model"])
 
 
-def load_sam2_checkpoint(model: nn.Module, path: str | os.PathLike, variant: str) -> None:
+def load_sam2_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    variant: str,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Load Meta's format strictly: every tensor present with its shape, nothing extra. The
     error names the variant, the file it expects, and the first missing, unexpected and
-    mis-shaped keys (a checkpoint of another variant fails on shapes, not silently)."""
-    state = read_sam2_state_dict(path)
+    mis-shaped keys (a checkpoint of another variant fails on shapes, not silently). `state`:
+    the file's state_dict when the caller has read it already."""
+    state = read_sam2_state_dict(path) if state is None else state
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -156,3 +194,120 @@ def save_sam2_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
     os.replace(tmp, path)
+
+
+class PromptableSam2(nn.Module):
+    """SAM 2.1 in image mode (as `SAM2ImagePredictor` runs it: no memory, the high-resolution
+    features into the decoder) behind `PromptableSam`'s contract, so the InfoSAM losses, the
+    baselines, evaluation and prediction run on either family.
+
+    Differences the callers see through attributes, not code paths: `square_inputs` (SAM 2.1
+    resizes an image to S x S, aspect ratio not kept, where SAM pads the longest side to S; the
+    data reader and the predictor prepare images so), ImageNet normalisation of 0..255 pixels,
+    and `postprocess` (low-res logits straight to the original size, as Meta's predictor).
+    `encode` returns the image embedding and the two high-resolution maps packed into one
+    (B, 4C, H, W) tensor (the maps pixel-unshuffled onto the embedding grid, losslessly), so an
+    encoder output can be indexed, cached and passed back as `image_embeddings` like SAM's;
+    `SamOutput.image_embeddings` is the (B, C, H, W) embedding alone.
+    """
+
+    square_inputs = True
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.sam.image_size)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.sam.hidden_dim)
+
+    def preprocess(
+        self, images: torch.Tensor, input_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 3, S, S) pixels in 0..255 -> Meta's normalisation (to 0..1, then ImageNet's mean
+        and std). Square inputs have no padding, so `input_sizes` is not needed."""
+        x = images.to(self.pixel_mean.dtype) / 255.0
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode(self, images: torch.Tensor, input_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        backbone = self.sam.forward_image(self.preprocess(images, input_sizes))
+        _, feats, _, sizes = self.sam._prepare_backbone_features(backbone)
+        if self.sam.directly_add_no_mem_embed:  # image mode: "no memory" added, as Meta's
+            feats[-1] = feats[-1] + self.sam.no_mem_embed
+        b = images.shape[0]
+        s0, s1, embed = (f.permute(1, 2, 0).reshape(b, -1, h, w) for f, (h, w) in zip(feats, sizes))
+        return torch.cat([embed, F.pixel_unshuffle(s1, 2), F.pixel_unshuffle(s0, 4)], dim=1)
+
+    def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(image embedding, [the 4x map, the 2x map]) from `encode`'s packed tensor."""
+        c = self.embedding_dim
+        if packed.shape[1] != 4 * c:
+            raise ValueError(
+                f"SAM 2.1 image embeddings have {4 * c} channels (the embedding and the packed "
+                f"high-resolution maps), got {packed.shape[1]}: were they made by another model?"
+            )
+        s1 = F.pixel_shuffle(packed[:, c : 2 * c], 2)
+        s0 = F.pixel_shuffle(packed[:, 2 * c :], 4)
+        return packed[:, :c], [s0, s1]
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        boxes: torch.Tensor | None = None,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        input_sizes: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+    ) -> SamOutput:
+        if image_embeddings is None:
+            if images is None:
+                raise ValueError("pass images or precomputed image_embeddings")
+            image_embeddings = self.encode(images, input_sizes)
+        if boxes is None and point_coords is None:
+            raise ValueError("SAM needs a prompt: pass boxes and/or point_coords/point_labels")
+        if point_coords is not None and point_labels is None:
+            raise ValueError("point_coords given without point_labels")
+        embed, high_res = self.unpack(image_embeddings)
+        coords, labels = [], []
+        if boxes is not None:  # a box is two points labelled 2 and 3, before the clicks
+            coords.append(boxes.float().reshape(-1, 2, 2))
+            labels.append(torch.tensor([[2, 3]], device=boxes.device).expand(boxes.shape[0], 2))
+        if point_coords is not None:
+            coords.append(point_coords.float())
+            labels.append(point_labels)
+        points = (torch.cat(coords, dim=1), torch.cat(labels, dim=1).int())
+        sparse, dense = self.sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+        logits, iou, tokens, _ = self.sam.sam_mask_decoder(
+            image_embeddings=embed,
+            image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        return SamOutput(embed, logits, iou, tokens)
+
+    def postprocess(
+        self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res logits (B, 1, h, w) -> the original size, one bilinear step, as Meta's."""
+        return F.interpolate(low_res.float(), original_size, mode="bilinear", align_corners=False)
+
+
+def square_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """An (H, W, 3) uint8 image as SAM 2.1's predictor resizes it: to 0..1, bilinear with
+    antialiasing to size x size, back to the 0..255 scale the models take: (3, S, S) float."""
+    from torchvision.transforms.functional import resize
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return resize(x, [size, size], antialias=True) * 255.0

@@ -36,7 +36,8 @@ __all__ = [
 def load_model(
     checkpoint: str | os.PathLike, variant: str | None = None, device: str = "cpu"
 ) -> tuple[PromptableSam, str]:
-    """A training checkpoint dir, a self-contained export, or plain SAM weights (+ variant);
+    """A training checkpoint dir, a self-contained export, plain SAM weights (+ variant), or a
+    SAM 2.1 checkpoint in Meta's format (`sam2.1_hiera_*.pt`, variant read from its shapes);
     local or on object storage (`s3://...`, read through a local copy)."""
     try:
         path = local_copy(checkpoint)
@@ -53,6 +54,12 @@ def load_model(
         model, cfg, _ = load_trained(path, device)
         return model, cfg.model.variant
     obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # Meta's SAM 2.1 format
+        from infosam.sam2 import PromptableSam2, build_sam2_model, infer_sam2_variant
+
+        variant = variant or infer_sam2_variant(obj["model"], str(path))
+        sam2 = build_sam2_model(variant, path, state=obj["model"])
+        return PromptableSam2(sam2).to(device).eval(), variant
     if isinstance(obj, dict) and "infosam_export" in obj:
         return PromptableSam(load_exported(path)).to(device).eval(), obj["infosam_export"][
             "variant"
@@ -256,6 +263,12 @@ def segment_row(
     from orchestrator.data.reader import decode_batch
     from orchestrator.train.evaluation import draw_prompts
 
+    if getattr(model, "square_inputs", False):
+        raise ValueError(
+            "a SAM 2.1 checkpoint predicts image files (--images, or --data FOLDER with "
+            "prompts); prompting a dataset from its own masks needs the dataset read at SAM "
+            "2.1's square resolution, which comes with SAM 2.1 training"
+        )
     cols = {}
     for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
         if k in row:

@@ -11,10 +11,13 @@ import torch
 from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+from infosam.predictor import Prompt, segment_image
 from infosam.sam import CheckpointMismatchError, build_sam
 from infosam.sam2 import (
     SAM2_CONFIGS,
+    PromptableSam2,
     build_sam2_model,
+    infer_sam2_variant,
     load_sam2_checkpoint,
     sam2_overrides,
     save_sam2_checkpoint,
@@ -142,3 +145,70 @@ def test_a_lora_student_exports_to_a_file_meta_build_sam2_predicts_with(tmp_path
     key = "image_encoder.trunk.blocks.0.attn.qkv.weight"
     base = student.image_encoder.trunk.blocks[0].attn.qkv.base_layer.weight
     assert merged[key].shape == base.shape and not torch.allclose(merged[key], base)
+
+
+@pytest.fixture(scope="module")
+def hiera_t():
+    torch.manual_seed(1)
+    return build_sam2_model("hiera_t")
+
+
+def _meta_predict(predictor, prompt):
+    kwargs = {}
+    if prompt.box is not None:
+        kwargs["box"] = np.array(prompt.box)
+    if prompt.points:
+        kwargs["point_coords"] = np.array([p[:2] for p in prompt.points])
+        kwargs["point_labels"] = np.array([p[2] for p in prompt.points])
+    logits, scores, _ = predictor.predict(multimask_output=False, return_logits=True, **kwargs)
+    return logits[0] > 0, float(scores[0])
+
+
+@pytest.mark.parametrize("shape", [(200, 260), (300, 180)])
+def test_segment_gives_meta_predictors_masks(hiera_t, shape):
+    """The project's predictor on SAM 2.1 = Meta's SAM2ImagePredictor: square resize, box as
+    two labelled points, high-res features, one bilinear step to the original size."""
+    h, w = shape
+    image = _image(h, w)
+    prompts = [
+        Prompt(box=[w * 0.2, h * 0.2, w * 0.8, h * 0.8]),
+        Prompt(points=[[w / 2, h / 2, 1], [5, 5, 0]]),
+        Prompt(box=[w * 0.1, h * 0.3, w * 0.7, h * 0.9], points=[[w / 2, h / 2, 1]]),
+    ]
+    ours = segment_image(PromptableSam2(hiera_t).eval(), image, prompts, batch_size=2)
+    predictor = SAM2ImagePredictor(hiera_t)
+    predictor.set_image(image)
+    for prompt, (mask, score) in zip(prompts, ours, strict=True):
+        expected, expected_score = _meta_predict(predictor, prompt)
+        assert mask.shape == (h, w) and 0.05 < mask.mean() < 0.95
+        assert np.array_equal(mask, expected), prompt
+        assert score == pytest.approx(expected_score, abs=1e-5)
+
+
+def test_the_contract_the_losses_read():
+    """Packed encoder output round-trips, the shapes InfoSAM reads, gradients reach LoRA."""
+    model = PromptableSam2(build_sam2_model("tiny"))
+    apply_tuning(model.sam, method="lora", lora_rank=4)
+    images = torch.rand(2, 3, 256, 256) * 255
+    boxes = torch.tensor([[40.0, 40, 200, 180], [10, 20, 120, 240]])
+    packed = model.encode(images)
+    assert packed.shape == (2, 4 * 256, 16, 16)
+    model.train()
+    out = model(images, boxes=boxes)
+    assert out.image_embeddings.shape == (2, 256, 16, 16)
+    assert out.low_res_logits.shape == (2, 1, 64, 64)
+    assert out.iou_predictions.shape == (2, 1) and out.mask_tokens.shape == (2, 1, 256)
+    again = model(image_embeddings=packed, boxes=boxes)
+    assert torch.allclose(again.low_res_logits, out.low_res_logits, atol=1e-5)
+    out.low_res_logits.mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None for g in grads)
+    with pytest.raises(ValueError, match="1024 channels"):
+        model(image_embeddings=packed[:, :256], boxes=boxes)
+
+
+def test_the_variant_is_read_from_the_weights(tiny, hiera_t):
+    assert infer_sam2_variant(tiny.state_dict()) == "tiny"
+    assert infer_sam2_variant(hiera_t.state_dict()) == "hiera_t"
+    with pytest.raises(CheckpointMismatchError, match="--variant"):
+        infer_sam2_variant({"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(8, 3)})
