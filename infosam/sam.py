@@ -383,9 +383,16 @@ class PromptableSam(nn.Module):
 EXPORT_FORMAT = 1
 
 
-def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: TuningConfig) -> None:
-    """A self-contained student: the full state_dict plus what is needed to rebuild its modules.
-    Written to a temporary file and renamed: a crash never leaves a truncated export."""
+def save_exported(
+    sam: nn.Module,
+    path: str | os.PathLike,
+    variant: str,
+    tuning: TuningConfig,
+    family: str = "sam",
+) -> None:
+    """A self-contained student: the full state_dict plus what is needed to rebuild its modules
+    (`family`: sam, or sam2 for SAM 2.1). Written to a temporary file and renamed: a crash
+    never leaves a truncated export."""
     import dataclasses
 
     path = os.fspath(path)
@@ -394,6 +401,7 @@ def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: Tunin
         {
             "infosam_export": {
                 "format": EXPORT_FORMAT,
+                "family": family,
                 "variant": variant,
                 "tuning": dataclasses.asdict(tuning),
             },
@@ -404,8 +412,8 @@ def save_exported(sam: Sam, path: str | os.PathLike, variant: str, tuning: Tunin
     os.replace(tmp, path)
 
 
-def load_exported(path: str | os.PathLike) -> Sam:
-    """One-line loader for a self-contained `infosam export` (e.g. an adapter student)."""
+def read_exported(path: str | os.PathLike) -> tuple[Mapping, dict]:
+    """(its `infosam_export` description, the whole file) of a self-contained export."""
     obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     meta = obj.get("infosam_export") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping):
@@ -413,10 +421,25 @@ def load_exported(path: str | os.PathLike) -> Sam:
             f"{path} is not a self-contained infosam export; plain SAM weights load with "
             "segment_anything.sam_model_registry[variant](checkpoint=path)"
         )
-    sam = build_sam(meta["variant"])
+    return meta, obj
+
+
+def restore_exported(module: nn.Module, meta: Mapping, obj: Mapping) -> nn.Module:
+    """A freshly built base model given the export's tuning modules and tensors, frozen."""
     tuning = TuningConfig(**meta["tuning"])
     if tuning.method in ("adapter", "lora"):
-        apply_tuning(sam, tuning)
-    load_sam_state_dict(sam, obj["state_dict"])
-    sam.requires_grad_(False)
-    return sam.eval()
+        apply_tuning(module, tuning)
+    load_sam_state_dict(module, obj["state_dict"])
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_exported(path: str | os.PathLike) -> Sam:
+    """One-line loader for a self-contained `infosam export` (e.g. an adapter student); SAM 2.1
+    exports load with `infosam.sam2.load_exported`."""
+    meta, obj = read_exported(path)
+    if meta.get("family", "sam") != "sam":
+        raise CheckpointMismatchError(
+            f"{path} is a SAM 2.1 export: load it with infosam.sam2.load_exported(path)"
+        )
+    return restore_exported(build_sam(meta["variant"]), meta, obj)

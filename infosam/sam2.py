@@ -22,14 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infosam.sam import CheckpointMismatchError, SamOutput
+from infosam.sam import (
+    CheckpointMismatchError,
+    SamOutput,
+    build_sam,
+    read_exported,
+    restore_exported,
+)
 
 __all__ = [
     "SAM2_CONFIGS",
+    "SAM2_EMBEDDING_DIM",
+    "SAM2_IMAGE_SIZES",
     "SAM2_OFFICIAL_FILES",
     "PromptableSam2",
     "build_sam2_model",
     "infer_sam2_variant",
+    "load_exported",
     "load_sam2_checkpoint",
     "read_sam2_state_dict",
     "sam2_overrides",
@@ -44,6 +53,16 @@ SAM2_CONFIGS = {
     "hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
     "tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",  # + TINY_OVERRIDES
 }
+
+# Input resolution (SAM 2.1 resizes every image to S x S) and image-embedding width
+SAM2_IMAGE_SIZES = {
+    "tiny": 256,
+    "hiera_t": 1024,
+    "hiera_s": 1024,
+    "hiera_b+": 1024,
+    "hiera_l": 1024,
+}
+SAM2_EMBEDDING_DIM = 256
 
 # The files Meta publishes for each variant (what a user passes as the checkpoint)
 SAM2_OFFICIAL_FILES = {
@@ -302,6 +321,15 @@ class PromptableSam2(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits (B, 1, h, w) -> the original size, one bilinear step, as Meta's."""
         return F.interpolate(low_res.float(), original_size, mode="bilinear", align_corners=False)
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, str]:
+    """(model, family) of a self-contained `infosam export` of either family: SAM's `Sam` or
+    SAM 2.1's `SAM2Base`, with its adapters (or LoRA) and tensors."""
+    meta, obj = read_exported(path)
+    family = meta.get("family", "sam")
+    base = build_sam2_model(meta["variant"]) if family == "sam2" else build_sam(meta["variant"])
+    return restore_exported(base, meta, obj), family
 
 
 def square_image(image: np.ndarray, size: int) -> torch.Tensor:

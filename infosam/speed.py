@@ -26,6 +26,8 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch.utils.checkpoint import checkpoint
 
+from infosam.tuning import encoder_blocks
+
 __all__ = [
     "ATTENTION_KINDS",
     "FlexAttention",
@@ -209,8 +211,9 @@ def _checkpointed_class(cls: type) -> type:
 
 
 def checkpoint_blocks(sam: Sam) -> Sam:
-    """Recompute each encoder block's activations in backward instead of storing them."""
-    for block in sam.image_encoder.blocks:
+    """Recompute each encoder block's activations in backward instead of storing them (SAM's
+    ViT blocks or SAM 2.1's Hiera blocks)."""
+    for block in encoder_blocks(sam):
         if not getattr(type(block), "_infosam_checkpointed", False):
             block.__class__ = _checkpointed_class(type(block))
     return sam
@@ -218,6 +221,6 @@ def checkpoint_blocks(sam: Sam) -> Sam:
 
 def compile_blocks(sam: Sam, **kwargs: Any) -> Sam:
     """`torch.compile` each image-encoder block (weights and keys unchanged)."""
-    for block in sam.image_encoder.blocks:
+    for block in encoder_blocks(sam):
         block.compile(**kwargs)
     return sam

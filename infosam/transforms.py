@@ -28,10 +28,19 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_longest_side(array: np.ndarray, long_side: int, *, is_mask: bool = False) -> np.ndarray:
-    """Resize an HxW or HxWxC uint8 array; bilinear for images, nearest for masks."""
+def model_frame(height: int, width: int, size: int, square: bool = False) -> tuple[int, int]:
+    """An image's size in the model frame: longest side to `size` (SAM, padded after), or
+    `size` x `size` (SAM 2.1, aspect ratio not kept)."""
+    return (size, size) if square else preprocess_shape(height, width, size)
+
+
+def resize_longest_side(
+    array: np.ndarray, long_side: int, *, is_mask: bool = False, square: bool = False
+) -> np.ndarray:
+    """Resize an HxW or HxWxC uint8 array into the model frame (`model_frame`); bilinear for
+    images, nearest for masks."""
     h, w = array.shape[:2]
-    nh, nw = preprocess_shape(h, w, long_side)
+    nh, nw = model_frame(h, w, long_side, square)
     if (nh, nw) == (h, w):
         return array
     resample = Image.NEAREST if is_mask else Image.BILINEAR

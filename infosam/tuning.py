@@ -172,24 +172,55 @@ def _tune_lora(sam: Sam, cfg: TuningConfig) -> None:
 
 def _tune_adapter(sam: Sam, cfg: TuningConfig) -> None:
     blocks = encoder_blocks(sam)
-    if not all(isinstance(b, Block) for b in blocks):
-        raise ValueError(
-            "series adapters are defined on SAM's ViT blocks; SAM 2.1's Hiera blocks pool and "
-            "change width between stages: tune it with lora, bitfit, decoder or full"
-        )
     chosen = cfg.adapter_blocks if cfg.adapter_blocks is not None else range(2, len(blocks))
     for i in chosen:
         if not 0 <= i < len(blocks):
             raise ValueError(
                 f"adapter block {i} out of range: the encoder has {len(blocks)} blocks"
             )
-        block = SeriesAdapterBlock.convert(blocks[i], cfg.adapter_ratio)
-        _enable(block.Space_Adapter_Series.parameters())
-        _enable(block.MLP_Adapter_Series.parameters())
-        _enable(block.norm1.parameters())
-        _enable(block.norm2.parameters())
+        if isinstance(blocks[i], Block):
+            block = SeriesAdapterBlock.convert(blocks[i], cfg.adapter_ratio)
+            adapters = (block.Space_Adapter_Series, block.MLP_Adapter_Series)
+        else:
+            adapters = _adapt_hiera_block(blocks[i], cfg.adapter_ratio)
+        for module in (*adapters, blocks[i].norm1, blocks[i].norm2):
+            _enable(module.parameters())
     if cfg.train_decoder:
         _tune_decoder(sam, cfg)
+
+
+_ADAPTED: dict[tuple[type, str], type] = {}
+
+
+def _adapted_class(cls: type, name: str) -> type:
+    """A subclass of `cls` whose output passes through the Adapter in its attribute `name`
+    (one class per base class, as `speed._checkpointed_class`)."""
+    if (cls, name) not in _ADAPTED:
+        base_forward = cls.forward
+
+        def forward(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+            return getattr(self, name)(base_forward(self, *args, **kwargs))
+
+        _ADAPTED[(cls, name)] = type(
+            f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__}
+        )
+    return _ADAPTED[(cls, name)]
+
+
+def _adapt_hiera_block(block: nn.Module, ratio: float) -> tuple[Adapter, Adapter]:
+    """Series adapters in a SAM 2.1 Hiera block, where SAM's sit: on the attention output
+    before the residual add, and on the MLP output. An adapter acts per token, so applying it
+    to the attention's windowed (and pooled) output before Hiera un-partitions the windows is
+    the same; the attention and MLP get the adapter as a child (keys
+    `blocks.N.attn.Space_Adapter_Series.*`, `blocks.N.mlp.MLP_Adapter_Series.*`) and their
+    class swapped, so no Hiera code is forked and `qkv` keeps its name for LoRA and export."""
+    ref = block.norm2.weight
+    dim = int(block.dim_out)
+    block.attn.Space_Adapter_Series = Adapter(dim, ratio).to(ref.device, ref.dtype)
+    block.attn.__class__ = _adapted_class(type(block.attn), "Space_Adapter_Series")
+    block.mlp.MLP_Adapter_Series = Adapter(dim, ratio).to(ref.device, ref.dtype)
+    block.mlp.__class__ = _adapted_class(type(block.mlp), "MLP_Adapter_Series")
+    return block.attn.Space_Adapter_Series, block.mlp.MLP_Adapter_Series
 
 
 TUNING_METHODS: dict[str, Callable[[Sam, TuningConfig], None]] = {
@@ -250,7 +281,7 @@ def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor])
 
 
 def has_adapters(sam: Sam) -> bool:
-    return any(isinstance(m, SeriesAdapterBlock) for m in sam.modules())
+    return any(isinstance(m, Adapter) for m in sam.modules())
 
 
 def merge_for_export(sam: Sam) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import yaml
 from infosam.engine import LossConfig
 from infosam.metrics import METRICS
 from infosam.sam import SAM_VARIANTS
+from infosam.sam2 import SAM2_CONFIGS, SAM2_EMBEDDING_DIM, SAM2_IMAGE_SIZES
 from infosam.speed import ATTENTION_KINDS
 from infosam.tuning import TUNING_METHODS, TuningConfig
 from orchestrator.storage import has_password, password_refusal
@@ -85,10 +86,33 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    # sam: segment-anything's SAM (variants tiny, vit_b, vit_l, vit_h); sam2: SAM 2.1 with a
+    # Hiera image encoder in image mode (tiny, hiera_t, hiera_s, hiera_b+, hiera_l)
+    family: str = "sam"
     variant: str = "tiny"
     # Teacher weights, also the student's starting point. `builtin:tiny_teacher` is the tiny SAM
-    # this project pre-trained on the synthetic general domain; null means random init.
+    # this project pre-trained on the synthetic general domain; null means random init. SAM 2.1:
+    # Meta's sam2.1_hiera_*.pt (or an `infosam export` of a SAM 2.1 student).
     checkpoint: str | None = BUILTIN_TEACHER
+
+    @property
+    def image_size(self) -> int:
+        """The model's input resolution S (images become S x S)."""
+        if self.family == "sam2":
+            return SAM2_IMAGE_SIZES[self.variant]
+        return SAM_VARIANTS[self.variant].image_size
+
+    @property
+    def square_inputs(self) -> bool:
+        """SAM 2.1 resizes images to S x S; SAM resizes the longest side and pads."""
+        return self.family == "sam2"
+
+    @property
+    def embedding_dim(self) -> int:
+        """Channels of the image embedding and the output token (the relation module's width)."""
+        if self.family == "sam2":
+            return SAM2_EMBEDDING_DIM
+        return SAM_VARIANTS[self.variant].prompt_embed_dim
 
 
 @dataclass
@@ -218,8 +242,14 @@ class Config:
             node[last] = copy.deepcopy(value)
         return Config.from_dict(data).validate()
 
+    def _check_family(self) -> None:
+        problems = _family_problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     def validate(self) -> Config:
         check_ranges(self)
+        self._check_family()
         if self.tracking.uri and has_password(self.tracking.uri):
             raise ConfigError(password_refusal("tracking.uri"))
         if self.speed.teacher_cache and self.data.augment != "none":
@@ -265,6 +295,35 @@ class Config:
                 "0 on every worker; gather relations or raise optim.batch_size"
             )
         return self
+
+
+def _family_problems(cfg: Config) -> list[str]:
+    """What a SAM 2.1 run cannot take (or a variant of the other family)."""
+    m = cfg.model
+    variants = SAM2_CONFIGS if m.family == "sam2" else SAM_VARIANTS
+    if m.variant not in variants:
+        return [
+            f"model.variant={m.variant!r} is not a {m.family} variant: choose {sorted(variants)}"
+        ]
+    if m.family != "sam2":
+        return []
+    problems = []
+    if m.checkpoint == BUILTIN_TEACHER:
+        problems.append(
+            f"model.checkpoint={BUILTIN_TEACHER} is a SAM 1 model: for model.family=sam2 set it "
+            "to a SAM 2.1 checkpoint in Meta's format (sam2.1_hiera_*.pt) or null (random init)"
+        )
+    if cfg.speed.attention != "eager":
+        problems.append(
+            f"speed.attention={cfg.speed.attention!r} routes SAM's ViT attention; SAM 2.1's "
+            "Hiera attention is scaled_dot_product_attention already: leave it eager"
+        )
+    if cfg.data.decode_on == "gpu":
+        problems.append(
+            "data.decode_on=gpu letterboxes images as SAM takes them; SAM 2.1 resizes to a "
+            "square: use data.decode_on=cpu"
+        )
+    return problems
 
 
 def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
@@ -339,7 +398,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.eval_box_jitter": _num(0),
     "data.shuffle_buffer": _num(0),
     "data.materialize_max_mb": _num(0),
-    "model.variant": _one_of(SAM_VARIANTS),
+    "model.family": _one_of(("sam", "sam2")),
+    "model.variant": _one_of((*SAM_VARIANTS, *(v for v in SAM2_CONFIGS if v not in SAM_VARIANTS))),
     "tuning.method": _one_of(TUNING_METHODS),
     "tuning.lora_rank": _num(1),
     "tuning.lora_alpha": _num(0, lo_open=True),

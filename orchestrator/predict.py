@@ -13,7 +13,7 @@ import torch
 
 from infosam.engine import predict_scored
 from infosam.predictor import Prompt, segment_image
-from infosam.sam import PromptableSam, build_sam, load_exported
+from infosam.sam import PromptableSam, build_sam
 from orchestrator.data.codec import Rejected, decode_image, encode_png, open_encoded
 from orchestrator.storage import atomic_write_json, local_copy, local_target
 
@@ -61,9 +61,11 @@ def load_model(
         sam2 = build_sam2_model(variant, path, state=obj["model"])
         return PromptableSam2(sam2).to(device).eval(), variant
     if isinstance(obj, dict) and "infosam_export" in obj:
-        return PromptableSam(load_exported(path)).to(device).eval(), obj["infosam_export"][
-            "variant"
-        ]
+        from infosam.sam2 import PromptableSam2, load_exported
+
+        module, family = load_exported(path)
+        wrap = PromptableSam2 if family == "sam2" else PromptableSam
+        return wrap(module).to(device).eval(), obj["infosam_export"]["variant"]
     if variant is None:
         raise ValueError(
             f"{path} holds plain SAM weights: pass --variant (tiny, vit_b, vit_l, vit_h)"
@@ -263,18 +265,13 @@ def segment_row(
     from orchestrator.data.reader import decode_batch
     from orchestrator.train.evaluation import draw_prompts
 
-    if getattr(model, "square_inputs", False):
-        raise ValueError(
-            "a SAM 2.1 checkpoint predicts image files (--images, or --data FOLDER with "
-            "prompts); prompting a dataset from its own masks needs the dataset read at SAM "
-            "2.1's square resolution, which comes with SAM 2.1 training"
-        )
     cols = {}
     for k in ("id", "image", "mask", "source", *INSTANCE_COLUMNS):
         if k in row:
             cols[k] = np.empty(1, dtype=object)
             cols[k][0] = row[k]
-    batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True)
+    square = getattr(model, "square_inputs", False)  # SAM 2.1
+    batch = decode_batch(cols, model.image_size, cfg.data.channel_order, True, square=square)
     gen = row_generator(cfg.seed, str(row["id"]))
     results = []
     for start in range(0, len(batch["id"]), batch_size):
@@ -359,7 +356,7 @@ def _sample_entry(
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[str, str]:
     """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM state_dict;
-    adapters give a self-contained file for `infosam.sam.load_exported`."""
+    adapters give a self-contained file for `infosam.sam2.load_exported`."""
     from orchestrator.train.checkpoints import export_student, load_trained
 
     model, cfg, _ = load_trained(checkpoint)

@@ -1,8 +1,10 @@
 """Config rules a user meets before anything runs."""
 
+import re
+
 import pytest
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import Config, ConfigError, load_config
 
 
 def test_elastic_range_must_keep_the_global_batch_evenly_shared():
@@ -35,6 +37,7 @@ BAD_VALUES = {
     "data.eval_box_jitter": -0.5,
     "data.shuffle_buffer": -1,
     "data.materialize_max_mb": -1,
+    "model.family": "sam3",
     "model.variant": "vit_x",
     "tuning.method": "lorax",
     "tuning.lora_rank": 0,
@@ -140,3 +143,20 @@ def test_a_resume_compares_the_values_that_shape_the_result():
     assert "--allow-config-change" in message
     # a zero-shot result does not depend on training values
     assert config_changes(result_view(old, zero_shot=True), result_view(new, zero_shot=True)) == []
+
+
+def test_a_sam2_config_is_checked_against_its_family():
+    ok = Config().with_values({"model.family": "sam2", "model.checkpoint": None})
+    assert (ok.model.image_size, ok.model.embedding_dim, ok.model.square_inputs) == (256, 256, True)
+    big = ok.with_values({"model.variant": "hiera_b+"})
+    assert big.model.image_size == 1024
+    for overrides, words in [
+        ({"model.variant": "vit_b"}, "model.variant='vit_b' is not a sam2 variant"),
+        ({"model.checkpoint": "builtin:tiny_teacher"}, "is a SAM 1 model"),
+        ({"speed.attention": "flex"}, "Hiera attention"),
+        ({"data.decode_on": "gpu"}, "use data.decode_on=cpu"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            ok.with_values(overrides)
+    with pytest.raises(ConfigError, match="is not a sam variant"):
+        Config().with_values({"model.variant": "hiera_t"})

@@ -307,7 +307,6 @@ def _prepare_retention(plan: Plan) -> None:
     """Each retention set's folder (synthesised on first use, like the domains), checked once
     here so a missing set fails the benchmark before any cell trains; its test split decoded
     once into Ray's object store for every cell to score (not once per cell)."""
-    from infosam.sam import SAM_VARIANTS
     from orchestrator.data.manifest import load_manifest
     from orchestrator.data.reader import read_split
     from orchestrator.data.synthetic import ensure_data
@@ -335,7 +334,8 @@ def _prepare_retention(plan: Plan) -> None:
         plan.retention_splits[name] = read_split(
             data_dir,
             cfg.data.test_split,
-            image_size=SAM_VARIANTS[cfg.model.variant].image_size,
+            image_size=cfg.model.image_size,
+            square=cfg.model.square_inputs,
             channel_order=cfg.data.channel_order,
             decode_on=cfg.data.decode_on,
             keep_original_mask=True,

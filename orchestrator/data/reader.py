@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from infosam.transforms import preprocess_shape, resize_longest_side
+from infosam.transforms import model_frame, resize_longest_side
 from orchestrator.data.codec import (
     SampleDecodeError,
     binarise_mask,
@@ -55,12 +55,15 @@ def _decode_mask(mask: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def _place_image(img: Image.Image, image_size: int, channel_order: str, out: np.ndarray) -> None:
-    """Resize the longest side (bilinear, as `resize_longest_side`) and write the CHW pixels
-    into `out`'s top-left corner (already zero: the padding). Resizing the PIL image itself
-    and writing once saves three full-size copies per image against array -> resize -> pad ->
-    transpose (the same bytes: `tests/data/test_reader.py`)."""
-    h, w = preprocess_shape(img.height, img.width, image_size)
+def _place_image(
+    img: Image.Image, image_size: int, channel_order: str, out: np.ndarray, square: bool = False
+) -> None:
+    """Resize the longest side (bilinear, as `resize_longest_side`; with `square` to S x S, as
+    SAM 2.1 takes images) and write the CHW pixels into `out`'s top-left corner (already zero:
+    the padding). Resizing the PIL image itself and writing once saves three full-size copies
+    per image against array -> resize -> pad -> transpose (the same bytes:
+    `tests/data/test_reader.py`)."""
+    h, w = model_frame(img.height, img.width, image_size, square)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), resample=Image.BILINEAR)
     hwc = np.asarray(img)
@@ -69,7 +72,7 @@ def _place_image(img: Image.Image, image_size: int, channel_order: str, out: np.
 
 
 def decode_images(
-    encoded: np.ndarray, image_size: int, channel_order: str = "rgb"
+    encoded: np.ndarray, image_size: int, channel_order: str = "rgb", square: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images alone -> (B,3,S,S) uint8 and input sizes: one per ROW (per image), what the
     teacher's embedding needs, also for instance datasets."""
@@ -77,8 +80,8 @@ def decode_images(
     sizes = np.zeros((len(encoded), 2), np.int64)
     for i, data in enumerate(encoded):
         img = open_rgb(data)
-        _place_image(img, image_size, channel_order, images[i])
-        sizes[i] = preprocess_shape(img.height, img.width, image_size)
+        _place_image(img, image_size, channel_order, images[i], square)
+        sizes[i] = model_frame(img.height, img.width, image_size, square)
     return images, sizes
 
 
@@ -103,8 +106,10 @@ def decode_batch(
     keep_original_mask: bool = False,
     embedding_shape: tuple[int, ...] | None = None,
     decode_on: str = "cpu",
+    square: bool = False,
 ) -> dict[str, np.ndarray]:
     """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
+    `square`: images and masks resized to S x S (SAM 2.1) instead of longest side + padding.
 
     `decode_on="gpu"` ships `image_bytes` (sizes from the header, budget checked) and
     `channel_order` instead of `image` for `to_torch` to decode on the worker's device; masks
@@ -135,12 +140,12 @@ def decode_batch(
         img, decoded = _decode_row(batch, i, per_row[i], on_device)
         first = j
         if not on_device:
-            _place_image(img, image_size, channel_order, images[first])
-        h, w = preprocess_shape(img.height, img.width, image_size)
+            _place_image(img, image_size, channel_order, images[first], square)
+        h, w = model_frame(img.height, img.width, image_size, square)
         for sid, m, category in decoded:
             if not on_device and j != first:  # another instance of the same image
                 images[j] = images[first]
-            masks[j, :h, :w] = resize_longest_side(m, image_size, is_mask=True)
+            masks[j, :h, :w] = resize_longest_side(m, image_size, is_mask=True, square=square)
             input_size[j] = (h, w)
             original_size[j] = m.shape
             originals[j], ids[j], image_ids[j], rows[j] = m, sid, batch["id"][i], i
@@ -259,8 +264,10 @@ def read_split(
     verify: bool = False,
     teacher_cache: dict | None = None,
     decode_on: str = "cpu",
+    square: bool = False,
 ) -> Any:
-    """A lazy `ray.data.Dataset` of decoded, padded samples of one split.
+    """A lazy `ray.data.Dataset` of decoded, padded samples of one split (`square`: resized to
+    S x S, as SAM 2.1 takes images).
 
     `decode_on="gpu"` ships the stored image bytes instead of decoded pixels (see
     `decode_batch`); `to_torch` decodes them on the consumer's device.
@@ -299,6 +306,7 @@ def read_split(
             "keep_original_mask": keep_original_mask,
             "embedding_shape": shape,
             "decode_on": decode_on,
+            "square": square,
         },
         batch_format="numpy",
         batch_size=batch_size,

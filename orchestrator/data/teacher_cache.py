@@ -71,20 +71,23 @@ class CacheKey:
     image_size: int
     channel_order: str
     teacher_sha256: str
+    family: str = "sam"  # sam | sam2 (SAM 2.1: square inputs, packed high-res features)
 
     @classmethod
     def for_config(cls, cfg: Any, teacher_sha256: str) -> CacheKey:
         """The key of an `orchestrator.config.Config` whose teacher hashes to `teacher_sha256`."""
         return cls(
             cfg.model.variant,
-            SAM_VARIANTS[cfg.model.variant].image_size,
+            cfg.model.image_size,
             cfg.data.channel_order,
             teacher_sha256,
+            cfg.model.family,
         )
 
     @property
     def dirname(self) -> str:
-        return f"{self.variant}-{self.image_size}-{self.channel_order}-{self.teacher_sha256[:16]}"
+        name = f"{self.variant}-{self.image_size}-{self.channel_order}-{self.teacher_sha256[:16]}"
+        return name if self.family == "sam" else f"{self.family}-{name}"
 
 
 def cache_location(dataset_dir: str | os.PathLike, key: CacheKey) -> str:
@@ -131,6 +134,7 @@ def open_teacher_cache(
     if meta is None:
         raise TeacherCacheError(f"no teacher cache at {printable(location)}")
     expected = {"version": CACHE_VERSION, **dataclasses.asdict(key)}
+    meta = {"family": "sam", **meta}  # caches from before SAM 2.1 are SAM's
     for key, value in expected.items():
         if meta.get(key) != value:
             raise TeacherCacheError(
@@ -176,19 +180,27 @@ class TeacherEncoder:
         image_size: int,
         channel_order: str,
         attention: str = "folded",
+        family: str = "sam",
     ) -> None:
         from infosam.sam import PromptableSam, build_sam
         from infosam.speed import use_attention
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        sam = build_sam(variant, checkpoint)
-        use_attention(sam, attention)
-        self.model = PromptableSam(sam).to(self.device).eval().requires_grad_(False)
+        if family == "sam2":  # Hiera attention is SDPA already
+            from infosam.sam2 import PromptableSam2, build_sam2_model
+
+            model = PromptableSam2(build_sam2_model(variant, checkpoint))
+        else:
+            sam = build_sam(variant, checkpoint)
+            use_attention(sam, attention)
+            model = PromptableSam(sam)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.image_size = image_size
         self.channel_order = channel_order
+        self.square = family == "sam2"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        decoded = decode_images(batch["image"], self.image_size, self.channel_order)
+        decoded = decode_images(batch["image"], self.image_size, self.channel_order, self.square)
         images = torch.from_numpy(decoded[0]).to(self.device)
         sizes = torch.from_numpy(decoded[1]).to(self.device)
         with (
@@ -321,6 +333,7 @@ class _CacheBuild:
                 "image_size": k.image_size,
                 "channel_order": k.channel_order,
                 "attention": self.attention,
+                "family": k.family,
             },
             batch_size=self.batch_size,
             batch_format="numpy",
@@ -353,12 +366,19 @@ def _cache_meta(build: _CacheBuild) -> dict:
         version=CACHE_VERSION,
         teacher_sha256=key.teacher_sha256,
         variant=key.variant,
+        family=key.family,
         image_size=key.image_size,
         channel_order=key.channel_order,
         dtype="bfloat16",
         checkpoint=os.path.basename(build.checkpoint),
     )
     meta.setdefault("splits", {})
+    if key.family == "sam2":  # the embedding and the packed high-res maps, stride 16
+        from infosam.sam2 import SAM2_EMBEDDING_DIM
+
+        grid = key.image_size // 16
+        meta["embedding_shape"] = [4 * SAM2_EMBEDDING_DIM, grid, grid]
+        return meta
     spec = SAM_VARIANTS[key.variant]
     grid = key.image_size // spec.patch_size
     meta["embedding_shape"] = [spec.prompt_embed_dim, grid, grid]

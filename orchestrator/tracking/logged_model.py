@@ -45,6 +45,9 @@ REQUIREMENTS = (
     "torch",
     "torchvision",
     "segment-anything",
+    "rf-sam-2",  # SAM 2.1 (Meta's code) and its config system
+    "hydra-core",
+    "iopath",
     "peft",
     "pysodmetrics",
     "numpy",

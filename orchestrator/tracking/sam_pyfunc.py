@@ -60,17 +60,22 @@ class SamModel(PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from infosam.sam import PromptableSam, build_sam, load_exported
+        from infosam.sam import PromptableSam, build_sam
+        from infosam.sam2 import PromptableSam2, build_sam2_model, load_exported
 
         config = context.model_config or {}
         weights = context.artifacts["weights"]
+        family = config.get("family", "sam")
         if config.get("format") == "self-contained":
-            sam = load_exported(weights)
+            sam, family = load_exported(weights)
+        elif family == "sam2":
+            sam = build_sam2_model(config["variant"], weights)
         else:
             sam = build_sam(config["variant"], weights)
         wanted = config.get("device", "auto")
         self.device = "cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu"
-        self.model = PromptableSam(sam).to(self.device).eval()
+        wrap = PromptableSam2 if family == "sam2" else PromptableSam
+        self.model = wrap(sam).to(self.device).eval()
         self.codec = _load_codec(context.artifacts["codec"])
 
     def _image(self, value: Any, row: int) -> np.ndarray:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from infosam.sam import PromptableSam, build_sam, checkpoint_sha256, save_exported
+from infosam.sam import PromptableSam, checkpoint_sha256, save_exported
+from infosam.sam2 import SAM2_CONFIGS, sam2_overrides, save_sam2_checkpoint
 from infosam.tuning import (
     apply_tuning,
     has_adapters,
@@ -35,7 +36,7 @@ from orchestrator.storage import (
     local_copy,
     local_target,
 )
-from orchestrator.train.models import teacher_checkpoint, unwrap
+from orchestrator.train.models import build_backbone, promptable, teacher_checkpoint, unwrap
 
 __all__ = [
     "HISTORY_FILE",
@@ -170,28 +171,39 @@ def load_trained(
             f"{path} is not the base checkpoint this run was trained from (sha256 differs); "
             "the checkpoint holds only the trained tensors, so it needs the same base weights"
         )
-    sam = build_sam(cfg.model.variant, path)
+    sam = build_backbone(cfg, path)
     apply_tuning(sam, cfg.tuning)
     load_trainable_state_dict(sam, state["student"])
-    return PromptableSam(sam).to(device).eval(), cfg, state
+    return promptable(cfg, sam).to(device).eval(), cfg, state
 
 
 def export_student(model: PromptableSam, cfg: Config, out: str | os.PathLike) -> tuple[str, str]:
-    """(kind, explanation). Methods that fold into SAM's own tensors give a plain SAM
-    state_dict; adapters give a self-contained file for `infosam.sam.load_exported`."""
-    sam = model.sam
+    """(kind, explanation). Methods that fold into the model's own tensors give the family's
+    official format (segment-anything's state_dict; Meta's SAM 2.1 `{"model": ...}`); adapters
+    give a self-contained file for `infosam.sam2.load_exported` (either family)."""
+    sam, variant = model.sam, cfg.model.variant
     if has_adapters(sam):
         with local_target(out) as path:
-            save_exported(sam, path, cfg.model.variant, cfg.tuning)
+            save_exported(sam, path, variant, cfg.tuning, cfg.model.family)
         return "self-contained", (
-            f"{cfg.tuning.method} adds modules plain SAM does not have (series adapters), so {out} is a "
-            "self-contained export: load it with `infosam.sam.load_exported(path)`"
+            f"{cfg.tuning.method} adds modules the official model does not have (series "
+            f"adapters), so {out} is a self-contained export: load it with "
+            "`infosam.sam2.load_exported(path)`"
+        )
+    if cfg.model.family == "sam2":
+        with local_target(out) as path:
+            save_sam2_checkpoint(merge_for_export(sam), path)
+        extra = f", hydra_overrides_extra={sam2_overrides(variant)}" if variant == "tiny" else ""
+        return "sam2", (
+            f"{cfg.tuning.method} folds into SAM 2.1's own tensors (LoRA merged into qkv), so "
+            f"{out} is in Meta's format: load it with sam2.build_sam.build_sam2("
+            f"'{SAM2_CONFIGS[variant]}', '{out}'{extra}) and use SAM2ImagePredictor"
         )
     with local_target(out) as path, atomic_file(path) as f:
         torch.save(merge_for_export(sam), f)
     how = (
-        f"segment_anything.sam_model_registry['{cfg.model.variant}'](checkpoint='{out}')"
-        if cfg.model.variant != "tiny"
+        f"segment_anything.sam_model_registry['{variant}'](checkpoint='{out}')"
+        if variant != "tiny"
         else f"infosam.sam.build_sam('tiny', '{out}')"
     )
     return "plain-sam", (
@@ -223,7 +235,12 @@ def log_student_model(uri: str, run_id: str, checkpoint: str, *, step: int = -1)
             uri,
             run_id,
             weights,
-            {"format": kind, "variant": cfg.model.variant, "method": cfg.tuning.method},
+            {
+                "format": kind,
+                "family": cfg.model.family,
+                "variant": cfg.model.variant,
+                "method": cfg.tuning.method,
+            },
             step=step,
             tags={"infosam.checkpoint": checkpoint, "infosam.method": cfg.tuning.method},
             codec=codec.__file__,

@@ -267,7 +267,7 @@ def evaluate_model(
         cfg.optim, eval_protocol=protocol or cfg.optim.eval_protocol, eval_batch_size=batch_size
     )
     cfg = dataclasses.replace(cfg, optim=optim)  # the caller's config stays as it was
-    size = model.image_size
+    size, square = model.image_size, getattr(model, "square_inputs", False)
 
     class _Rows:  # the one method of a Ray DataIterator that _evaluate uses
         def iter_batches(self, batch_size: int, batch_format: str):
@@ -288,7 +288,9 @@ def evaluate_model(
                     cols[k] = np.empty(len(chunk), dtype=object)
                     for i, r in enumerate(chunk):  # one object per row, lists included
                         cols[k][i] = r[k]
-            return decode_batch(cols, size, cfg.data.channel_order, keep_original_mask=True)
+            return decode_batch(
+                cols, size, cfg.data.channel_order, keep_original_mask=True, square=square
+            )
 
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = [] if scores is None else scores

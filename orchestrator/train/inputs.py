@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from infosam.sam import SAM_VARIANTS
 from orchestrator.config import (
     Config,
     ConfigError,
@@ -46,7 +45,7 @@ def prepare_data(
     data_dir = ensure_data(cfg)
     manifest = load_manifest(data_dir)
     sc = cfg.scaling
-    size = SAM_VARIANTS[cfg.model.variant].image_size
+    size, square = cfg.model.image_size, cfg.model.square_inputs
     train_cache = None
     if cfg.speed.teacher_cache and cfg.loss.needs_teacher:
         from orchestrator.data.teacher_cache import (
@@ -74,6 +73,7 @@ def prepare_data(
             data_dir,
             split,
             image_size=size,
+            square=square,
             channel_order=cfg.data.channel_order,
             decode_on=cfg.data.decode_on,
             keep_original_mask=key != "train",
@@ -111,6 +111,7 @@ def _retention_datasets(cfg: Config, size: int) -> dict[str, Any]:
             data_dir,
             cfg.data.val_split,
             image_size=size,
+            square=cfg.model.square_inputs,
             channel_order=cfg.data.channel_order,
             decode_on=cfg.data.decode_on,
             keep_original_mask=True,

@@ -85,7 +85,7 @@ def test_meta_format_loads_strictly_and_a_wrong_file_is_named(tiny, tmp_path):
         build_sam2_model("hiera_x")
 
 
-@pytest.mark.parametrize("method", ["decoder", "bitfit", "lora", "full"])
+@pytest.mark.parametrize("method", ["decoder", "bitfit", "lora", "adapter", "full"])
 def test_the_peft_menu_trains_the_right_tensors_of_hiera(method):
     model = build_sam2_model("tiny")
     report = apply_tuning(model, method=method, lora_rank=4)
@@ -98,6 +98,15 @@ def test_the_peft_menu_trains_the_right_tensors_of_hiera(method):
         )
     elif method == "bitfit":
         assert all(n.endswith("bias") for n in names if n.startswith("image_encoder."))
+    elif method == "adapter":  # blocks 2.. as the reference: adapters and their block's norms
+        encoder = [n for n in names if n.startswith("image_encoder.")]
+        adapters = [n for n in encoder if "Adapter_Series" in n]
+        assert len(adapters) == 2 * 4 * (len(model.image_encoder.trunk.blocks) - 2)
+        assert all(".norm" in n for n in set(encoder) - set(adapters))
+        assert not any(n.startswith("image_encoder.trunk.blocks.1.") for n in encoder)
+        with torch.no_grad():
+            out = model.forward_image(torch.zeros(1, 3, 256, 256))
+        assert out["vision_features"].shape == (1, 256, 16, 16)
     elif method == "lora":
         encoder = [n for n in names if n.startswith("image_encoder.")]
         assert encoder and all("lora_" in n and ".attn.qkv." in n for n in encoder)
@@ -105,11 +114,6 @@ def test_the_peft_menu_trains_the_right_tensors_of_hiera(method):
     else:
         assert all(p.requires_grad for p in model.image_encoder.parameters())
     assert not any(n.startswith(("memory_", "sam_prompt_encoder")) for n in names)
-
-
-def test_adapters_on_hiera_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="lora, bitfit, decoder or full"):
-        apply_tuning(build_sam2_model("tiny"), method="adapter")
 
 
 def test_a_lora_student_exports_to_a_file_meta_build_sam2_predicts_with(tmp_path):
