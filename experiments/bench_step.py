@@ -3,13 +3,16 @@ optimizer) under speed switches; one JSON line per configuration.
 
     python experiments/bench_step.py --variant vit_b --configs reference,fast@16   # on a GPU
     python experiments/bench_step.py --variant tiny --steps 2 --warmup 1           # CPU smoke
+    python experiments/bench_step.py --family sam2 --variant tiny                  # SAM 2.1
 
 The reference-equivalent configuration (fp32, eager attention, teacher encoder recomputed every
 step, adapter student, batch --batch-size) always runs first in the same process, so every line
 carries its speed ratio (`x_reference`) and how far its first-step loss is from the reference's
 on the same weights and batch (`first_loss_rel_diff`: the switches' numerical equivalence).
 `NAME@N` runs a configuration at batch N. `--encode` adds the teacher cache pre-pass's
-encoder throughput (what `infosam data teacher-cache` runs per GPU).
+encoder throughput (what `infosam data teacher-cache` runs per GPU). `--family sam2` times SAM
+2.1 (Hiera) students and teachers; the attention switches are SAM's ViT kernels, so its
+configurations are the others (bf16, cache, checkpointing, compile).
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infosam.engine import train_step
 from infosam.prompts import sample_prompts
-from infosam.sam import SAM_VARIANTS, PromptableSam, build_sam
 from infosam.speed import use_attention
 from orchestrator.config import Config
-from orchestrator.train.models import autocast_dtype, build_models
+from orchestrator.train.models import autocast_dtype, build_backbone, build_models, promptable
 from orchestrator.train.worker import make_optimizer
 
 # Each configuration is a set of config values, applied by the same code training runs
@@ -55,14 +57,24 @@ CONFIGS: dict[str, dict] = {
     "bf16_flex_cache_compile": {**BF16, **FLEX, **CACHE, **COMPILE},
     "bf16_folded_cache_ckpt_compile": {**BF16, **FOLDED, **CACHE, **CKPT, **COMPILE},
 }
+CONFIGS.update(  # without an attention kernel: what SAM 2.1 takes (its Hiera uses SDPA)
+    {
+        "bf16_cache": {**BF16, **CACHE},
+        "bf16_cache_ckpt": {**BF16, **CACHE, **CKPT},
+        "bf16_cache_compile": {**BF16, **CACHE, **COMPILE},
+    }
+)
 CONFIGS["fast"] = CONFIGS["bf16_folded_cache_compile"]
 CPU_DEFAULT = "bf16,bf16_sdpa,bf16_folded,bf16_folded_cache,bf16_folded_cache_ckpt"
+SAM2_DEFAULT = "bf16,bf16_cache,bf16_cache_ckpt"
+FAMILY = {"family": "sam"}  # set by main from --family
 
 
 def config(variant: str, opts: dict) -> Config:
     """The training config of one configuration: adapter student + InfoSAM, random weights."""
     return Config().with_values(
         {
+            "model.family": FAMILY["family"],
             "model.variant": variant,
             "model.checkpoint": None,  # speed does not depend on the weights' values
             "tuning.method": "adapter",
@@ -86,7 +98,7 @@ def build(variant: str, opts: dict, device: torch.device):
 
 
 def make_batch(variant: str, bs: int, device: torch.device):
-    size = SAM_VARIANTS[variant].image_size
+    size = config(variant, {}).model.image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (bs, 3, size, size), generator=g, dtype=torch.uint8)
     masks = torch.zeros(bs, size, size, dtype=torch.uint8)
@@ -162,6 +174,7 @@ def run(name: str, opts: dict, args, device: torch.device, bs: int) -> dict:
     return {
         "config": name,
         **opts,
+        "family": FAMILY["family"],
         "variant": args.variant,
         "batch_size": bs,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -177,9 +190,11 @@ def run(name: str, opts: dict, args, device: torch.device, bs: int) -> dict:
 def encode_pass(args, device: torch.device, bs: int, attention: str) -> dict:
     """Images/s of the frozen teacher's encoder alone (bf16 on GPU): the cache pre-pass."""
     torch.manual_seed(0)
-    sam = build_sam(args.variant)
-    use_attention(sam, attention)
-    teacher = PromptableSam(sam).to(device).eval().requires_grad_(False)
+    cfg = config(args.variant, {})
+    sam = build_backbone(cfg, None)
+    if cfg.model.family == "sam":
+        use_attention(sam, attention)
+    teacher = promptable(cfg, sam).to(device).eval().requires_grad_(False)
     batch, _ = make_batch(args.variant, bs, device)
     on_gpu = device.type == "cuda"
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -216,21 +231,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     on_gpu = torch.cuda.is_available()
-    p.add_argument("--variant", default="vit_b" if on_gpu else "tiny")
+    p.add_argument("--family", choices=["sam", "sam2"], default="sam")
+    p.add_argument("--variant", help="default: vit_b / hiera_b+ on a GPU, tiny on the CPU")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
         "--configs",
-        default="bf16_folded_cache_ckpt,bf16_folded_cache_compile,fast@16"
-        if on_gpu
-        else CPU_DEFAULT,
-        help=f"comma-separated NAME[@BATCH]; names: {', '.join(CONFIGS)}",
+        help=f"comma-separated NAME[@BATCH]; names: {', '.join(CONFIGS)} (default: per family "
+        "and device)",
     )
     p.add_argument("--encode", type=int, default=0, help="also time the encoder at this batch")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     args = p.parse_args(argv)
     args.warmup = max(args.warmup, 1)
+    FAMILY["family"] = args.family
+    if args.variant is None:
+        args.variant = ("hiera_b+" if args.family == "sam2" else "vit_b") if on_gpu else "tiny"
+    if args.configs is None and args.family == "sam2":
+        args.configs = SAM2_DEFAULT + (
+            ",bf16_cache_compile,bf16_cache_compile@16" if on_gpu else ""
+        )
+    elif args.configs is None:
+        args.configs = (
+            "bf16_folded_cache_ckpt,bf16_folded_cache_compile,fast@16" if on_gpu else CPU_DEFAULT
+        )
     device = torch.device("cuda" if on_gpu else "cpu")
     results = []
     ref: dict = {}

@@ -216,3 +216,26 @@ def test_the_variant_is_read_from_the_weights(tiny, hiera_t):
     assert infer_sam2_variant(hiera_t.state_dict()) == "hiera_t"
     with pytest.raises(CheckpointMismatchError, match="--variant"):
         infer_sam2_variant({"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(8, 3)})
+
+
+def test_checkpointed_hiera_blocks_give_identical_gradients():
+    from infosam.speed import checkpoint_blocks
+
+    def grads(checkpointed: bool):
+        torch.manual_seed(0)
+        sam = build_sam2_model("tiny")
+        apply_tuning(sam, method="adapter")
+        if checkpointed:
+            checkpoint_blocks(sam)
+            assert "Checkpointed" in type(sam.image_encoder.trunk.blocks[3]).__name__
+        model = PromptableSam2(sam).train()
+        torch.manual_seed(1)
+        images = torch.rand(2, 3, 256, 256) * 255
+        out = model(images, boxes=torch.tensor([[40.0, 40, 200, 180], [10, 20, 120, 240]]))
+        out.low_res_logits.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any("Adapter_Series" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], msg=name)

@@ -152,3 +152,21 @@ def test_bench_step_on_cpu_shows_the_switches_agree_with_the_reference():
         assert by_name[name]["first_loss_rel_diff"] < 1e-2, by_name[name]
     assert by_name["bf16_folded@2"]["batch_size"] == 2
     assert "first_loss_rel_diff" not in by_name["bf16_folded@2"]  # other batch: no comparison
+
+
+def test_bench_step_runs_sam2_and_its_switches_agree():
+    """SAM 2.1 through the same step: bf16, the teacher cache (packed high-res features) and
+    checkpointed Hiera blocks give the reference's first-step loss."""
+    import importlib.util
+
+    path = ROOT / "experiments" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step_sam2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--family=sam2", "--steps=1", "--warmup=1", "--no-flops", "--batch-size=2"])
+    by_name = {r["config"]: r for r in rows}
+    assert all("error" not in r for r in rows), rows
+    assert set(by_name) == {"reference", "bf16", "bf16_cache", "bf16_cache_ckpt"}
+    assert all(r["family"] == "sam2" and r["variant"] == "tiny" for r in rows)
+    for name in ("bf16", "bf16_cache", "bf16_cache_ckpt"):
+        assert by_name[name]["first_loss_rel_diff"] < 1e-2, by_name[name]

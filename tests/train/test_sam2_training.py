@@ -106,3 +106,47 @@ def test_a_sam2_student_trains_with_infosam_and_exports(
     row = rows.iloc[0] if hasattr(rows, "iloc") else rows[0]
     rle = {"size": [int(row["height"]), int(row["width"])], "counts": row["mask"].encode()}
     assert np.array_equal(coco_mask.decode(rle).astype(bool), ours[0][0])
+
+
+def test_a_sam2_teacher_cache_holds_the_packed_features_and_trains(
+    ray_local, tmp_path, dataset, sam2_teacher
+):
+    """The cache pre-pass encodes SAM 2.1 at its square resolution and stores the embedding
+    with the packed high-res maps; a run streams it (no teacher encoder per step)."""
+    from orchestrator.data.reader import read_split, to_torch
+    from orchestrator.data.teacher_cache import CacheKey, build_teacher_cache, open_teacher_cache
+    from orchestrator.train.models import teacher_hash
+
+    cfg = train_config(
+        tmp_path,
+        dataset,
+        "model.family=sam2",
+        f"model.checkpoint={sam2_teacher}",
+        "tuning.method=lora",
+        "scaling.num_workers=0",
+        "optim.epochs=1",
+        "speed.teacher_cache=true",
+        "speed.checkpointing=true",
+        "tracking.overlays=0",
+    )
+    key = CacheKey.for_config(cfg, teacher_hash(cfg))
+    assert key.dirname.startswith("sam2-tiny-256-")
+    meta = build_teacher_cache(
+        dataset / "camouflage", ["train"], key, checkpoint=str(sam2_teacher), quiet=True
+    )
+    assert meta["embedding_shape"] == [1024, 16, 16] and meta["family"] == "sam2"
+    cache = open_teacher_cache(dataset / "camouflage", "train", key)
+    ds = read_split(
+        dataset / "camouflage", "train", image_size=256, teacher_cache=cache, square=True
+    )
+    batch = to_torch(ds.take_batch(4, batch_format="numpy"))
+    teacher = PromptableSam2(build_sam2_model("tiny", sam2_teacher)).requires_grad_(False)
+    with torch.no_grad():
+        direct = teacher.encode(batch["image"])
+    assert (batch["input_size"] == 256).all()  # square inputs: no padding
+    torch.testing.assert_close(batch["teacher_embedding"].float(), direct, rtol=2**-8, atol=1e-3)
+
+    result = fit(cfg, quiet=True)
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["infosam.teacher_cache"].endswith(key.dirname)
+    assert result.history[0]["train/distillation"] != 0.0
