@@ -441,8 +441,10 @@ def _report(
         if overlay_rows:
             from orchestrator.plots import overlay_grid
 
+            # a run without a teacher (no InfoSAM, no KD) has no teacher column to draw
+            shown = [c for c in ("gt", "teacher", "student") if c in overlay_rows[0]]
             w.logger.log_image_file(
-                overlay_grid(overlay_rows), "overlays/val_teacher_student_gt.png"
+                overlay_grid(overlay_rows, shown), "overlays/val_teacher_student_gt.png"
             )
 
 

@@ -332,3 +332,25 @@ def test_resuming_a_run_name_with_another_config_is_refused(
     assert resumed.run_id == first.run_id
     recorded = json.loads((tmp_path / "runs" / "r" / "run_config.json").read_text())
     assert recorded["optim.lr"] == 0.05
+
+
+def test_a_run_without_a_teacher_draws_its_overlays(ray_local, tmp_path, synthetic_root):
+    """No InfoSAM and no KD: no teacher is built, and the overlay sheet has no teacher column
+    (it raised KeyError('teacher') after the last epoch and marked the run FAILED)."""
+    from PIL import Image
+
+    cfg = train_config(
+        tmp_path,
+        synthetic_root,
+        "scaling.num_workers=0",
+        "optim.epochs=1",
+        "loss.infosam=false",
+        "tuning.method=lora",
+    )
+    result = fit(cfg, quiet=True)
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    path = client.download_artifacts(
+        result.run_id, "overlays/val_teacher_student_gt.png", str(tmp_path)
+    )
+    assert Image.open(path).width == 3 * 192  # image, gt, student
