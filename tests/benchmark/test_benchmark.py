@@ -229,16 +229,25 @@ def test_sigterm_closes_every_open_run_as_killed(ray_local, tmp_path, synthetic_
     assert ray_local.available_resources().get("CPU", 0) == 2
 
 
-def test_missing_checkpoint_and_data_fail_early_with_instructions(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("config", "weights", "where"),
+    [
+        ("paper.yaml", "sam_vit_b_01ec64.pth", "segment-anything"),
+        ("paper_sam2.yaml", "sam2.1_hiera_base_plus.pt", "facebookresearch/sam2"),
+    ],
+)
+def test_missing_checkpoint_and_data_fail_early_with_instructions(
+    tmp_path, capsys, config, weights, where
+):
     args = [
         "--config",
-        str(ROOT / "experiments" / "configs" / "paper.yaml"),
+        str(ROOT / "experiments" / "configs" / config),
         "--set",
         f"storage.path={tmp_path}",
     ]
     assert benchmark_all.main(args) == 2
     err = capsys.readouterr().err
-    assert "sam_vit_b_01ec64.pth" in err and "segment-anything" in err
+    assert weights in err and where in err
     fake = tmp_path / "sam.pth"
     fake.write_bytes(b"x")
     assert (

@@ -20,7 +20,7 @@ from infosam.sam2 import (
     sam2_overrides,
     save_sam2_checkpoint,
 )
-from orchestrator.predict import export_checkpoint
+from orchestrator.predict import export_checkpoint, predict_dataset
 from orchestrator.train.checkpoints import load_trained
 from orchestrator.train.driver import fit
 from tests.helpers import train_config
@@ -88,6 +88,19 @@ def test_a_sam2_student_trains_with_infosam_and_exports(
     for (a, sa), (b, sb) in zip(ours, again, strict=True):
         assert np.array_equal(a, b) and sa == pytest.approx(sb, abs=1e-5)
 
+    # a dataset split, each sample prompted from its own mask at SAM 2.1's square resolution
+    split = predict_dataset(
+        student, synthetic_root / "camouflage", "test", tmp_path / "pred", cfg=loaded_cfg
+    )
+    assert len(split) == 8 and all(0.0 <= e["iou"] <= 1.0 for e in split)
+    print(
+        "DEBUG",
+        m["val/iou"],
+        m["test/iou"],
+        [e["iou"] for e in split],
+        [float(np.asarray(__import__("PIL.Image").Image.open(e["mask"])).mean()) for e in split],
+    )
+
     # the run's MLflow model: the same masks from the logged pyfunc
     import io
 
@@ -150,3 +163,38 @@ def test_a_sam2_teacher_cache_holds_the_packed_features_and_trains(
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["infosam.teacher_cache"].endswith(key.dirname)
     assert result.history[0]["train/distillation"] != 0.0
+
+
+def test_the_square_frame_round_trips_to_original_resolution(synthetic_root):
+    """Images and masks resized to S x S (aspect ratio not kept), prompts drawn there, logits
+    straight back to each image's size: a SAM 2.1 student that fits a few samples in that
+    frame scores them at original resolution (a misplaced or flipped frame scores ~0)."""
+    from infosam.engine import LossConfig, compute_losses, predict_scored
+    from infosam.prompts import sample_prompts
+    from orchestrator.data.manifest import iter_rows
+    from orchestrator.data.reader import decode_batch
+
+    rows = list(iter_rows(synthetic_root / "camouflage", "train"))[:4]
+    cols = {k: np.array([r[k] for r in rows], dtype=object) for k in ("id", "image", "mask")}
+    batch = decode_batch(cols, 256, "rgb", keep_original_mask=True, square=True)
+    assert (batch["input_size"] == 256).all() and batch["image"].shape == (4, 3, 256, 256)
+    images, masks = torch.from_numpy(batch["image"]), torch.from_numpy(batch["mask"])
+    prompts = sample_prompts(masks, "box", generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = PromptableSam2(build_sam2_model("tiny")).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(40):
+        loss, _, _ = compute_losses(model, images, masks, prompts, LossConfig(infosam=False))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sizes = [m.shape for m in batch["mask_original"]]
+    logits, _ = predict_scored(
+        model, prompts, torch.from_numpy(batch["input_size"]), sizes, images=images
+    )
+    ious = []
+    for lg, gt in zip(logits, batch["mask_original"], strict=True):
+        pred, gt = (lg > 0).numpy(), gt.astype(bool)
+        assert pred.shape == gt.shape
+        ious.append((pred & gt).sum() / max((pred | gt).sum(), 1))
+    assert np.mean(ious) > 0.5, ious
