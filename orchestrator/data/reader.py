@@ -108,13 +108,11 @@ def decode_batch(
     decode_on: str = "cpu",
     square: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id.
-    `square`: images and masks resized to S x S (SAM 2.1) instead of longest side + padding.
-
+    """A numpy batch of parquet rows -> image (B,3,S,S), mask (B,S,S), input/original sizes, id
+    (`square`: resized to S x S for SAM 2.1, not longest side + padding).
     `decode_on="gpu"` ships `image_bytes` (sizes from the header, budget checked) and
     `channel_order` instead of `image` for `to_torch` to decode on the worker's device; masks
     are decoded here either way (cheap, and needed at original resolution).
-
     Rows of an instance dataset (one image, a list of instance masks) become one sample per
     instance, id `<image id>#<instance id>`, the image decoded and resized once; their batches
     carry each instance's `category`.
@@ -266,12 +264,10 @@ def read_split(
     decode_on: str = "cpu",
     square: bool = False,
 ) -> Any:
-    """A lazy `ray.data.Dataset` of decoded, padded samples of one split (`square`: resized to
-    S x S, as SAM 2.1 takes images).
+    """A lazy `ray.data.Dataset` of decoded, padded (`square`: S x S) samples of one split.
 
     `decode_on="gpu"` ships the stored image bytes instead of decoded pixels (see
     `decode_batch`); `to_torch` decodes them on the consumer's device.
-
     With `teacher_cache` (from `orchestrator.data.teacher_cache.open_teacher_cache`) the split is read
     from the cache's shards and batches carry the cached `teacher_embedding`. On instance
     datasets `batch_size` counts output samples (images are read in proportionally fewer
