@@ -135,9 +135,11 @@ def _build_from_spec(spec: SamSpec) -> Sam:
 
 
 BUILTIN_CHECKPOINTS = {
-    # The tiny SAM pre-trained by this project on the synthetic `general` domain
-    # (experiments/pretrain_teacher.py); its model card is tiny_teacher.json beside it.
-    "builtin:tiny_teacher": ("tiny", "tiny_teacher.pth"),
+    # name: (family, variant, file under assets/). The tiny SAM and the tiny SAM 2.1 this project
+    # pre-trained on the synthetic `general` domain (experiments/pretrain_teacher.py); each
+    # model card (.md, and its numbers in .json) lies beside the weights.
+    "builtin:tiny_teacher": ("sam", "tiny", "tiny_teacher.pth"),
+    "builtin:tiny_sam2_teacher": ("sam2", "tiny", "tiny_sam2_teacher.pt"),
 }
 
 
@@ -147,7 +149,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> str | None:
         return None
     text = os.fspath(checkpoint)
     if text in BUILTIN_CHECKPOINTS:
-        path = os.path.join(os.path.dirname(__file__), "assets", BUILTIN_CHECKPOINTS[text][1])
+        path = os.path.join(os.path.dirname(__file__), "assets", BUILTIN_CHECKPOINTS[text][2])
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{text} is missing from this install ({path}); run "

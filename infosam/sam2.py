@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from infosam.sam import (
 
 __all__ = [
     "SAM2_CONFIGS",
-    "SAM2_EMBEDDING_DIM",
+    "SAM2_EMBEDDING_DIMS",
     "SAM2_IMAGE_SIZES",
     "SAM2_OFFICIAL_FILES",
     "PromptableSam2",
@@ -40,6 +41,7 @@ __all__ = [
     "infer_sam2_variant",
     "load_exported",
     "load_sam2_checkpoint",
+    "meta_image_predictor",
     "read_sam2_state_dict",
     "sam2_overrides",
     "save_sam2_checkpoint",
@@ -62,7 +64,15 @@ SAM2_IMAGE_SIZES = {
     "hiera_b+": 1024,
     "hiera_l": 1024,
 }
-SAM2_EMBEDDING_DIM = 256
+# Image-embedding width (the neck's d_model; the decoder, the output token and the relation
+# module follow it): Meta's variants 256, the CPU-sized tiny 128
+SAM2_EMBEDDING_DIMS = {
+    "tiny": 128,
+    "hiera_t": 256,
+    "hiera_s": 256,
+    "hiera_b+": 256,
+    "hiera_l": 256,
+}
 
 # The files Meta publishes for each variant (what a user passes as the checkpoint)
 SAM2_OFFICIAL_FILES = {
@@ -73,8 +83,10 @@ SAM2_OFFICIAL_FILES = {
 }
 
 # A CPU-sized SAM 2.1 for tests and the offline default: Hiera-T's layout with 5 blocks of
-# width 32-256 at 256 px (16x16 image embeddings of 256 channels, as SAM 2's), one memory
-# attention layer. The mask decoder is SAM 2's own (its width follows the 256-d neck).
+# width 32-256 at 256 px and a 128-d neck (16x16 image embeddings of 128 channels; Meta's are
+# 256), so SAM 2's own mask decoder is 128 wide. The memory modules, unused in image mode but
+# part of every checkpoint, are narrowed to match (one layer each): 3.55 M parameters, 7.1 MB
+# in fp16, small enough to ship.
 TINY_OVERRIDES = (
     "++model.image_size=256",
     "++model.image_encoder.trunk.embed_dim=32",
@@ -82,11 +94,29 @@ TINY_OVERRIDES = (
     "++model.image_encoder.trunk.stages=[1,1,2,1]",
     "++model.image_encoder.trunk.global_att_blocks=[3]",
     "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    "++model.image_encoder.neck.d_model=128",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=128",
+    "++model.memory_attention.d_model=128",
     "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=128",
+    "++model.memory_attention.layer.dim_feedforward=512",
+    "++model.memory_attention.layer.self_attention.embedding_dim=128",
     "++model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=128",
     "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
+    "++model.memory_encoder.in_dim=128",
+    "++model.memory_encoder.mask_downsampler.embed_dim=128",
+    "++model.memory_encoder.fuser.layer.dim=128",
     "++model.memory_encoder.fuser.num_layers=1",
 )
+
+
+# Meta's image predictor falls back from the single-mask output to the best of the three
+# multimask outputs when the single mask is unstable (`apply_postprocessing=True` in
+# `build_sam2`). This project trains the single-mask output only, so a tiny model pre-trained
+# here has untrained multimask outputs: the fallback is off for it (build it with Meta's
+# `build_sam2(..., apply_postprocessing=False)`). Meta's variants keep Meta's default.
+TINY_POSTPROCESSING = False
 
 
 # (Hiera's first width, its number of blocks) per variant: how a state_dict names its variant
@@ -149,6 +179,8 @@ def build_sam2_model(
         mode="eval",
         hydra_overrides_extra=sam2_overrides(variant),
     )
+    if variant == "tiny":  # see TINY_POSTPROCESSING
+        model.sam_mask_decoder.dynamic_multimask_via_stability = TINY_POSTPROCESSING
     if checkpoint is not None:
         load_sam2_checkpoint(model, checkpoint, variant, state=state)
     return model
@@ -213,6 +245,18 @@ def save_sam2_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
     os.replace(tmp, path)
+
+
+def meta_image_predictor(model: nn.Module, **kwargs: Any) -> Any:
+    """Meta's own `SAM2ImagePredictor` for a model of any input size. The predictor hard-codes
+    the feature-map sizes of a 1024 px input (`_bb_feat_sizes`); setting them from the model's
+    resolution is all the 256 px `tiny` needs to run there too (its masks equal ours, tested)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model, **kwargs)
+    s = int(model.image_size)
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor
 
 
 class PromptableSam2(nn.Module):
@@ -337,5 +381,5 @@ def square_image(image: np.ndarray, size: int) -> torch.Tensor:
     antialiasing to size x size, back to the 0..255 scale the models take: (3, S, S) float."""
     from torchvision.transforms.functional import resize
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    x = torch.as_tensor(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     return resize(x, [size, size], antialias=True) * 255.0

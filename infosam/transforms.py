@@ -55,11 +55,12 @@ def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare_pair(
-    image: np.ndarray, mask: np.ndarray, size: int
+    image: np.ndarray, mask: np.ndarray, size: int, *, square: bool = False
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """(H, W, 3) uint8 image + (H, W) 0/1 mask -> (3, S, S) image, (S, S) mask, resized (h, w)."""
-    img = resize_longest_side(image, size)
-    msk = resize_longest_side(mask, size, is_mask=True)
+    """(H, W, 3) uint8 image + (H, W) 0/1 mask -> (3, S, S) image, (S, S) mask, resized (h, w).
+    `square`: SAM 2.1's frame (resized to S x S, nothing to pad) instead of SAM's."""
+    img = resize_longest_side(image, size, square=square)
+    msk = resize_longest_side(mask, size, is_mask=True, square=square)
     input_size = img.shape[:2]
     return (
         np.ascontiguousarray(pad_to_square(img, size).transpose(2, 0, 1)),

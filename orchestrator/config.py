@@ -21,13 +21,14 @@ import yaml
 
 from infosam.engine import LossConfig
 from infosam.metrics import METRICS
-from infosam.sam import SAM_VARIANTS
-from infosam.sam2 import SAM2_CONFIGS, SAM2_EMBEDDING_DIM, SAM2_IMAGE_SIZES
+from infosam.sam import BUILTIN_CHECKPOINTS, SAM_VARIANTS
+from infosam.sam2 import SAM2_CONFIGS, SAM2_EMBEDDING_DIMS, SAM2_IMAGE_SIZES
 from infosam.speed import ATTENTION_KINDS
 from infosam.tuning import TUNING_METHODS, TuningConfig
 from orchestrator.storage import has_password, password_refusal
 
 __all__ = [
+    "BUILTIN_SAM2_TEACHER",
     "BUILTIN_TEACHER",
     "Config",
     "ConfigError",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 BUILTIN_TEACHER = "builtin:tiny_teacher"
+# The default teacher under model.family=sam2: `builtin:tiny_teacher` names the embedded teacher
+# of the chosen family, so `--set model.family=sam2` alone runs offline
+BUILTIN_SAM2_TEACHER = "builtin:tiny_sam2_teacher"
 SYNTHETIC_DOMAINS = ("general", "camouflage", "roads", "lesions")
 
 
@@ -90,8 +94,9 @@ class ModelSection:
     # Hiera image encoder in image mode (tiny, hiera_t, hiera_s, hiera_b+, hiera_l)
     family: str = "sam"
     variant: str = "tiny"
-    # Teacher weights, also the student's starting point. `builtin:tiny_teacher` is the tiny SAM
-    # this project pre-trained on the synthetic general domain; null means random init. SAM 2.1:
+    # Teacher weights, also the student's starting point. `builtin:tiny_teacher` is the tiny
+    # model this project pre-trained on the synthetic general domain (under family sam2 it
+    # becomes `builtin:tiny_sam2_teacher`, the tiny SAM 2.1); null means random init. SAM 2.1:
     # Meta's sam2.1_hiera_*.pt (or an `infosam export` of a SAM 2.1 student).
     checkpoint: str | None = BUILTIN_TEACHER
 
@@ -111,7 +116,7 @@ class ModelSection:
     def embedding_dim(self) -> int:
         """Channels of the image embedding and the output token (the relation module's width)."""
         if self.family == "sam2":
-            return SAM2_EMBEDDING_DIM
+            return SAM2_EMBEDDING_DIMS[self.variant]
         return SAM_VARIANTS[self.variant].prompt_embed_dim
 
 
@@ -243,6 +248,8 @@ class Config:
         return Config.from_dict(data).validate()
 
     def _check_family(self) -> None:
+        if self.model.family == "sam2" and self.model.checkpoint == BUILTIN_TEACHER:
+            self.model.checkpoint = BUILTIN_SAM2_TEACHER  # the embedded teacher of the family
         problems = _family_problems(self)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -305,14 +312,19 @@ def _family_problems(cfg: Config) -> list[str]:
         return [
             f"model.variant={m.variant!r} is not a {m.family} variant: choose {sorted(variants)}"
         ]
-    if m.family != "sam2":
-        return []
     problems = []
-    if m.checkpoint == BUILTIN_TEACHER:
-        problems.append(
-            f"model.checkpoint={BUILTIN_TEACHER} is a SAM 1 model: for model.family=sam2 set it "
-            "to a SAM 2.1 checkpoint in Meta's format (sam2.1_hiera_*.pt) or null (random init)"
-        )
+    if m.checkpoint in BUILTIN_CHECKPOINTS:
+        family, variant, _ = BUILTIN_CHECKPOINTS[m.checkpoint]
+        if (family, variant) != (m.family, m.variant):
+            problems.append(
+                f"model.checkpoint={m.checkpoint} is the embedded {family} {variant!r} teacher, "
+                f"not a model.family={m.family} model.variant={m.variant!r} one: set "
+                f"model.variant={variant}, or model.checkpoint to your weights"
+                + (" (Meta's sam2.1_hiera_*.pt)" if m.family == "sam2" else "")
+                + " or null (random init)"
+            )
+    if m.family != "sam2":
+        return problems
     if cfg.speed.attention != "eager":
         problems.append(
             f"speed.attention={cfg.speed.attention!r} routes SAM's ViT attention; SAM 2.1's "

@@ -13,7 +13,7 @@ import torch
 
 from infosam.engine import predict_scored
 from infosam.predictor import Prompt, segment_image
-from infosam.sam import PromptableSam, build_sam
+from infosam.sam import BUILTIN_CHECKPOINTS, PromptableSam, build_sam, resolve_checkpoint
 from orchestrator.data.codec import Rejected, decode_image, encode_png, open_encoded
 from orchestrator.storage import atomic_write_json, local_copy, local_target
 
@@ -38,7 +38,11 @@ def load_model(
 ) -> tuple[PromptableSam, str]:
     """A training checkpoint dir, a self-contained export, plain SAM weights (+ variant), or a
     SAM 2.1 checkpoint in Meta's format (`sam2.1_hiera_*.pt`, variant read from its shapes);
-    local or on object storage (`s3://...`, read through a local copy)."""
+    local or on object storage (`s3://...`, read through a local copy); or an embedded teacher
+    (`builtin:tiny_teacher`, `builtin:tiny_sam2_teacher`)."""
+    if str(checkpoint).startswith("builtin:"):
+        variant = variant or BUILTIN_CHECKPOINTS.get(str(checkpoint), (None, None))[1]
+        checkpoint = resolve_checkpoint(checkpoint)  # an unknown name: the known ones listed
     try:
         path = local_copy(checkpoint)
     except FileNotFoundError as exc:

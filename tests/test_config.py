@@ -5,6 +5,7 @@ import re
 import pytest
 
 from orchestrator.config import Config, ConfigError, load_config
+from tests.helpers import ROOT
 
 
 def test_elastic_range_must_keep_the_global_batch_evenly_shared():
@@ -147,12 +148,19 @@ def test_a_resume_compares_the_values_that_shape_the_result():
 
 def test_a_sam2_config_is_checked_against_its_family():
     ok = Config().with_values({"model.family": "sam2", "model.checkpoint": None})
-    assert (ok.model.image_size, ok.model.embedding_dim, ok.model.square_inputs) == (256, 256, True)
+    assert (ok.model.image_size, ok.model.embedding_dim, ok.model.square_inputs) == (256, 128, True)
     big = ok.with_values({"model.variant": "hiera_b+"})
-    assert big.model.image_size == 1024
+    assert (big.model.image_size, big.model.embedding_dim) == (1024, 256)
+    # the family switch alone takes the embedded tiny SAM 2.1 teacher (offline)
+    assert Config().with_values({"model.family": "sam2"}).model.checkpoint == (
+        "builtin:tiny_sam2_teacher"
+    )
+    with pytest.raises(ConfigError, match=re.escape("embedded sam2 'tiny' teacher")):
+        Config().with_values({"model.family": "sam2", "model.variant": "hiera_b+"})
+    with pytest.raises(ConfigError, match=re.escape("embedded sam2 'tiny' teacher")):
+        Config().with_values({"model.checkpoint": "builtin:tiny_sam2_teacher"})
     for overrides, words in [
         ({"model.variant": "vit_b"}, "model.variant='vit_b' is not a sam2 variant"),
-        ({"model.checkpoint": "builtin:tiny_teacher"}, "is a SAM 1 model"),
         ({"speed.attention": "flex"}, "Hiera attention"),
         ({"data.decode_on": "gpu"}, "use data.decode_on=cpu"),
     ]:
@@ -160,3 +168,38 @@ def test_a_sam2_config_is_checked_against_its_family():
             ok.with_values(overrides)
     with pytest.raises(ConfigError, match="is not a sam variant"):
         Config().with_values({"model.variant": "hiera_t"})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        *sorted((ROOT / "experiments" / "configs").glob("*.yaml")),
+        ROOT / "orchestrator" / "benchmark" / "demo.yaml",
+    ],
+    ids=lambda p: p.name,
+)
+def test_every_shipped_config_and_each_of_its_cells_is_valid(path):
+    """A config a user runs as documented loads, and every cell of a benchmark config is a
+    valid training config (a family switch, a method or a dataset override that breaks a cell
+    would otherwise surface minutes into a run)."""
+    import yaml
+
+    from orchestrator.benchmark.config import cell_config, load_benchmark
+
+    sections = yaml.safe_load(path.read_text())
+    if "tune" in sections:
+        from orchestrator.sweep import load_sweep
+
+        load_sweep(path, [])
+        return
+    if "benchmark" not in sections:
+        load_config(path, [])
+        return
+    bench, base = load_benchmark(path)
+    table = bench.method_table()
+    for dataset in bench.datasets:
+        for method in bench.methods:
+            cfg = cell_config(base, method, dataset, bench.seeds[0], methods=table)
+            assert cfg.model.family == base.model.family
+    if path.name == "demo_sam2.yaml":  # the offline SAM 2.1 demo: the embedded SAM 2.1 teacher
+        assert (base.model.family, base.model.checkpoint) == ("sam2", "builtin:tiny_sam2_teacher")

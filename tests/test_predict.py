@@ -277,17 +277,16 @@ def test_evaluate_reference_checkpoint_cli(tmp_path, synthetic_root, capsys):
 
 
 def test_predict_with_a_sam2_checkpoint_gives_meta_predictors_masks(tmp_path, capsys):
-    """A SAM 2.1 file in Meta's format (variant read from its shapes) predicts image files."""
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    """A SAM 2.1 file in Meta's format (the embedded tiny teacher's; the variant read from its
+    shapes) predicts image files as Meta's predictor does."""
+    from infosam.sam import resolve_checkpoint
+    from infosam.sam2 import build_sam2_model, meta_image_predictor
 
-    from infosam.sam2 import build_sam2_model, save_sam2_checkpoint
-
-    torch.manual_seed(2)
-    sam2 = build_sam2_model("hiera_t")
-    save_sam2_checkpoint(sam2.state_dict(), tmp_path / "sam2.1_hiera_tiny.pt")
+    path = resolve_checkpoint("builtin:tiny_sam2_teacher")
+    sam2 = build_sam2_model("tiny", path)
     paths = _images(tmp_path, sizes=((180, 240), (256, 200)))
-    _predict_with_box(tmp_path / "sam2.1_hiera_tiny.pt", paths, tmp_path / "pred")
-    predictor = SAM2ImagePredictor(sam2)
+    _predict_with_box(path, paths, tmp_path / "pred")
+    predictor = meta_image_predictor(sam2)
     for path in paths:
         predictor.set_image(np.asarray(Image.open(path).convert("RGB")))
         masks, _, _ = predictor.predict(box=np.array([40, 30, 150, 130]), multimask_output=False)

@@ -374,10 +374,10 @@ def _cache_meta(build: _CacheBuild) -> dict:
     )
     meta.setdefault("splits", {})
     if key.family == "sam2":  # the embedding and the packed high-res maps, stride 16
-        from infosam.sam2 import SAM2_EMBEDDING_DIM
+        from infosam.sam2 import SAM2_EMBEDDING_DIMS
 
         grid = key.image_size // 16
-        meta["embedding_shape"] = [4 * SAM2_EMBEDDING_DIM, grid, grid]
+        meta["embedding_shape"] = [4 * SAM2_EMBEDDING_DIMS[key.variant], grid, grid]
         return meta
     spec = SAM_VARIANTS[key.variant]
     grid = key.image_size // spec.patch_size

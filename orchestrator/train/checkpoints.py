@@ -193,7 +193,11 @@ def export_student(model: PromptableSam, cfg: Config, out: str | os.PathLike) ->
     if cfg.model.family == "sam2":
         with local_target(out) as path:
             save_sam2_checkpoint(merge_for_export(sam), path)
-        extra = f", hydra_overrides_extra={sam2_overrides(variant)}" if variant == "tiny" else ""
+        extra = (
+            f", hydra_overrides_extra={sam2_overrides(variant)}, apply_postprocessing=False"
+            if variant == "tiny"
+            else ""
+        )
         return "sam2", (
             f"{cfg.tuning.method} folds into SAM 2.1's own tensors (LoRA merged into qkv), so "
             f"{out} is in Meta's format: load it with sam2.build_sam.build_sam2("

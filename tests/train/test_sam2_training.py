@@ -13,12 +13,12 @@ from mlflow import MlflowClient
 from sam2.build_sam import build_sam2
 
 from infosam.predictor import Prompt, segment_image
+from infosam.sam import resolve_checkpoint
 from infosam.sam2 import (
     SAM2_CONFIGS,
     PromptableSam2,
     build_sam2_model,
     sam2_overrides,
-    save_sam2_checkpoint,
 )
 from orchestrator.predict import export_checkpoint, predict_dataset
 from orchestrator.train.checkpoints import load_trained
@@ -29,28 +29,25 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture
-def sam2_teacher(tmp_path):
-    """A tiny SAM 2.1 in Meta's format (random weights: the mechanics, not the skill)."""
-    torch.manual_seed(0)
-    path = tmp_path / "sam2.1_tiny.pt"
-    save_sam2_checkpoint(build_sam2_model("tiny").state_dict(), path)
-    return path
+def sam2_teacher():
+    """The embedded tiny SAM 2.1 teacher (pre-trained on `general`), a file in Meta's format."""
+    return resolve_checkpoint("builtin:tiny_sam2_teacher")
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_a_sam2_student_trains_with_infosam_and_exports(
-    ray_local, tmp_path, synthetic_root, sam2_teacher, method
+    ray_local, tmp_path, synthetic_root, method
 ):
     cfg = train_config(
         tmp_path,
         synthetic_root,
-        "model.family=sam2",
-        f"model.checkpoint={sam2_teacher}",
+        "model.family=sam2",  # alone: the embedded SAM 2.1 teacher, offline
         f"tuning.method={method}",
         "scaling.num_workers=0",
         "optim.epochs=1",
         "tracking.log_model=null",
     )
+    assert cfg.model.checkpoint == "builtin:tiny_sam2_teacher"
     result = fit(cfg, quiet=True)
     m = result.metrics
     for key in ("train/loss", "train/compression", "train/distillation", "val/iou", "test/iou"):
@@ -70,21 +67,7 @@ def test_a_sam2_student_trains_with_infosam_and_exports(
     image[60:170, 90:240] += 110
     prompts = [Prompt(box=[80, 50, 250, 180]), Prompt(points=[[160, 110, 1]])]
     ours = segment_image(student, image, prompts)
-    if kind == "sam2":  # LoRA merged: Meta's own builder reads the file
-        assert "build_sam2" in why
-        meta = build_sam2(
-            SAM2_CONFIGS["tiny"],
-            str(out),
-            device="cpu",
-            hydra_overrides_extra=sam2_overrides("tiny"),
-        )
-        again = segment_image(PromptableSam2(meta).eval(), image, prompts)
-    else:  # adapters: the self-contained export
-        from infosam.sam2 import load_exported
-
-        module, family = load_exported(out)
-        assert kind == "self-contained" and family == "sam2"
-        again = segment_image(PromptableSam2(module), image, prompts)
+    again = _exported_masks(kind, why, out, image, prompts)
     for (a, sa), (b, sb) in zip(ours, again, strict=True):
         assert np.array_equal(a, b) and sa == pytest.approx(sb, abs=1e-5)
 
@@ -93,15 +76,32 @@ def test_a_sam2_student_trains_with_infosam_and_exports(
         student, synthetic_root / "camouflage", "test", tmp_path / "pred", cfg=loaded_cfg
     )
     assert len(split) == 8 and all(0.0 <= e["iou"] <= 1.0 for e in split)
-    print(
-        "DEBUG",
-        m["val/iou"],
-        m["test/iou"],
-        [e["iou"] for e in split],
-        [float(np.asarray(__import__("PIL.Image").Image.open(e["mask"])).mean()) for e in split],
-    )
 
     # the run's MLflow model: the same masks from the logged pyfunc
+    assert np.array_equal(_pyfunc_mask(client, run, image, prompts[0].box), ours[0][0])
+
+
+def _exported_masks(kind, why, out, image, prompts):
+    """The masks the exported file gives, loaded the way the export message says."""
+    if kind == "sam2":  # LoRA merged: Meta's own builder reads the file
+        assert "build_sam2" in why and "apply_postprocessing=False" in why
+        meta = build_sam2(
+            SAM2_CONFIGS["tiny"],
+            str(out),
+            device="cpu",
+            hydra_overrides_extra=sam2_overrides("tiny"),
+            apply_postprocessing=False,  # the tiny trains its single-mask output only
+        )
+        return segment_image(PromptableSam2(meta).eval(), image, prompts)
+    from infosam.sam2 import load_exported  # adapters: the self-contained export
+
+    module, family = load_exported(out)
+    assert kind == "self-contained" and family == "sam2"
+    return segment_image(PromptableSam2(module), image, prompts)
+
+
+def _pyfunc_mask(client, run, image, box):
+    """The mask the run's logged MLflow model (pyfunc) predicts for one PNG and one box."""
     import io
 
     import mlflow
@@ -110,15 +110,14 @@ def test_a_sam2_student_trains_with_infosam_and_exports(
     from pycocotools import mask as coco_mask
 
     logged = run.outputs.model_outputs[0].model_id
-    where = client.get_logged_model(logged).artifact_location
-    model = mlflow.pyfunc.load_model(where)
+    model = mlflow.pyfunc.load_model(client.get_logged_model(logged).artifact_location)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    box = [float(v) for v in prompts[0].box]  # the signature takes doubles
+    box = [float(v) for v in box]  # the signature takes doubles
     rows = model.predict(pd.DataFrame({"image": [buf.getvalue()], "box": [box]}))
     row = rows.iloc[0] if hasattr(rows, "iloc") else rows[0]
     rle = {"size": [int(row["height"]), int(row["width"])], "counts": row["mask"].encode()}
-    assert np.array_equal(coco_mask.decode(rle).astype(bool), ours[0][0])
+    return coco_mask.decode(rle).astype(bool)
 
 
 def test_a_sam2_teacher_cache_holds_the_packed_features_and_trains(
@@ -147,7 +146,7 @@ def test_a_sam2_teacher_cache_holds_the_packed_features_and_trains(
     meta = build_teacher_cache(
         dataset / "camouflage", ["train"], key, checkpoint=str(sam2_teacher), quiet=True
     )
-    assert meta["embedding_shape"] == [1024, 16, 16] and meta["family"] == "sam2"
+    assert meta["embedding_shape"] == [512, 16, 16] and meta["family"] == "sam2"
     cache = open_teacher_cache(dataset / "camouflage", "train", key)
     ds = read_split(
         dataset / "camouflage", "train", image_size=256, teacher_cache=cache, square=True
