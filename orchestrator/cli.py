@@ -377,7 +377,7 @@ def _predict_data_on_ray(args: argparse.Namespace) -> int:
 
         cfg = Config.from_dict(json.loads(load_state(checkpoint)["config"]))
     elif args.variant:
-        cfg = cfg.with_values({"model.variant": args.variant})
+        cfg = cfg.with_values({"model.variant": args.variant, "model.checkpoint": str(checkpoint)})
     init_ray()
     summary = predict_split(
         str(checkpoint),
