@@ -41,6 +41,7 @@ __all__ = [
     "infer_sam2_variant",
     "load_exported",
     "load_sam2_checkpoint",
+    "meta_build_kwargs",
     "meta_image_predictor",
     "read_sam2_state_dict",
     "sam2_overrides",
@@ -111,14 +112,6 @@ TINY_OVERRIDES = (
 )
 
 
-# Meta's image predictor falls back from the single-mask output to the best of the three
-# multimask outputs when the single mask is unstable (`apply_postprocessing=True` in
-# `build_sam2`). This project trains the single-mask output only, so a tiny model pre-trained
-# here has untrained multimask outputs: the fallback is off for it (build it with Meta's
-# `build_sam2(..., apply_postprocessing=False)`). Meta's variants keep Meta's default.
-TINY_POSTPROCESSING = False
-
-
 # (Hiera's first width, its number of blocks) per variant: how a state_dict names its variant
 _SIGNATURES = {
     (96, 12): "hiera_t",
@@ -140,6 +133,18 @@ def infer_sam2_variant(state: Mapping[str, torch.Tensor], where: str = "the chec
             f"{signature[1]} blocks); name it with --variant ({', '.join(sorted(SAM2_CONFIGS))})"
         )
     return _SIGNATURES[signature]
+
+
+def meta_build_kwargs(variant: str) -> dict[str, Any]:
+    """What Meta's `build_sam2(config, file, **kwargs)` needs to rebuild `variant` as this
+    project builds it. Meta's image predictor falls back from the single-mask output to the best
+    multimask output when the single mask is unstable (`apply_postprocessing`); this project
+    trains the single-mask output only, so the tiny (pre-trained here, its multimask outputs
+    untrained) is built without that fallback. Meta's variants keep Meta's default."""
+    return {
+        "hydra_overrides_extra": sam2_overrides(variant),
+        "apply_postprocessing": variant != "tiny",
+    }
 
 
 def sam2_overrides(variant: str) -> list[str]:
@@ -177,10 +182,8 @@ def build_sam2_model(
         None,
         device="cpu",
         mode="eval",
-        hydra_overrides_extra=sam2_overrides(variant),
+        **meta_build_kwargs(variant),
     )
-    if variant == "tiny":  # see TINY_POSTPROCESSING
-        model.sam_mask_decoder.dynamic_multimask_via_stability = TINY_POSTPROCESSING
     if checkpoint is not None:
         load_sam2_checkpoint(model, checkpoint, variant, state=state)
     return model

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from infosam.sam import PromptableSam, checkpoint_sha256, save_exported
-from infosam.sam2 import SAM2_CONFIGS, sam2_overrides, save_sam2_checkpoint
+from infosam.sam2 import SAM2_CONFIGS, meta_build_kwargs, save_sam2_checkpoint
 from infosam.tuning import (
     apply_tuning,
     has_adapters,
@@ -193,11 +193,8 @@ def export_student(model: PromptableSam, cfg: Config, out: str | os.PathLike) ->
     if cfg.model.family == "sam2":
         with local_target(out) as path:
             save_sam2_checkpoint(merge_for_export(sam), path)
-        extra = (
-            f", hydra_overrides_extra={sam2_overrides(variant)}, apply_postprocessing=False"
-            if variant == "tiny"
-            else ""
-        )
+        kwargs = meta_build_kwargs(variant) if variant == "tiny" else {}
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         return "sam2", (
             f"{cfg.tuning.method} folds into SAM 2.1's own tensors (LoRA merged into qkv), so "
             f"{out} is in Meta's format: load it with sam2.build_sam.build_sam2("

@@ -19,8 +19,8 @@ from infosam.sam2 import (
     build_sam2_model,
     infer_sam2_variant,
     load_sam2_checkpoint,
+    meta_build_kwargs,
     meta_image_predictor,
-    sam2_overrides,
     save_sam2_checkpoint,
 )
 from infosam.tuning import apply_tuning, merge_for_export
@@ -139,8 +139,7 @@ def test_a_lora_student_exports_to_a_file_meta_build_sam2_predicts_with(tmp_path
         SAM2_CONFIGS["tiny"],
         str(path),
         device="cpu",
-        hydra_overrides_extra=sam2_overrides("tiny"),
-        apply_postprocessing=False,  # the tiny trains its single-mask output only
+        **meta_build_kwargs("tiny"),  # the export message's arguments
     )
     lora_logits, lora_scores = _predict(student, image, box)
     plain_logits, plain_scores = _predict(plain, image, box)

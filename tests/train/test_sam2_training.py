@@ -18,7 +18,7 @@ from infosam.sam2 import (
     SAM2_CONFIGS,
     PromptableSam2,
     build_sam2_model,
-    sam2_overrides,
+    meta_build_kwargs,
 )
 from orchestrator.predict import export_checkpoint, predict_dataset
 from orchestrator.train.checkpoints import load_trained
@@ -89,8 +89,7 @@ def _exported_masks(kind, why, out, image, prompts):
             SAM2_CONFIGS["tiny"],
             str(out),
             device="cpu",
-            hydra_overrides_extra=sam2_overrides("tiny"),
-            apply_postprocessing=False,  # the tiny trains its single-mask output only
+            **meta_build_kwargs("tiny"),  # the export message's arguments
         )
         return segment_image(PromptableSam2(meta).eval(), image, prompts)
     from infosam.sam2 import load_exported  # adapters: the self-contained export
