@@ -35,6 +35,7 @@ __all__ = [
     "columns",
     "decode_batch",
     "decode_images",
+    "read_shards",
     "read_split",
     "to_torch",
 ]
@@ -249,6 +250,26 @@ class Collate(NumpyBatchCollateFn):
 collate = Collate()
 
 
+def read_shards(paths: list[str], columns: list[str]) -> Any:
+    """`ray.data.read_parquet` of a split's shards through Ray Data's V1 parquet reader.
+
+    Ray 2.60's default (V2) reader lists the files by starting 32 footer-reading actors on
+    every execution: a split of 8 images took 0.9-2.2 s to read and decode that way against
+    0.17-0.23 s with V1 (2-vCPU Xeon, after a warm-up), a cost every run pays per split and
+    every epoch of a streamed training split pays again. Our shards are listed in the manifest
+    (no discovery to do), so the V1 reader loses nothing. Only this call is switched: the
+    DataContext is restored at once.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, columns=columns)
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
 def read_split(
     dataset_dir: str | os.PathLike,
     split: str,
@@ -273,18 +294,13 @@ def read_split(
     datasets `batch_size` counts output samples (images are read in proportionally fewer
     rows), so a decoded block stays the same size however many objects an image holds.
     """
-    import ray.data
 
     manifest = load_manifest(dataset_dir, verify=verify and teacher_cache is None)
     if teacher_cache is not None:
-        ds = ray.data.read_parquet(
-            teacher_cache["files"], columns=[*columns(manifest), "teacher_embedding"]
-        )
+        ds = read_shards(teacher_cache["files"], [*columns(manifest), "teacher_embedding"])
         shape = tuple(teacher_cache["embedding_shape"])
     else:
-        ds = ray.data.read_parquet(
-            shard_paths(dataset_dir, split, manifest), columns=columns(manifest)
-        )
+        ds = read_shards(shard_paths(dataset_dir, split, manifest), columns(manifest))
         shape = None
     if manifest.get("kind") == "instances":  # a row is an image that becomes its instances
         per_image = manifest["counts"].get(split, 0) / max(manifest["images"].get(split, 0), 1)

@@ -33,7 +33,7 @@ import torch
 from infosam.sam import SAM_VARIANTS
 from orchestrator.data.codec import printable
 from orchestrator.data.manifest import INSTANCE_SCHEMA, _fs, _join, load_manifest, shard_paths
-from orchestrator.data.reader import columns, decode_images
+from orchestrator.data.reader import columns, decode_images, read_shards
 from orchestrator.storage import atomic_write, is_remote, join, resolve_location
 
 __all__ = [
@@ -322,8 +322,8 @@ class _CacheBuild:
         import ray.data
 
         k = self.key
-        ds = ray.data.read_parquet(
-            shard_paths(self.dataset_dir, split, self.manifest), columns=columns(self.manifest)
+        ds = read_shards(
+            shard_paths(self.dataset_dir, split, self.manifest), columns(self.manifest)
         )
         ds = ds.map_batches(
             TeacherEncoder,
