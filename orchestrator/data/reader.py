@@ -254,8 +254,8 @@ def read_shards(paths: list[str], columns: list[str]) -> Any:
     """`ray.data.read_parquet` of a split's shards through Ray Data's V1 parquet reader.
 
     Ray 2.60's default (V2) reader lists the files by starting 32 footer-reading actors on
-    every execution: a split of 8 images took 0.9-2.2 s to read and decode that way against
-    0.17-0.23 s with V1 (2-vCPU Xeon, after a warm-up), a cost every run pays per split and
+    every execution: a split of 8 images took 0.86-1.72 s to read and decode that way against
+    0.13-0.18 s with V1 (2-vCPU Xeon, after a warm-up), a cost every run pays per split and
     every epoch of a streamed training split pays again. Our shards are listed in the manifest
     (no discovery to do), so the V1 reader loses nothing. Only this call is switched: the
     DataContext is restored at once.
@@ -294,7 +294,6 @@ def read_split(
     datasets `batch_size` counts output samples (images are read in proportionally fewer
     rows), so a decoded block stays the same size however many objects an image holds.
     """
-
     manifest = load_manifest(dataset_dir, verify=verify and teacher_cache is None)
     if teacher_cache is not None:
         ds = read_shards(teacher_cache["files"], [*columns(manifest), "teacher_embedding"])
